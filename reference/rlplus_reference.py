@@ -35,19 +35,31 @@ def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature
     return logp, entropy
 
 
-def _per_token(x, like):
-    """A per-sequence [B] tensor broadcast to the [B, T] of `like`."""
+def _sequences(x, cu_seqlens):
+    """The sequences of x, literally: the rows of [B, T], or the cu_seqlens pieces of packed [N]."""
+    if cu_seqlens is None:
+        return list(x.unbind(0))
+    return list(torch.split(x, torch.diff(cu_seqlens).tolist()))
+
+
+def _per_token(x, like, cu_seqlens=None):
+    """A per-sequence tensor ([B] for [B, T], [S] for packed [N]) repeated over each sequence's tokens."""
     x = torch.as_tensor(x, device=like.device)
-    return x[:, None].expand_as(like) if x.dim() == 1 and like.dim() == 2 else x
+    if x.dim() == 0 or x.shape == like.shape:
+        return x
+    if cu_seqlens is None:
+        return x[:, None].expand_as(like)
+    return torch.cat([value.expand(len(piece)) for value, piece in zip(x, _sequences(like, cu_seqlens))])
 
 
-def _aggregate(x, valid, mode, normalizer):
+def _aggregate(x, valid, mode, normalizer, cu_seqlens=None):
     x = torch.where(valid, x, 0.0)
     if mode == "token-mean":
         return x.sum() / (normalizer if normalizer is not None else max(int(valid.sum()), 1))
     if mode == "sum":
         return x.sum() / (normalizer if normalizer is not None else 1)
-    per_seq_sum, per_seq_count = x.sum(-1), valid.sum(-1)
+    per_seq_sum = torch.stack([piece.sum() for piece in _sequences(x, cu_seqlens)])
+    per_seq_count = torch.stack([piece.sum() for piece in _sequences(valid, cu_seqlens)])
     if mode == "seq-mean-token-mean":
         has_tokens = per_seq_count > 0
         per_seq = torch.where(has_tokens, per_seq_sum / per_seq_count.clamp(min=1), 0.0)
@@ -70,15 +82,19 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
                           clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
                           gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
                           loss_agg="token-mean", normalizer=None, ignore_index=-100,
-                          backend="reference", **unused_chunk_options) -> RLPlusOutput:
+                          backend="reference", cu_seqlens=None, **unused_options) -> RLPlusOutput:
+    """SPEC.md literally; `cu_seqlens` splits packed [N] inputs into sequences for the seq modes and
+    the per-sequence [S] advantages / external_mask. `unused_options`: the chunk sizes and process
+    groups of the library, which do not change the function."""
     with_entropy = entropy_coef != 0 or return_entropy
     logp, entropy = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, return_entropy=True)
     valid = targets != ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)
-    external = torch.zeros_like(valid) if external_mask is None else (_per_token(external_mask, valid) != 0)
-    A = _per_token(advantages, valid).double()
+    external = (torch.zeros_like(valid) if external_mask is None
+                else (_per_token(external_mask, valid, cu_seqlens) != 0))
+    A = _per_token(advantages, valid, cu_seqlens).double()
     o = logp.detach() if old_logprobs is None else old_logprobs.double()
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer)
@@ -113,9 +129,9 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + kl_coef * kl
 
-    loss = _aggregate(per_token, valid, loss_agg, normalizer)
+    loss = _aggregate(per_token, valid, loss_agg, normalizer, cu_seqlens)
     if entropy_coef != 0:
-        loss = loss - entropy_coef * _aggregate(entropy, valid, loss_agg, normalizer)
+        loss = loss - entropy_coef * _aggregate(entropy, valid, loss_agg, normalizer, cu_seqlens)
 
     on_policy, off_policy = valid & ~external, valid & external
     metrics = {
