@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
-from rlplus_kernels.distributed import global_normalizer
+from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
 
 WORLD_SIZES = (2, 3)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -311,3 +311,59 @@ def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
     assert with_entropy["bytes_per_token"] == (1 + 3 + HIDDEN) * 8
     without_entropy = results[0]["communication"]["seq-mean-token-mean, dual clip, behaviour logprobs, KL, mis_clip_max"]
     assert without_entropy["bytes_per_token"] == (1 + 2 + HIDDEN) * 8
+
+
+# ---------------------------------------------------------------------------- single process
+def test_micro_batch_accumulation_with_global_normalizer_matches_big_batch():
+    """Three micro-batches, each normalised by the count over all of them: gradients add up exactly."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 5, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(31, HIDDEN, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 31, (6, 5), generator=gen)
+    targets[1] = -100  # a sequence without a valid token
+    loss_mask = torch.rand(6, 5, generator=gen) > 0.3
+    advantages = torch.randn(6, generator=gen, dtype=torch.float64)
+    micro = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        kwargs = dict(loss_agg=loss_agg, entropy_coef=0.01, backend="torch")
+        big_weight = weight.clone().requires_grad_()
+        big = rlplus_loss(hidden, big_weight, targets, advantages, loss_mask=loss_mask, **kwargs)
+        big.loss.backward()
+
+        valid = [(targets[s] != -100) & loss_mask[s] for s in micro]
+        normalizer = global_normalizer(loss_agg, valid)  # no process group: a local count
+        acc_weight = weight.clone().requires_grad_()
+        total = 0.0
+        for s in micro:
+            out = rlplus_loss(hidden[s], acc_weight, targets[s], advantages[s], loss_mask=loss_mask[s],
+                              normalizer=normalizer, **kwargs)
+            out.loss.backward()
+            total = total + out.loss.detach()
+        assert _error(total, big.loss.detach()) <= TOL[torch.float64], loss_agg
+        assert _error(acc_weight.grad, big_weight.grad) <= TOL[torch.float64], loss_agg
+
+
+def test_global_counts_without_process_group():
+    valid = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    assert global_token_count(valid).item() == 3
+    assert global_token_count([valid, valid[:1]]).item() == 5
+    assert global_sequence_count(valid).item() == 2
+    assert global_sequence_count(valid, nonempty_only=False).item() == 3
+    packed, cu_seqlens = valid.reshape(-1), torch.tensor([0, 3, 3, 9])
+    assert global_sequence_count(packed, cu_seqlens=cu_seqlens).item() == 2
+    assert global_normalizer("seq-mean-token-sum", packed, cu_seqlens=cu_seqlens).item() == 3
+    with pytest.raises(ValueError, match="'sum'"):
+        global_normalizer("sum", valid)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        global_sequence_count(packed)
+
+
+def test_group_without_initialised_torch_distributed_is_refused():
+    hidden, weight = torch.randn(4, HIDDEN), torch.randn(7, HIDDEN)
+    targets = torch.randint(0, 7, (4,))
+    with pytest.raises(ValueError, match="vocab_parallel_group.*init_process_group"):
+        rlplus_loss(hidden, weight, targets, torch.randn(4), vocab_parallel_group=object())
+    with pytest.raises(ValueError, match="vocab_parallel_group"):
+        linear_logprobs(hidden, weight, targets, vocab_parallel_group=object())
+    with pytest.raises(ValueError, match="group.*init_process_group"):
+        global_token_count(targets >= 0, group=object())
