@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rlplus_kernels import RLPlusOutput
 
@@ -35,31 +36,19 @@ def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature
     return logp, entropy
 
 
-def _sequences(x, cu_seqlens):
-    """The sequences of x, literally: the rows of [B, T], or the cu_seqlens pieces of packed [N]."""
-    if cu_seqlens is None:
-        return list(x.unbind(0))
-    return list(torch.split(x, torch.diff(cu_seqlens).tolist()))
-
-
-def _per_token(x, like, cu_seqlens=None):
-    """A per-sequence tensor ([B] for [B, T], [S] for packed [N]) repeated over each sequence's tokens."""
+def _per_token(x, like):
+    """A per-sequence [B] tensor broadcast to the [B, T] of `like`."""
     x = torch.as_tensor(x, device=like.device)
-    if x.dim() == 0 or x.shape == like.shape:
-        return x
-    if cu_seqlens is None:
-        return x[:, None].expand_as(like)
-    return torch.cat([value.expand(len(piece)) for value, piece in zip(x, _sequences(like, cu_seqlens))])
+    return x[:, None].expand_as(like) if x.dim() == 1 and like.dim() == 2 else x
 
 
-def _aggregate(x, valid, mode, normalizer, cu_seqlens=None):
+def _aggregate(x, valid, mode, normalizer):
     x = torch.where(valid, x, 0.0)
     if mode == "token-mean":
         return x.sum() / (normalizer if normalizer is not None else max(int(valid.sum()), 1))
     if mode == "sum":
         return x.sum() / (normalizer if normalizer is not None else 1)
-    per_seq_sum = torch.stack([piece.sum() for piece in _sequences(x, cu_seqlens)])
-    per_seq_count = torch.stack([piece.sum() for piece in _sequences(valid, cu_seqlens)])
+    per_seq_sum, per_seq_count = x.sum(-1), valid.sum(-1)
     if mode == "seq-mean-token-mean":
         has_tokens = per_seq_count > 0
         per_seq = torch.where(has_tokens, per_seq_sum / per_seq_count.clamp(min=1), 0.0)
@@ -76,6 +65,25 @@ def _mean(x, where):
     return (torch.where(where, x, 0.0).sum() / n) if n else torch.zeros((), dtype=x.dtype)
 
 
+def _packed_as_padded(arguments: dict) -> RLPlusOutput:
+    """Packed [N] inputs with cu_seqlens are, literally, the padded [S, T_max] batch: one sequence per row."""
+    cu_seqlens = arguments.pop("cu_seqlens")
+    lengths = torch.diff(cu_seqlens).tolist()
+    num_tokens = int(cu_seqlens[-1])
+    for name, pad in (("hidden", 0.0), ("targets", arguments["ignore_index"]), ("old_logprobs", 0.0),
+                      ("behavior_logprobs", 0.0), ("ref_logprobs", 0.0), ("loss_mask", 0),
+                      ("advantages", 0.0), ("external_mask", 0)):
+        x = arguments[name]
+        if x is not None and x.shape[0] == num_tokens:  # per token (an [S] tensor is per sequence already)
+            arguments[name] = pad_sequence(list(torch.split(x, lengths)), batch_first=True, padding_value=pad)
+    out = rlplus_loss_reference(**arguments)
+    device = arguments["targets"].device
+    in_sequence = (torch.arange(arguments["targets"].shape[1], device=device)[None, :]
+                   < torch.tensor(lengths, device=device)[:, None])
+    unpad = lambda x: None if x is None else x[in_sequence]  # noqa: E731
+    return out._replace(logprobs=unpad(out.logprobs), entropy=unpad(out.entropy))
+
+
 def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None, *,
                           external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
                           ref_logprobs=None, kl_coef=0.0, temperature=1.0,
@@ -83,18 +91,19 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
                           gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
                           loss_agg="token-mean", normalizer=None, ignore_index=-100,
                           backend="reference", cu_seqlens=None, **unused_options) -> RLPlusOutput:
-    """SPEC.md literally; `cu_seqlens` splits packed [N] inputs into sequences for the seq modes and
-    the per-sequence [S] advantages / external_mask. `unused_options`: the chunk sizes and process
-    groups of the library, which do not change the function."""
+    """`cu_seqlens` [S + 1] marks the sequences of packed [N] inputs; `unused_options` (chunk sizes, process
+    groups) do not change the function."""
+    if cu_seqlens is not None:
+        arguments = {k: v for k, v in locals().items() if k != "unused_options"}
+        return _packed_as_padded(arguments)
     with_entropy = entropy_coef != 0 or return_entropy
     logp, entropy = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, return_entropy=True)
     valid = targets != ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)
-    external = (torch.zeros_like(valid) if external_mask is None
-                else (_per_token(external_mask, valid, cu_seqlens) != 0))
-    A = _per_token(advantages, valid, cu_seqlens).double()
+    external = torch.zeros_like(valid) if external_mask is None else (_per_token(external_mask, valid) != 0)
+    A = _per_token(advantages, valid).double()
     o = logp.detach() if old_logprobs is None else old_logprobs.double()
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer)
@@ -129,9 +138,9 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + kl_coef * kl
 
-    loss = _aggregate(per_token, valid, loss_agg, normalizer, cu_seqlens)
+    loss = _aggregate(per_token, valid, loss_agg, normalizer)
     if entropy_coef != 0:
-        loss = loss - entropy_coef * _aggregate(entropy, valid, loss_agg, normalizer, cu_seqlens)
+        loss = loss - entropy_coef * _aggregate(entropy, valid, loss_agg, normalizer)
 
     on_policy, off_policy = valid & ~external, valid & external
     metrics = {
