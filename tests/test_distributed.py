@@ -120,9 +120,14 @@ def _make_batch(case: Case, vocab: int, seed: int):
     return batch, kwargs
 
 
-def _run_tp_case(case: Case, rank: int, world: int):
+def _to(device, tensors: dict) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def _run_tp_case(case: Case, rank: int, world: int, device: str):
     vocab = SHARD_ROWS * world
     batch, kwargs = _make_batch(case, vocab, seed=1234)
+    batch = _to(device, batch)
     shard = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
     gen = torch.Generator().manual_seed(99)
     leaf = lambda x, dtype: None if x is None else x.detach().to(dtype).requires_grad_()  # noqa: E731
@@ -131,7 +136,7 @@ def _run_tp_case(case: Case, rank: int, world: int):
         rest = {k: v for k, v in batch.items() if k not in ("hidden", "weight", "bias")}
         if case.op == "linear_logprobs":
             logp, entropy = fn(hidden, weight, rest["targets"], bias=bias, return_entropy=True, **kwargs, **extra)
-            upstream = torch.randn(logp.shape, generator=gen, dtype=torch.float64)
+            upstream = torch.randn(logp.shape, generator=gen, dtype=torch.float64).to(logp.device)
             (logp * upstream.to(logp.dtype) + entropy * upstream.flip(0).to(entropy.dtype)).sum().backward()
             return None, logp.detach(), entropy.detach()
         out = fn(hidden, weight, bias=bias, **rest, **kwargs, **extra)
@@ -162,7 +167,7 @@ def _run_tp_case(case: Case, rank: int, world: int):
     }
 
 
-def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int):
+def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str):
     """Each rank holds a 1/P slice of the sequences; normalizer = the global count."""
     num_sequences = 6  # divisible by 2 and 3
     gen = torch.Generator().manual_seed(7)
@@ -190,6 +195,8 @@ def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int):
     else:
         full = dict(hidden=hidden, targets=targets)
         mine = dict(hidden=hidden[rows], targets=targets[rows])
+    full, mine = _to(device, full), _to(device, mine)
+    weight, bias, advantages = weight.to(device), bias.to(device), advantages.to(device)
 
     ref_leaves = [x.clone().requires_grad_() for x in (full["hidden"], weight, bias)]
     ref = rlplus_loss_reference(ref_leaves[0], ref_leaves[1], full["targets"], advantages, bias=ref_leaves[2],
@@ -251,29 +258,34 @@ def _communication_log():
             setattr(dist, name, fn)
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str = "gloo", device: str = "cpu") -> None:
+    if device == "cuda":
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {"tp": {}, "dp": {}, "communication": {}}
     for case in TP_CASES:
         with _communication_log() as log:
-            results["tp"][case.name] = _run_tp_case(case, rank, world)
+            results["tp"][case.name] = _run_tp_case(case, rank, world, device)
         num_tokens = BATCH * LENGTH if case.layout != "packed" else PACKED_CU_SEQLENS[-1]
         results["communication"][case.name] = dict(shapes=log["shapes"], bytes_per_token=log["bytes"] / num_tokens,
                                                     itemsize=torch.empty((), dtype=case.dtype).element_size())
     for loss_agg, layout in DP_AGG:
-        results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world)
+        results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
+def _spawn(size: int, tmp, backend: str = "gloo", device: str = "cpu"):
+    mp.spawn(_worker, args=(size, str(tmp / "store"), str(tmp), backend, device), nprocs=size, join=True)
+    return size, [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
+
+
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"world{p}")
 def world(request, tmp_path_factory):
-    size = request.param
-    tmp = tmp_path_factory.mktemp(f"world{size}")
-    mp.spawn(_worker, args=(size, str(tmp / "store"), str(tmp)), nprocs=size, join=True)
-    return size, [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
+    return _spawn(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
 
 
 def _worst(results, case_name, section):
@@ -367,3 +379,20 @@ def test_group_without_initialised_torch_distributed_is_refused():
         linear_logprobs(hidden, weight, targets, vocab_parallel_group=object())
     with pytest.raises(ValueError, match="group.*init_process_group"):
         global_token_count(targets >= 0, group=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", WORLD_SIZES)
+def test_all_scenarios_on_cuda(size, tmp_path):
+    """The same runs with CUDA tensors: NCCL where there is a GPU per rank, else gloo on CUDA tensors
+    (NCCL refuses two ranks on one GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
+    _, results = _spawn(size, tmp_path, backend, "cuda")
+    for case in TP_CASES:
+        error, where = _worst(results, case.name, "tp")
+        assert error <= TOL[case.dtype], f"{backend}, {case.name}: {where}"
+    for loss_agg, layout in DP_AGG:
+        error, where = _worst(results, f"{loss_agg} {layout}", "dp")
+        assert error <= TOL[torch.float64], f"{backend}, {loss_agg} {layout}: {where}"
