@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .backends import LogprobsOptions, linear_logprobs_raw_ops
 from .backends.common import finish_logprobs
+from .head import segment_sum, sequence_layout
 
 MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -43,7 +44,10 @@ def _require_initialised(argument: str) -> None:
 def vocab_parallel_layout(shard_rows: int, group) -> Tuple[int, int]:
     """(vocab_start of this rank's shard, global vocabulary size) for equal contiguous shards in rank order."""
     _require_initialised("vocab_parallel_group")
-    return dist.get_rank(group) * shard_rows, dist.get_world_size(group) * shard_rows
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("vocab_parallel_group does not contain this process")
+    return rank * shard_rows, dist.get_world_size(group) * shard_rows
 
 
 def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: Optional[torch.Tensor], group):
@@ -147,15 +151,14 @@ def global_sequence_count(valid: MaskOrMasks, *, cu_seqlens=None, nonempty_only:
         raise ValueError(f"cu_seqlens must be None or give one tensor per mask, got {len(cus)} for {len(masks)}")
     count = torch.zeros((), dtype=torch.int64, device=masks[0].device)
     for mask, cu in zip(masks, cus):
-        if cu is None:
-            if mask.dim() != 2:
-                raise ValueError(f"valid must be [B, T] (or [N] with cu_seqlens), got shape {tuple(mask.shape)}")
-            per_sequence = (mask != 0).sum(dim=1)
+        sequence_ids, num_sequences = sequence_layout(mask, cu)
+        if sequence_ids is None:
+            raise ValueError(f"valid must be [B, T] (or [N] with cu_seqlens), got shape {tuple(mask.shape)}")
+        if nonempty_only:
+            per_sequence = segment_sum((mask != 0).reshape(-1).to(torch.int64), sequence_ids, num_sequences)
+            count = count + (per_sequence > 0).sum()
         else:
-            cumulative = torch.cumsum((mask != 0).to(torch.int64), 0)
-            before = torch.cat([cumulative.new_zeros(1), cumulative])  # valid tokens before each position
-            per_sequence = before[cu[1:].long()] - before[cu[:-1].long()]
-        count = count + ((per_sequence > 0).sum() if nonempty_only else per_sequence.numel())
+            count = count + num_sequences
     return _all_reduce_count(count, group)
 
 

@@ -53,6 +53,11 @@ def sequence_layout(targets: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     return ids, num_sequences
 
 
+def segment_sum(x: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[S] sums of x [N] over each sequence of `sequence_layout` (differentiable, no host sync)."""
+    return x.new_zeros(num_sequences).index_add(0, sequence_ids, x)
+
+
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Mean of x over `where`, 0 over an empty set, with no host sync."""
     total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
@@ -68,12 +73,11 @@ def aggregate(x: torch.Tensor, batch: TokenBatch, mode: str,
         return x.sum() / denominator
     if mode == "sum":
         return x.sum() if normalizer is None else x.sum() / normalizer
-    per_sequence_sum = x.new_zeros(batch.num_sequences).index_add(0, batch.sequence_ids, x)
+    per_sequence_sum = segment_sum(x, batch.sequence_ids, batch.num_sequences)
     if mode == "seq-mean-token-sum":
         return per_sequence_sum.sum() / (batch.num_sequences if normalizer is None else normalizer)
     # seq-mean-token-mean: sequences without a valid token are left out
-    per_sequence_count = torch.zeros(batch.num_sequences, dtype=torch.int64, device=x.device).index_add_(
-        0, batch.sequence_ids, batch.valid.to(torch.int64))
+    per_sequence_count = segment_sum(batch.valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
     per_sequence_mean = per_sequence_sum / per_sequence_count.clamp(min=1)
     if normalizer is None:
         normalizer = (per_sequence_count > 0).sum().clamp(min=1)
