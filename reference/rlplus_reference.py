@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rlplus_kernels import RLPlusOutput
 
@@ -65,13 +66,38 @@ def _mean(x, where):
     return (torch.where(where, x, 0.0).sum() / n) if n else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def _packed_as_padded(arguments: dict) -> RLPlusOutput:
+    """Packed [N] inputs with cu_seqlens are, literally, the padded [S, T_max] batch: one sequence per row."""
+    cu_seqlens = arguments.pop("cu_seqlens")
+    lengths = torch.diff(cu_seqlens).tolist()
+    num_tokens = int(cu_seqlens[-1])
+    for name, pad in (("hidden", 0.0), ("targets", arguments["ignore_index"]), ("old_logprobs", 0.0),
+                      ("behavior_logprobs", 0.0), ("ref_logprobs", 0.0), ("loss_mask", 0),
+                      ("advantages", 0.0), ("external_mask", 0)):
+        x = arguments[name]
+        if x is not None and x.shape[0] == num_tokens:  # per token (an [S] tensor is per sequence already)
+            arguments[name] = pad_sequence(list(torch.split(x, lengths)), batch_first=True, padding_value=pad)
+    out = rlplus_loss_reference(**arguments)
+    device = arguments["targets"].device
+    in_sequence = (torch.arange(arguments["targets"].shape[1], device=device)[None, :]
+                   < torch.tensor(lengths, device=device)[:, None])
+    unpad = lambda x: None if x is None else x[in_sequence]  # noqa: E731
+    return out._replace(logprobs=unpad(out.logprobs), entropy=unpad(out.entropy))
+
+
 def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None, *,
                           external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
                           ref_logprobs=None, kl_coef=0.0, temperature=1.0,
                           clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
                           gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
                           loss_agg="token-mean", normalizer=None, ignore_index=-100,
-                          backend="reference", dtype=torch.float64, **unused_chunk_options) -> RLPlusOutput:
+                          backend="reference", dtype=torch.float64, cu_seqlens=None,
+                          **unused_options) -> RLPlusOutput:
+    """`dtype` is the computation's (float64 defines correct); `cu_seqlens` [S + 1] marks the sequences
+    of packed [N] inputs; `unused_options` (chunk sizes, process groups) do not change the function."""
+    if cu_seqlens is not None:
+        arguments = {k: v for k, v in locals().items() if k != "unused_options"}
+        return _packed_as_padded(arguments)
     logp, entropy = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
                                               ignore_index=ignore_index, return_entropy=True, dtype=dtype)
     return rlplus_loss_from_logprobs_reference(
