@@ -106,5 +106,6 @@ def build(problem: Problem, device="cpu"):
         kwargs["normalizer"] = problem.normalizer
     args = [hidden.to(device), weight.to(device), targets.to(device), rand(*adv_shape).to(device),
             None if old is None else old.float().to(device)]
+    kwargs["bias"] = None if bias is None else bias.to(device)
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     return args, kwargs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -16,6 +17,12 @@ from rlplus_kernels import linear_logprobs, rlplus_loss
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# RLPLUS_TEST_DEVICE=cuda runs the same properties on a GPU (there with TRITON_INTERPRET=0).
+DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+gpu_only = pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
+                              reason="large shapes need a GPU: run with RLPLUS_TEST_DEVICE=cuda")
 
 TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # bfloat16 runs through the interpreter too: the launcher upcasts it there (triton 3.9's interpreter
@@ -53,7 +60,7 @@ def _allowances(problem, hidden, weight, bias, targets, grad_logp, grad_entropy)
 
 
 def check_rlplus_loss(problem, backend):
-    args, kwargs = build(problem)
+    args, kwargs = build(problem, device=DEVICE)
     hidden, weight, targets, advantages, old = args
     bias = kwargs.pop("bias")
     leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
@@ -96,7 +103,7 @@ def check_rlplus_loss(problem, backend):
 
 def check_linear_logprobs(problem, backend):
     """Both outputs of linear_logprobs, with random upstream gradients on both."""
-    args, kwargs = build(problem)
+    args, kwargs = build(problem, device=DEVICE)
     hidden, weight, targets = args[:3]
     bias, temperature = kwargs["bias"], problem.options["temperature"]
     leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
@@ -149,12 +156,13 @@ def test_triton_backend_logprobs_match_reference(problem):
 @pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 3)])
 def test_degenerate_sizes(backend, shape):
     """N=1, V=2, D=1: the smallest problems, with every option on."""
-    hidden = torch.randn(*shape, 1, requires_grad=True)
-    weight = torch.randn(2, 1, requires_grad=True)
-    targets = torch.randint(0, 2, shape)
-    kwargs = dict(external_mask=torch.rand(shape) < 0.5, entropy_coef=0.01, kl_coef=0.1,
-                  ref_logprobs=-torch.rand(shape), dual_clip=2.0, return_entropy=True)
-    args = (targets, torch.randn(shape), -torch.rand(shape))
+    on = dict(device=DEVICE)
+    hidden = torch.randn(*shape, 1, requires_grad=True, **on)
+    weight = torch.randn(2, 1, requires_grad=True, **on)
+    targets = torch.randint(0, 2, shape, **on)
+    kwargs = dict(external_mask=torch.rand(shape, **on) < 0.5, entropy_coef=0.01, kl_coef=0.1,
+                  ref_logprobs=-torch.rand(shape, **on), dual_clip=2.0, return_entropy=True)
+    args = (targets, torch.randn(shape, **on), -torch.rand(shape, **on))
     out = rlplus_loss(hidden, weight, *args, backend=backend, **kwargs)
     ref_hidden, ref_weight = reference_inputs(hidden, weight)
     ref = rlplus_loss_reference(ref_hidden, ref_weight, *args, **kwargs)
@@ -164,3 +172,17 @@ def test_degenerate_sizes(backend, shape):
     ref_grads = torch.autograd.grad(ref.loss, (ref_hidden, ref_weight))
     for name, g, rg in zip(["hidden", "weight"], grads, ref_grads):
         assert_grad_close(g, rg, rtol=2e-5, name=f"grad_{name}")
+
+
+@gpu_only
+@settings(max_examples=20)
+@given(problems(TRITON_DTYPES, max_tokens=2048, max_hidden=512, max_vocab=20000, chunked=False))
+def test_triton_backend_on_gpu_at_larger_shapes(problem):
+    check_rlplus_loss(problem, "triton")
+
+
+@gpu_only
+@settings(max_examples=10)
+@given(problems(TRITON_DTYPES, max_tokens=2048, max_hidden=512, max_vocab=20000, chunked=False))
+def test_triton_logprobs_on_gpu_at_larger_shapes(problem):
+    check_linear_logprobs(problem, "triton")
