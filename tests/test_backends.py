@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TOLERANCES, assert_close, assert_grad_close, dot_product_allowance, reference_inputs
+from helpers import FLOAT32_EPS, TOLERANCES, assert_close, assert_grad_close, dot_product_allowance, reference_inputs
 from problems import build, problems
 from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
@@ -30,14 +30,34 @@ TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _reference_runs(run, hidden, weight, bias, problem):
-    """run(hidden, weight, bias, dtype) in float64 (the truth) and, for lower-precision inputs, in
-    float32 (PyTorch's own error, allowed twice over), each on float64 leaf copies of the inputs."""
-    runs = []
-    for dtype in [torch.float64] + ([torch.float32] if problem.dtype != torch.float64 else []):
-        leaves = reference_inputs(hidden, weight, bias)
-        runs.append((run(*leaves, dtype), [t for t in leaves if t is not None]))
-    return runs + [(None, None)] * (2 - len(runs))
+def _logit_rounding(hidden, weight, bias, targets, temperature):
+    """Per-token float32 error bound of log p(y) and of the entropy: 8 eps (sqrt(V) + max_v |z_v|).
+
+    A float32 log-softmax errs by about eps |z| in absolute terms whatever the kernel, so every value
+    derived from log p is allowed the effect of moving each log p (and entropy) by that much.
+    """
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    z = (h @ weight.detach().double().T + (0 if bias is None else bias.detach().double())) / temperature
+    return (8 * FLOAT32_EPS * (z.shape[-1] ** 0.5 + z.abs().amax(-1))).reshape(targets.shape)
+
+
+def _value_allowances(head, logp, entropy, delta):
+    """|change| of each output of `head(logp, entropy)` when one token's log p and entropy move by
+    +-delta, summed over tokens: the float32 rounding of the log-probs, propagated through the head."""
+    base = head(logp, entropy)
+    values = lambda out: {"loss": out.loss.detach(), **out.metrics}  # noqa: E731
+    allowance = {k: torch.zeros((), dtype=torch.float64) for k in values(base)}
+    for t in range(logp.numel()):
+        changes = []
+        for sign in (1.0, -1.0):
+            bump = torch.zeros_like(logp).view(-1)
+            bump[t] = sign * delta.view(-1)[t]
+            bump = bump.view(logp.shape)
+            out = head((logp + bump).clamp(max=0), entropy + bump.abs())
+            changes.append({k: (v.double() - values(base)[k].double()).abs().cpu() for k, v in values(out).items()})
+        for k in allowance:
+            allowance[k] = allowance[k] + max(c[k] for c in changes)
+    return allowance
 
 
 NOT_HEAD = ("temperature", "chunk_tokens", "chunk_vocab")
@@ -65,37 +85,45 @@ def check_rlplus_loss(problem, backend):
     bias = kwargs.pop("bias")
     leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
     out = rlplus_loss(hidden, weight, targets, advantages, old, bias=bias, backend=backend, **kwargs)
-    (ref, ref_leaves), (own, own_leaves) = _reference_runs(
-        lambda h, w, b, dtype: rlplus_loss_reference(h, w, targets, advantages, old, bias=b, dtype=dtype, **kwargs),
-        hidden, weight, bias, problem)
+    ref_leaves = reference_inputs(hidden, weight, bias)
+    ref = rlplus_loss_reference(ref_leaves[0], ref_leaves[1], targets, advantages, old, bias=ref_leaves[2], **kwargs)
+    ref_leaves = [t for t in ref_leaves if t is not None]
+    head_kwargs = {k: v for k, v in kwargs.items() if k not in NOT_HEAD}
+    head = lambda logp, entropy: rlplus_loss_from_logprobs_reference(  # noqa: E731
+        logp, entropy, targets, advantages, old, **head_kwargs)
     tol = TOLERANCES[problem.dtype]
     rtol, atol = tol["value"]
     expected_dtype = torch.float64 if problem.dtype == torch.float64 else torch.float32
     assert out.loss.dtype == expected_dtype and out.loss.dim() == 0
     assert out.logprobs.dtype == expected_dtype and not out.logprobs.requires_grad
-    own_value = lambda get: None if own is None else get(own)  # noqa: E731
-    assert_close(out.loss.detach(), ref.loss.detach(), rtol=rtol, atol=atol, name="loss",
-                 baseline=own_value(lambda o: o.loss.detach()))
-    assert_close(out.logprobs, ref.logprobs, rtol=rtol, atol=atol, name="logprobs",
-                 baseline=own_value(lambda o: o.logprobs))
+
+    delta = allowance = None
+    if problem.dtype != torch.float64:
+        delta = _logit_rounding(hidden, weight, bias, targets, problem.options["temperature"])
+        with torch.no_grad():
+            true_logp, true_entropy = linear_logprobs_reference(*reference_inputs(hidden, weight), targets,
+                                                                bias=None if bias is None else bias.double(),
+                                                                temperature=problem.options["temperature"],
+                                                                return_entropy=True)
+        allowance = _value_allowances(head, true_logp, true_entropy, delta)
+    pick = lambda key: None if allowance is None else allowance[key]  # noqa: E731
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=rtol, atol=atol, name="loss", allowance=pick("loss"))
+    assert_close(out.logprobs, ref.logprobs, rtol=rtol, atol=atol, name="logprobs", allowance=delta)
     assert (out.entropy is None) == (ref.entropy is None)
     if out.entropy is not None:
-        assert_close(out.entropy, ref.entropy, rtol=rtol, atol=atol, name="entropy",
-                     baseline=own_value(lambda o: o.entropy))
+        assert_close(out.entropy, ref.entropy, rtol=rtol, atol=atol, name="entropy", allowance=delta)
     assert out.metrics.keys() == ref.metrics.keys()
     for key, value in ref.metrics.items():
         assert out.metrics[key].dim() == 0 and not out.metrics[key].requires_grad
-        assert_close(out.metrics[key], value, rtol=rtol, atol=atol, name=f"metrics[{key}]",
-                     baseline=own_value(lambda o: o.metrics[key]))
+        assert_close(out.metrics[key], value, rtol=rtol, atol=atol, name=f"metrics[{key}]", allowance=pick(key))
 
     # a random upstream scale: the gradients are those of c * loss, not of the loss alone
     scale = torch.randn(()).item()
     grads = torch.autograd.grad(out.loss * scale, leaves)
     ref_grads = torch.autograd.grad(ref.loss * scale, ref_leaves)
     allowances = _allowances(problem, hidden, weight, bias, targets, *_per_token_upstream(
-        lambda logp, entropy: scale * rlplus_loss_from_logprobs_reference(
-            logp, entropy, targets, advantages, old, **{k: v for k, v in kwargs.items() if k not in NOT_HEAD}).loss,
-        hidden, weight, bias, targets, problem.options["temperature"]))
+        lambda logp, entropy: scale * head(logp, entropy).loss, hidden, weight, bias, targets,
+        problem.options["temperature"]))
     for name, g, rg, allowance, leaf in zip(["hidden", "weight", "bias"], grads, ref_grads, allowances, leaves):
         assert g.dtype == leaf.dtype, f"grad {name} dtype {g.dtype} != input dtype {leaf.dtype}"
         assert_grad_close(g, rg, rtol=tol["grad"], name=f"grad_{name}", allowance=allowance)
@@ -111,15 +139,15 @@ def check_linear_logprobs(problem, backend):
                                     return_entropy=True, backend=backend,
                                     chunk_tokens=problem.options.get("chunk_tokens"),
                                     chunk_vocab=problem.options.get("chunk_vocab"))
-    (ref, ref_leaves), (own, own_leaves) = _reference_runs(
-        lambda h, w, b, dtype: linear_logprobs_reference(h, w, targets, bias=b, temperature=temperature,
-                                                         return_entropy=True, dtype=dtype),
-        hidden, weight, bias, problem)
+    ref_leaves = reference_inputs(hidden, weight, bias)
+    ref = linear_logprobs_reference(ref_leaves[0], ref_leaves[1], targets, bias=ref_leaves[2],
+                                    temperature=temperature, return_entropy=True)
+    ref_leaves = [t for t in ref_leaves if t is not None]
     tol = TOLERANCES[problem.dtype]
     rtol, atol = tol["value"]
+    delta = None if problem.dtype == torch.float64 else _logit_rounding(hidden, weight, bias, targets, temperature)
     for i, name in enumerate(["logprobs", "entropy"]):
-        assert_close([logp, entropy][i].detach(), ref[i].detach(), rtol=rtol, atol=atol, name=name,
-                     baseline=None if own is None else own[i].detach())
+        assert_close([logp, entropy][i].detach(), ref[i].detach(), rtol=rtol, atol=atol, name=name, allowance=delta)
     upstream = (torch.randn_like(ref[0]), torch.randn_like(ref[1]))
     grads = torch.autograd.grad((logp, entropy), leaves, tuple(u.to(logp.dtype) for u in upstream))
     ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
