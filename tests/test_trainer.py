@@ -228,6 +228,14 @@ def test_verify_head_catches_undeclared_postprocessing():
         verify_head(model)
 
 
+def test_verify_head_under_dropout_keeps_train_mode():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY, attention_dropout=0.5)
+    model = transformers.LlamaForCausalLM(config).train()
+    verify_head(model)
+    assert model.training
+
+
 def test_bad_shapes_are_named():
     model = make_model("llama", tied=False)
     ids, am, lm = padded_batch()

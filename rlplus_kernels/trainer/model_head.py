@@ -165,12 +165,17 @@ def verify_head(model: nn.Module, *, seq_len: int = 4, atol: float = 1e-4, rtol:
     ids = torch.arange(1, seq_len + 1, device=weight.device).remainder(vocab)[None]
     mask = torch.ones_like(ids)
     pos = position_ids_from_mask(mask)
-    hidden = final_hidden_states(model, ids, mask, pos)
-    mine = torch.nn.functional.linear(hidden, weight, bias).float()
-    kwargs = {"attention_mask": mask, "use_cache": False}
-    if _accepts(model, "position_ids"):
-        kwargs["position_ids"] = pos
-    theirs = model(ids, **kwargs).logits.float()
+    was_training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        hidden = final_hidden_states(model, ids, mask, pos)
+        mine = torch.nn.functional.linear(hidden, weight, bias).float()
+        kwargs = {"attention_mask": mask, "use_cache": False}
+        if _accepts(model, "position_ids"):
+            kwargs["position_ids"] = pos
+        theirs = model(ids, **kwargs).logits.float()
+    finally:
+        model.train(was_training)
     if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=atol, rtol=rtol):
         diff = (mine - theirs).abs().max().item() if mine.shape == theirs.shape else float("nan")
         raise ValueError(
