@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -44,3 +45,20 @@ def linear_logprobs_op(backend: str):
     from .triton_op import triton_linear_logprobs
 
     return triton_linear_logprobs
+
+
+def linear_logprobs_raw_ops(backend: str, options: LogprobsOptions):
+    """CONTRACT.md's raw (forward, backward) pair of a backend, with its tuning options bound.
+
+    Both take exactly the contract's arguments (incl. `vocab_start`); the vocabulary-parallel
+    autograd function (`rlplus_kernels.distributed`) is written against this pair only.
+    """
+    if backend == "torch":
+        from . import torch_chunked as module
+
+        tuning = dict(chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab)
+    else:
+        from . import triton_op as module
+
+        tuning = {}
+    return functools.partial(module.forward, **tuning), functools.partial(module.backward, **tuning)
