@@ -10,7 +10,7 @@ from torch import nn
 from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
-from .distributed import vocab_parallel_layout, vocab_parallel_linear_logprobs
+from .distributed import vocab_parallel_layout
 from .head import TokenBatch, rlplus_head, sequence_layout
 from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_per_token, check_targets,
                          require_tensor)
@@ -53,10 +53,7 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_par
 def _run_op(backend, hidden, weight, bias, flat_targets, options, vocab_parallel_group=None):
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):
-        if vocab_parallel_group is not None:
-            return vocab_parallel_linear_logprobs(backend, flat_hidden, weight, bias, flat_targets, options,
-                                                  vocab_parallel_group)
-        return linear_logprobs_op(backend)(flat_hidden, weight, bias, flat_targets, options)
+        return linear_logprobs_op(backend, vocab_parallel_group)(flat_hidden, weight, bias, flat_targets, options)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,

@@ -11,7 +11,8 @@ per-token tensor are the same on all ranks. Each rank runs its backend's raw for
     sum_pz = sum_r exp(lse_r - M) * sum_pz_r / S           /  ([2, N] without entropy)
     lse    = M + log S
 
-The backward runs the raw backward on the shard with the GLOBAL lse and entropy, which yields this
+`backends.autograd.LinearLogprobsFunction` does this around any backend's raw pair. The backward
+runs the raw backward on the shard with the GLOBAL lse and entropy, which yields this
 shard's grad_weight / grad_bias exactly and its share of grad_hidden; one all_reduce(SUM) of
 grad_hidden ([N, D]) completes it. No tensor of vocabulary size is communicated.
 
@@ -28,8 +29,6 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .backends import LogprobsOptions, linear_logprobs_raw_ops
-from .backends.common import finish_logprobs
 from .head import segment_sum, sequence_layout
 
 MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -64,49 +63,6 @@ def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: 
     sum_exp = stacked[0]
     merged_sum_pz = None if sum_pz is None else stacked[2] / sum_exp
     return global_max + torch.log(sum_exp), stacked[1], merged_sum_pz
-
-
-class VocabParallelLinearLogprobs(torch.autograd.Function):
-    """(logp, entropy | None) of the full vocabulary from this rank's shard of the LM head.
-
-    `raw_ops` is a backend's CONTRACT.md (forward, backward) pair; every rank of `group` must call
-    this with the same hidden, targets and options (a collective).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options: LogprobsOptions, raw_ops, group):
-        raw_forward, raw_backward = raw_ops
-        vocab_start, _ = vocab_parallel_layout(weight.shape[0], group)
-        partials = raw_forward(hidden, weight, bias, targets, temperature=options.temperature,
-                               ignore_index=options.ignore_index, vocab_start=vocab_start,
-                               with_entropy=options.with_entropy)
-        lse, target_logit, sum_pz = merge_vocab_partials(*partials, group=group)
-        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
-        ctx.options, ctx.raw_backward, ctx.group, ctx.vocab_start = options, raw_backward, group, vocab_start
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        options = ctx.options
-        grad_hidden, grad_weight, grad_bias = ctx.raw_backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-            temperature=options.temperature, ignore_index=options.ignore_index,
-            vocab_start=ctx.vocab_start, needs_grad=ctx.needs_input_grad[:3],
-        )
-        # Every shard's logits depend on every hidden row: grad_hidden is the sum of the shards' parts.
-        # (None on all ranks alike: the upstream gradients are the same everywhere.)
-        if grad_hidden is not None:
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def vocab_parallel_linear_logprobs(backend: str, hidden, weight, bias, targets, options: LogprobsOptions, group):
-    """Differentiable (logp, entropy | None) over the vocabulary split across `group`, with `backend`'s op."""
-    return VocabParallelLinearLogprobs.apply(hidden, weight, bias, targets, options,
-                                             linear_logprobs_raw_ops(backend, options), group)
 
 
 # ------------------------------------------------------------------------------------ data parallel

@@ -36,22 +36,29 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def linear_logprobs_op(backend: str):
-    """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op."""
-    if backend == "torch":
-        from .torch_chunked import torch_linear_logprobs
+def linear_logprobs_op(backend: str, group=None):
+    """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op.
 
-        return torch_linear_logprobs
-    from .triton_op import triton_linear_logprobs
+    With a vocabulary-parallel `group`, weight and bias are this rank's shard (docs/distributed.md).
+    """
+    if backend == "triton" and group is None:
+        from .triton_op import triton_linear_logprobs  # a custom op: opaque to torch.compile
 
-    return triton_linear_logprobs
+        return triton_linear_logprobs
+    from .autograd import LinearLogprobsFunction
+
+    def op(hidden, weight, bias, targets, options):
+        raw_ops = linear_logprobs_raw_ops(backend, options)
+        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, group)
+
+    return op
 
 
 def linear_logprobs_raw_ops(backend: str, options: LogprobsOptions):
     """CONTRACT.md's raw (forward, backward) pair of a backend, with its tuning options bound.
 
-    Both take exactly the contract's arguments (incl. `vocab_start`); the vocabulary-parallel
-    autograd function (`rlplus_kernels.distributed`) is written against this pair only.
+    Both take exactly the contract's arguments (incl. `vocab_start`); `LinearLogprobsFunction` is
+    written against this pair only.
     """
     if backend == "torch":
         from . import torch_chunked as module

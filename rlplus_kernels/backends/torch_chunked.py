@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import compute_dtype, finish_logprobs
+from .common import compute_dtype
 
 DEFAULT_CHUNK_TOKENS = 2048
 DEFAULT_CHUNK_VOCAB = 4096
@@ -204,37 +204,3 @@ def backward(
     if need_hidden:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
-
-
-class TorchLinearLogprobs(torch.autograd.Function):
-    """(logp, entropy | None) of CONTRACT.md; backward recomputes the logits chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options):
-        lse, target_logit, sum_pz = forward(
-            hidden, weight, bias, targets,
-            temperature=options.temperature, ignore_index=options.ignore_index,
-            with_entropy=options.with_entropy,
-            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
-        )
-        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
-        ctx.options = options
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        options = ctx.options
-        grad_hidden, grad_weight, grad_bias = backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-            temperature=options.temperature, ignore_index=options.ignore_index,
-            needs_grad=ctx.needs_input_grad[:3],
-            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def torch_linear_logprobs(hidden, weight, bias, targets, options):
-    return TorchLinearLogprobs.apply(hidden, weight, bias, targets, options)
