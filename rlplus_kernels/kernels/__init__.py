@@ -1,0 +1,5 @@
+"""Triton kernels and their launchers. Importing this subpackage imports triton: callers import it lazily."""
+
+from .linear_logprobs_fwd import linear_logprobs_forward
+
+__all__ = ["linear_logprobs_forward"]

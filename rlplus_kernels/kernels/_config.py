@@ -1,0 +1,102 @@
+"""Fixed launch configurations per GPU family, and the few helpers every launcher shares.
+
+Autotuning is off unless ``RLPLUS_AUTOTUNE=1``: a fixed configuration compiles once and behaves
+the same on every run; the table below was chosen from register/spill reports
+(``scripts/check_kernels.py``) and the tile shapes that run near cuBLAS speed on A100/H100.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("RLPLUS_AUTOTUNE", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+    GROUP_N: int = 8
+
+
+# (family, is_fp32) -> config. fp32 operands take half the BLOCK_D so that the shared-memory
+# ring (num_stages x (BLOCK_N + BLOCK_V) x BLOCK_D x 4 bytes) stays at the bf16 size (96 KiB).
+# 8 warps: a 128x128 fp32 accumulator at 4 warps is 128 registers a thread before the online
+# softmax state and spills (seen: 856-byte stack for the bf16 128x128x64 tile at 4 warps).
+_TABLE = {
+    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm90", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm80", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
+    ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
+    ("other", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
+    # interpreter (CPU tests): small tiles, the interpreter's cost grows with tile size
+    ("interpret", False): KernelConfig(16, 16, 16, num_warps=1, num_stages=1, GROUP_N=2),
+    ("interpret", True): KernelConfig(16, 16, 16, num_warps=1, num_stages=1, GROUP_N=2),
+}
+
+FAMILIES = ("sm80", "sm90")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_family(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major == 9:
+        return "sm90"
+    if (major, minor) == (8, 0) or major >= 10:
+        return "sm80"
+    return "other"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def family_of(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "interpret"
+    return _device_family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None) -> KernelConfig:
+    cfg = _TABLE[(family_of(device), dtype == torch.float32)]
+    if override:
+        cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 operands use TF32 only where torch itself would (its matmul flag); else exact IEEE."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def kernel_operand(x: torch.Tensor) -> torch.Tensor:
+    # triton 3.9's interpreter returns garbage from tl.dot on bfloat16 operands (fp16/fp32 are
+    # fine), so when interpreting, bf16 operands are upcast; compiled kernels read bf16 directly.
+    if x.dtype == torch.bfloat16 and interpreting():
+        return x.float()
+    return x
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
