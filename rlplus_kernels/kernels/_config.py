@@ -46,8 +46,8 @@ _TABLE = {
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
     ("other", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
     # interpreter (CPU tests): small tiles, the interpreter's cost grows with tile size
-    ("interpret", False): KernelConfig(16, 16, 16, num_warps=1, num_stages=1, GROUP_N=2),
-    ("interpret", True): KernelConfig(16, 16, 16, num_warps=1, num_stages=1, GROUP_N=2),
+    ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
+    ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
 }
 
 FAMILIES = ("sm80", "sm90")

@@ -149,7 +149,7 @@ def _linear_logprobs_fwd_kernel(
             t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
         s_i = s_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        hit = offs_v[None, :] == tgt_local[:, None]
+        hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
         tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
 
     out = pid_s.to(tl.int64) * N + offs_n64
