@@ -33,24 +33,44 @@ class KernelConfig:
     GROUP_N: int = 8
 
 
-# (family, is_fp32) -> config. fp32 operands take half the BLOCK_D so that the shared-memory
-# ring (num_stages x (BLOCK_N + BLOCK_V) x BLOCK_D x 4 bytes) stays at the bf16 size (96 KiB).
-# 8 warps: a 128x128 fp32 accumulator at 4 warps is 128 registers a thread before the online
-# softmax state and spills (seen: 856-byte stack for the bf16 128x128x64 tile at 4 warps).
+# (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).
+# half precision: 128x128x64 tiles, 3-stage ring of (128 + 128) x 64 x 2 B = 96 KiB of shared
+# memory; 8 warps because the 128x128 fp32 accumulator plus the online-softmax epilogue spills
+# at 4 (seen: 856-byte stack for the bf16 128x128x64 tile at 4 warps).
+# fp32 (IEEE FFMA or TF32 mma): 64x128x32; the 128x128 fp32 tile spills on sm_80 (FFMA path).
 _TABLE = {
     ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm90", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    ("sm90", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=3),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm80", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=3),
+    ("sm80", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=3),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
-    ("other", True): KernelConfig(128, 128, 32, num_warps=8, num_stages=2),
-    # interpreter (CPU tests): small tiles, the interpreter's cost grows with tile size
+    ("other", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=2),
+    # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
     ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
 }
 
+# Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
+# neither async copies nor wide loads: every element carries its own 64-bit address and the big
+# tile spills. These shapes are rare (tests, toy models): a small tile with 8 warps.
+_UNALIGNED = KernelConfig(64, 64, 32, num_warps=8, num_stages=1)
+
 FAMILIES = ("sm80", "sm90")
+
+
+def table_config(family: str, is_fp32: bool, aligned: bool = True) -> KernelConfig:
+    if not aligned and family != "interpret":
+        return _UNALIGNED
+    return _TABLE[(family, is_fp32)]
+
+
+def rows_aligned(*tensors) -> bool:
+    """True when every 2-D operand has unit inner stride and 16-element-divisible row stride/width."""
+    for t in tensors:
+        if t.stride(1) != 1 or t.stride(0) % 16 or t.shape[1] % 16 or t.data_ptr() % 16:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,8 +94,9 @@ def family_of(device: torch.device) -> str:
     return _device_family(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None) -> KernelConfig:
-    cfg = _TABLE[(family_of(device), dtype == torch.float32)]
+def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None,
+                aligned: bool = True) -> KernelConfig:
+    cfg = table_config(family_of(device), dtype == torch.float32, aligned)
     if override:
         cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
     return cfg

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, kernel_operand, pick_config
+from ._config import dot_precision, kernel_operand, pick_config, rows_aligned
 
 DEFAULT_CHUNK_ELEMS = 1 << 28
 
@@ -109,17 +109,19 @@ def _linear_logprobs_bwd_kernel(
     h_step = tl.full([], BLOCK_D, tl.int64) * stride_hidden_d
     w_step = tl.full([], BLOCK_D, tl.int64) * stride_weight_d
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-        else:
-            mask_d = (d0 + offs_d) < D
-            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+    # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
+    for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
+        h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+        # we accumulate into fp32 whatever the operand dtype
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         h_ptrs += h_step
         w_ptrs += w_step
+    if not EVEN_D:
+        mask_d = (D - D % BLOCK_D + offs_d) < D
+        h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -230,14 +232,14 @@ def linear_logprobs_backward(
                 g.zero_()
         return gh, gw, (gb32.to(dtype) if need_b else None)
 
-    cfg = pick_config(device, dtype, config)
+    h_k = kernel_operand(hidden)
+    w_k = kernel_operand(weight)
+    cfg = pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k))
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)
     n_voc_chunks = triton.cdiv(n_vocab, cv)
 
-    h_k = kernel_operand(hidden)
-    w_k = kernel_operand(weight)
     b_k = kernel_operand(bias) if bias is not None else None
     f32 = lambda x: None if x is None else x.to(torch.float32)  # noqa: E731  ([N] tensors only)
     lse, entropy, grad_logp, grad_entropy = f32(lse), f32(entropy), f32(grad_logp), f32(grad_entropy)

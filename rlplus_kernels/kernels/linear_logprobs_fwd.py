@@ -35,6 +35,7 @@ from ._config import (
     interpreting,
     kernel_operand,
     pick_config,
+    rows_aligned,
     sm_count,
 )
 
@@ -121,18 +122,19 @@ def _linear_logprobs_fwd_kernel(
         h_ptrs = h_ptrs0
         w_ptrs = weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight_v + offs_d[None, :].to(tl.int64) * stride_weight_d
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            if EVEN_D:
-                h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-            else:
-                mask_d = (d0 + offs_d) < D
-                h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
+        for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
+            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
             # we accumulate into fp32 whatever the operand dtype
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
             h_ptrs += h_step
             w_ptrs += w_step
+        if not EVEN_D:
+            mask_d = (D - D % BLOCK_D + offs_d) < D
+            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_v.to(tl.int64) * stride_bias_v, mask=mask_v, other=0.0)
             acc += b.to(tl.float32)[None, :]
@@ -238,9 +240,9 @@ def linear_logprobs_forward_parts(
     if n_tokens == 0:
         z = torch.zeros(out_shape, device=device, dtype=torch.float32)
         return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
-    cfg = pick_config(device, hidden.dtype, config)
     h = kernel_operand(hidden)
     w = kernel_operand(weight)
+    cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w))
     b = kernel_operand(bias) if bias is not None else None
     if config and "splits" in config:
         splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
