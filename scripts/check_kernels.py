@@ -37,7 +37,10 @@ TORCH_TO_TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 def _cuobjdump():
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    import shutil
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else (shutil.which("cuobjdump") or path)
 
 
 def _cases(targets, dtypes, quick):
