@@ -48,9 +48,12 @@ def _cases(targets, dtypes, quick):
     for target, dtype in itertools.product(targets, dtypes):
         precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
         for prec in precisions:
-            # EVEN_D x ALIGNED: D % BLOCK_D == 0 implies 16-divisible rows; D % 16 != 0 (rows not
-            # 16-element aligned) selects the table's unaligned configuration
-            dims = [dict(EVEN_D=True, ALIGNED=True), dict(EVEN_D=False, ALIGNED=True), dict(EVEN_D=False, ALIGNED=False)]
+            # aligned rows (D % 16 == 0): the launcher halves BLOCK_D until it divides D, so
+            # EVEN_D always holds (BD_DIV = 1, 2, 4 while BLOCK_D >= 16); rows that are not
+            # 16-element aligned take the table's unaligned config, EVEN_D either way
+            divs = [1, 2] if dtype == "fp32" else [1, 2, 4]
+            dims = [dict(EVEN_D=True, ALIGNED=True, BD_DIV=k) for k in divs]
+            dims += [dict(EVEN_D=True, ALIGNED=False), dict(EVEN_D=False, ALIGNED=False)]
             fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
             bwd = [
                 dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, **dd)
@@ -58,8 +61,8 @@ def _cases(targets, dtypes, quick):
                 if gl or ge  # no upstream gradient: the launcher returns zeros without a launch
             ]
             if quick:
-                fwd = [f for f in fwd if f["HAS_BIAS"] and f["WITH_ENTROPY"]]
-                bwd = [f for f in bwd if f["HAS_BIAS"] and f["HAS_GRAD_LOGP"] and f["HAS_GRAD_ENT"]]
+                fwd = [f for f in fwd if f["HAS_BIAS"] and f["WITH_ENTROPY"] and f.get("BD_DIV", 1) == 1]
+                bwd = [f for f in bwd if f["HAS_BIAS"] and f["HAS_GRAD_LOGP"] and f["HAS_GRAD_ENT"] and f.get("BD_DIV", 1) == 1]
             for flags in fwd:
                 yield ("fwd", target, dtype, dict(flags, DOT_PRECISION=prec))
             for flags in bwd:
@@ -133,7 +136,11 @@ def compile_one(case):
         from rlplus_kernels.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
 
         fam = "sm90" if target == 90 else "sm80"
-        cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True))
+        cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
+        if flags.get("BD_DIV", 1) > 1:
+            from dataclasses import replace as _replace
+
+            cfg = _replace(cfg, BLOCK_D=cfg.BLOCK_D // flags["BD_DIV"])
         if os.environ.get("CHECK_CFG"):
             from dataclasses import replace
             cfg = replace(cfg, **json.loads(os.environ["CHECK_CFG"]))

@@ -37,19 +37,23 @@ class KernelConfig:
 # half precision: 128x128x64 tiles, 3-stage ring of (128 + 128) x 64 x 2 B = 96 KiB of shared
 # memory; 8 warps because the 128x128 fp32 accumulator plus the online-softmax epilogue spills
 # at 4 (seen: 856-byte stack for the bf16 128x128x64 tile at 4 warps).
-# fp32 (IEEE FFMA or TF32 mma): 64x128x32; the 128x128 fp32 tile spills on sm_80 (FFMA path).
+# fp32 (IEEE FFMA or TF32 mma): 64x64x32; larger fp32 tiles spill on the FFMA path.
 _TABLE = {
     ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm90", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=3),
+    ("sm90", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm80", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=3),
+    ("sm80", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
-    ("other", True): KernelConfig(64, 128, 32, num_warps=8, num_stages=2),
+    ("other", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
     # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
     ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
 }
+
+# The backward's dlogits kernel is a plain GEMM tile with an elementwise epilogue (no running
+# softmax state), so it may take a wider tile than the forward; entries here override _TABLE.
+_TABLE_BWD: dict = {}
 
 # Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
 # neither async copies nor wide loads: every element carries its own 64-bit address and the big
@@ -59,9 +63,11 @@ _UNALIGNED = KernelConfig(64, 64, 32, num_warps=8, num_stages=1)
 FAMILIES = ("sm80", "sm90")
 
 
-def table_config(family: str, is_fp32: bool, aligned: bool = True) -> KernelConfig:
+def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
     if not aligned and family != "interpret":
         return _UNALIGNED
+    if kernel == "bwd" and (family, is_fp32) in _TABLE_BWD:
+        return _TABLE_BWD[(family, is_fp32)]
     return _TABLE[(family, is_fp32)]
 
 
@@ -95,8 +101,14 @@ def family_of(device: torch.device) -> str:
 
 
 def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None,
-                aligned: bool = True) -> KernelConfig:
-    cfg = table_config(family_of(device), dtype == torch.float32, aligned)
+                aligned: bool = True, dim: Optional[int] = None, kernel: str = "fwd") -> KernelConfig:
+    fam = family_of(device)
+    cfg = table_config(fam, dtype == torch.float32, aligned, kernel)
+    if aligned and dim is not None and fam != "interpret":
+        # aligned rows have D % 16 == 0: halve BLOCK_D until it divides D, so the masked D tail
+        # (a second dot in the loop body, which spills at the big tile) never compiles
+        while dim % cfg.BLOCK_D:
+            cfg = replace(cfg, BLOCK_D=cfg.BLOCK_D // 2)
     if override:
         cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
     return cfg

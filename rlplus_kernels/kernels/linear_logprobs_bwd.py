@@ -234,7 +234,7 @@ def linear_logprobs_backward(
 
     h_k = kernel_operand(hidden)
     w_k = kernel_operand(weight)
-    cfg = pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k))
+    cfg = pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd")
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)

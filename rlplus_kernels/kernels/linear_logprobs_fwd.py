@@ -242,7 +242,7 @@ def linear_logprobs_forward_parts(
         return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
     h = kernel_operand(hidden)
     w = kernel_operand(weight)
-    cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w))
+    cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim)
     b = kernel_operand(bias) if bias is not None else None
     if config and "splits" in config:
         splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
