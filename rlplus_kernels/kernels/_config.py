@@ -37,15 +37,16 @@ class KernelConfig:
 # half precision: 128x128x64 tiles, 3-stage ring of (128 + 128) x 64 x 2 B = 96 KiB of shared
 # memory; 8 warps because the 128x128 fp32 accumulator plus the online-softmax epilogue spills
 # at 4 (seen: 856-byte stack for the bf16 128x128x64 tile at 4 warps).
-# fp32 (IEEE FFMA or TF32 mma): 64x64x32; larger fp32 tiles spill on the FFMA path.
+# fp32 (IEEE FFMA or TF32 mma): 64x64x16; the FFMA dot layout is register-hungry (64x64x32
+# spills on sm_80 at 8 warps and on sm_90 at 4).
 _TABLE = {
     ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm90", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
+    ("sm90", True): KernelConfig(64, 64, 16, num_warps=8, num_stages=3),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm80", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
+    ("sm80", True): KernelConfig(64, 64, 16, num_warps=8, num_stages=3),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
-    ("other", True): KernelConfig(64, 64, 32, num_warps=8, num_stages=2),
+    ("other", True): KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
     # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
     ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
@@ -58,7 +59,7 @@ _TABLE_BWD: dict = {}
 # Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
 # neither async copies nor wide loads: every element carries its own 64-bit address and the big
 # tile spills. These shapes are rare (tests, toy models): a small tile with 8 warps.
-_UNALIGNED = KernelConfig(64, 64, 32, num_warps=8, num_stages=1)
+_UNALIGNED = KernelConfig(64, 64, 16, num_warps=8, num_stages=1)
 
 FAMILIES = ("sm80", "sm90")
 
