@@ -54,6 +54,12 @@ def do_time(shape, rep):
     ent = lse - spz
     gemm = triton.testing.do_bench(lambda: h @ w.T, rep=rep)
     print(f"gemm logits {gemm:.2f} ms ({2 * n * v * d / gemm / 1e9:.0f} TFLOP/s)", flush=True)
+    try:
+        f32 = triton.testing.do_bench(lambda: torch.mm(h, w[:16384].T, out_dtype=torch.float32), rep=rep)
+        b16 = triton.testing.do_bench(lambda: torch.mm(h, w[:16384].T), rep=rep)
+        print(f"mm out_dtype=float32 [{n}x16384] {f32:.2f} ms vs bf16 out {b16:.2f} ms", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print("mm out_dtype unavailable:", exc)
     rows = []
     for cfg in HALF:
         row = dict(cfg=cfg)
