@@ -86,6 +86,12 @@ def _linear_logprobs_bwd_kernel(
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    """dlogits of one [N, V] chunk: recompute z, then dz / temperature in the input dtype.
+
+    hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype, this chunk's rows);
+    targets_ptr [N] int (global ids); lse_ptr, ent_ptr [N] fp32 (global); grad_logp_ptr,
+    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride.
+    """
     # grouped ordering (Triton's matmul tutorial) for L2 reuse of both operands
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)

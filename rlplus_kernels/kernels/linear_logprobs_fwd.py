@@ -84,6 +84,13 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    """Per-(token, split) partials of the online softmax over one vocabulary split.
+
+    hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype); targets_ptr [N]
+    int (global ids); part_m_ptr / part_s_ptr / part_t_ptr / part_tz_ptr [SPLITS, N] fp32 outputs
+    (running max, sum e^(z-m), sum e^(z-m)(z-m), target logit). Program p covers BLOCK_N tokens
+    and columns [k V_PER_SPLIT, (k+1) V_PER_SPLIT) of this shard.
+    """
     # Grouped order: consecutive programs cover GROUP_N token blocks x all splits, so that the
     # hidden blocks of the programs in flight stay in L2 while the weight tiles stream through.
     pid = tl.program_id(0)
