@@ -63,6 +63,10 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> None:
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if torch.compiler.is_compiling():
+        # no host sync inside a compiled graph: the check runs on the device, asynchronously
+        torch._assert_async(~out_of_range.any(), f"targets must lie in [0, {vocab_size}) or equal ignore_index")
+        return
     if targets.numel() and bool(out_of_range.any()):
         bad = targets[out_of_range][0].item()
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}")

@@ -43,13 +43,15 @@ FLOAT32_EPS = 2.0**-24
 
 
 def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature, ignore_index=-100):
+    # (the input dtype's rounding of dz is allowed too: a backend may round the logits' gradient to
+    # the input dtype to feed half-precision GEMMs, as autograd through a half nn.Linear does)
     """Rounding allowance of float32 gradients, from float32 error analysis of z -> dz -> grads.
 
     Each logit is a float32 dot product, so log p_v = z_v - lse errs by about eps |z|; the gradient of
     the logits, dz_v = g_logp (1[v=y] - p_v) - g_ent p_v (log p_v + H), errs by that times the size of
     its terms before they cancel, M_v = |g_logp| (1[v=y] + p_v) + |g_ent| p_v (|log p_v| + H); the
     gradients sum K such terms (K = V for hidden, N for weight and bias). Allowance:
-    8 eps (sqrt(K) + max|z|) * (M @ |W|, M^T @ |h|, sum M) / temperature.
+    (8 eps (sqrt(K) + max|z|) + 2 eps_input) * (M @ |W|, M^T @ |h|, sum M), M including 1/temperature.
     """
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     w = weight.detach().double()
@@ -62,7 +64,8 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     g1 = grad_logp.detach().double().reshape(-1, 1).abs()
     g2 = 0 if grad_entropy is None else grad_entropy.detach().double().reshape(-1, 1).abs()
     M = torch.where(active, g1 * (onehot + p) + g2 * p * (log_p.abs() + entropy), 0.0) / temperature
-    factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item())  # noqa: E731
+    input_rounding = 2 * torch.finfo(hidden.dtype).eps if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
+    factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item()) + input_rounding  # noqa: E731
     allowances = [factor(w.shape[0]) * (M @ w.abs()).reshape(hidden.shape), factor(h.shape[0]) * (M.T @ h.abs())]
     if bias is not None:
         allowances.append(factor(h.shape[0]) * M.sum(0))

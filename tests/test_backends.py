@@ -28,6 +28,10 @@ TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # bfloat16 runs through the interpreter too: the launcher upcasts it there (triton 3.9's interpreter
 # computes bfloat16 tl.dot wrongly), so the GPU runs are what cover the bf16 tensor-core path.
 TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The interpreter is slow: CI runs fewer Triton examples; HYPOTHESIS_PROFILE=thorough runs the full count.
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+TRITON_LOSS_EXAMPLES = None if THOROUGH else 25
+TRITON_LOGPROBS_EXAMPLES = None if THOROUGH else 15
 
 
 def _logit_rounding(hidden, weight, bias, targets, temperature):
@@ -167,14 +171,14 @@ def test_torch_backend_logprobs_match_reference(problem):
 
 
 @needs_triton
-@settings(max_examples=25)
+@settings(max_examples=TRITON_LOSS_EXAMPLES or settings.default.max_examples)
 @given(problems(TRITON_DTYPES, max_tokens=24, max_hidden=20, max_vocab=80, chunked=False))
 def test_triton_backend_loss_matches_reference(problem):
     check_rlplus_loss(problem, "triton")
 
 
 @needs_triton
-@settings(max_examples=15)
+@settings(max_examples=TRITON_LOGPROBS_EXAMPLES or settings.default.max_examples)
 @given(problems(TRITON_DTYPES, max_tokens=24, max_hidden=20, max_vocab=80, chunked=False))
 def test_triton_backend_logprobs_match_reference(problem):
     check_linear_logprobs(problem, "triton")
