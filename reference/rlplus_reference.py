@@ -1,0 +1,139 @@
+"""SPEC.md, line by line, in float64, with the full `tokens x vocab` logits.
+
+Written for reading, not for speed or memory: every backend of rlplus_kernels is tested against it.
+It does not validate its inputs beyond what PyTorch does; the library does that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlplus_kernels import RLPlusOutput
+
+LOG_RATIO_CLAMP = 20.0  # SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20; the KL log-ratio likewise
+
+
+def _logits(hidden, weight, bias, temperature):
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature
+
+
+def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                              return_entropy=False, backend="reference"):
+    z = _logits(hidden, weight, bias, temperature)
+    log_softmax = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    logp = log_softmax.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, 0.0)
+    if not return_entropy:
+        return logp
+    entropy = torch.where(valid, -(log_softmax.exp() * log_softmax).sum(-1), 0.0)
+    return logp, entropy
+
+
+def _per_token(x, like):
+    """A per-sequence [B] tensor broadcast to the [B, T] of `like`."""
+    x = torch.as_tensor(x, device=like.device)
+    return x[:, None].expand_as(like) if x.dim() == 1 and like.dim() == 2 else x
+
+
+def _aggregate(x, valid, mode, normalizer):
+    x = torch.where(valid, x, 0.0)
+    if mode == "token-mean":
+        return x.sum() / (normalizer if normalizer is not None else max(int(valid.sum()), 1))
+    if mode == "sum":
+        return x.sum() / (normalizer if normalizer is not None else 1)
+    per_seq_sum, per_seq_count = x.sum(-1), valid.sum(-1)
+    if mode == "seq-mean-token-mean":
+        has_tokens = per_seq_count > 0
+        per_seq = torch.where(has_tokens, per_seq_sum / per_seq_count.clamp(min=1), 0.0)
+        count = normalizer if normalizer is not None else max(int(has_tokens.sum()), 1)
+        return per_seq.sum() / count
+    if mode == "seq-mean-token-sum":
+        count = normalizer if normalizer is not None else per_seq_sum.shape[0]
+        return per_seq_sum.sum() / count
+    raise ValueError(mode)
+
+
+def _mean(x, where):
+    n = int(where.sum())
+    return (torch.where(where, x, 0.0).sum() / n) if n else torch.zeros((), dtype=x.dtype)
+
+
+def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None, *,
+                          external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
+                          ref_logprobs=None, kl_coef=0.0, temperature=1.0,
+                          clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+                          gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
+                          loss_agg="token-mean", normalizer=None, ignore_index=-100,
+                          backend="reference", **unused_chunk_options) -> RLPlusOutput:
+    with_entropy = entropy_coef != 0 or return_entropy
+    logp, entropy = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                              ignore_index=ignore_index, return_entropy=True)
+    valid = targets != ignore_index
+    if loss_mask is not None:
+        valid = valid & (loss_mask != 0)
+    external = torch.zeros_like(valid) if external_mask is None else (_per_token(external_mask, valid) != 0)
+    A = _per_token(advantages, valid).double()
+    o = logp.detach() if old_logprobs is None else old_logprobs.double()
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = float(normalizer)
+
+    # On-policy tokens: the clipped PPO/GRPO surrogate (SPEC section 1).
+    ratio = torch.exp(torch.clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    loss_unclipped = -A * ratio
+    loss_on = loss_unclipped
+    if clip_eps_low is not None or clip_eps_high is not None:
+        low = 1 - clip_eps_low if clip_eps_low is not None else -math.inf
+        high = 1 + clip_eps_high if clip_eps_high is not None else math.inf
+        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, low, high))
+    clipped = loss_on > loss_unclipped
+    if dual_clip is not None:
+        loss_on = torch.where(A < 0, torch.minimum(loss_on, -A * dual_clip), loss_on)
+
+    # External tokens: Multiple Importance Sampling weight times the exploration advantage.
+    if behavior_logprobs is not None:
+        log_pw = behavior_logprobs.double()
+    else:
+        log_pw = torch.log((torch.exp(o) + 1) / 2)
+    log_w = logp - torch.logaddexp(o, log_pw) + math.log(2)
+    w = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
+    if mis_clip_max is not None:
+        w = torch.clamp(w, max=mis_clip_max)
+    explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** gamma
+    loss_ext = -w * A * explore
+
+    per_token = torch.where(external, loss_ext, loss_on)
+    if kl_coef > 0:
+        log_ratio_ref = torch.clamp(ref_logprobs.double() - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        per_token = per_token + kl_coef * kl
+
+    loss = _aggregate(per_token, valid, loss_agg, normalizer)
+    if entropy_coef != 0:
+        loss = loss - entropy_coef * _aggregate(entropy, valid, loss_agg, normalizer)
+
+    on_policy, off_policy = valid & ~external, valid & external
+    metrics = {
+        "clip_frac": _mean(clipped.double(), on_policy),
+        "ratio_mean": _mean(ratio.detach(), on_policy),
+        "mis_ratio_mean": _mean(w.detach(), off_policy),
+        "explore_coef_mean": _mean(explore, off_policy),
+        "logprob_mean": _mean(logp.detach(), valid),
+        "num_tokens": valid.sum(),
+        "num_external_tokens": off_policy.sum(),
+    }
+    if with_entropy:
+        metrics["entropy_mean"] = _mean(entropy.detach(), valid)
+    if kl_coef > 0:
+        metrics["kl_mean"] = _mean(kl.detach(), valid)
+    return RLPlusOutput(
+        loss=loss,
+        logprobs=torch.where(valid, logp.detach(), 0.0),
+        entropy=torch.where(valid, entropy.detach(), 0.0) if with_entropy else None,
+        metrics=metrics,
+    )

@@ -1,0 +1,32 @@
+"""Group-relative advantages (GRPO; RL-PLUS puts each external demonstration in its prompt's group)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = False,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """R_i - mean of R over i's group, divided by (std of the group + eps) when `normalize_std`.
+
+    `rewards` [S] float, `group_ids` [S] int (any labels). The std is the unbiased one, as in GRPO's
+    reference code; a group of one member has advantage 0.
+    """
+    if not isinstance(rewards, torch.Tensor) or not rewards.dtype.is_floating_point or rewards.dim() != 1:
+        raise TypeError("rewards must be a 1-D floating-point tensor [S]")
+    if (not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point
+            or group_ids.dtype == torch.bool or group_ids.shape != rewards.shape):
+        raise TypeError(f"group_ids must be an integer tensor of rewards' shape {tuple(rewards.shape)}")
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
+    _, group = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    count = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, group, torch.ones_like(rewards))
+    mean = torch.zeros_like(count).index_add_(0, group, rewards) / count
+    centred = rewards - mean[group]
+    if not normalize_std:
+        return centred
+    sq = torch.zeros_like(count).index_add_(0, group, centred * centred)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    return centred / (std[group] + eps)

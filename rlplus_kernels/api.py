@@ -1,0 +1,160 @@
+"""The public functions and module: validation, autocast, backend dispatch, then the shared head."""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend
+from .backends.common import compute_dtype
+from .config import SEQ_AGG_MODES, RLPlusConfig
+from .head import TokenBatch, rlplus_head
+from .validation import check_head_tensors, check_normalizer, check_per_token, check_targets, require_tensor
+
+
+class RLPlusOutput(NamedTuple):
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    metrics: Dict[str, torch.Tensor]
+
+
+def _autocast_head(hidden, weight, bias):
+    """Inside torch.autocast, cast like nn.Linear would; outside, leave the dtypes to validation."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda x: x if x is None or not x.is_floating_point() else x.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig):
+    """Validated, autocast head tensors, the backend name and the op options."""
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
+    backend = resolve_backend(config.backend, hidden.device)
+    check_head_tensors(hidden, weight, bias, backend=backend)
+    check_targets(targets, hidden, weight.shape[0], config.ignore_index)
+    options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,
+                              with_entropy=config.with_entropy,
+                              chunk_tokens=config.chunk_tokens, chunk_vocab=config.chunk_vocab)
+    return hidden, weight, bias, backend, options
+
+
+def _run_op(backend, hidden, weight, bias, flat_targets, options):
+    with torch.autocast(hidden.device.type, enabled=False):
+        return linear_logprobs_op(backend)(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options)
+
+
+def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                    return_entropy=False, backend="auto", chunk_tokens=None, chunk_vocab=None):
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32, 0 at ignored positions.
+
+    With `return_entropy`, also the entropy of each token's distribution. Differentiable with respect
+    to hidden, weight and bias; under torch.no_grad() it is the memory-light way to score rollouts.
+    """
+    config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+                          backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config)
+    logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options)
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+
+
+def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantages, old_logprobs=None, *,
+                        external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
+                        ref_logprobs=None, normalizer=None) -> RLPlusOutput:
+    """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
+    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config)
+    if config.loss_agg in SEQ_AGG_MODES and targets.dim() != 2:
+        raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]), "
+                         f"got targets of shape {tuple(targets.shape)}")
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs")
+    advantages = check_per_token("advantages", advantages, targets, kind="float", per_sequence_ok=True)
+    external_mask = check_per_token("external_mask", external_mask, targets, kind="mask", per_sequence_ok=True)
+    old_logprobs = check_per_token("old_logprobs", old_logprobs, targets, kind="float")
+    behavior_logprobs = check_per_token("behavior_logprobs", behavior_logprobs, targets, kind="float")
+    ref_logprobs = check_per_token("ref_logprobs", ref_logprobs, targets, kind="float")
+    loss_mask = check_per_token("loss_mask", loss_mask, targets, kind="mask")
+    normalizer = check_normalizer(normalizer, hidden.device)
+    if advantages is None:
+        raise TypeError("advantages must be a torch.Tensor, got None")
+
+    dtype = compute_dtype(hidden.dtype)
+    flat = lambda x: None if x is None else x.reshape(-1).to(dtype)  # noqa: E731
+    valid = targets.reshape(-1) != config.ignore_index
+    if loss_mask is not None:
+        valid = valid & (loss_mask.reshape(-1) != 0)
+    batch = TokenBatch(
+        valid=valid,
+        advantages=torch.where(valid, flat(advantages), torch.zeros((), dtype=dtype, device=valid.device)),
+        external=None if external_mask is None else external_mask.reshape(-1) != 0,
+        old_logprobs=flat(old_logprobs),
+        behavior_logprobs=flat(behavior_logprobs),
+        ref_logprobs=flat(ref_logprobs),
+        num_sequences=targets.shape[0] if targets.dim() == 2 else None,
+    )
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(dtype)
+
+    # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
+    op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
+    logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options)
+    loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer)
+    return RLPlusOutput(
+        loss=loss,
+        logprobs=logp.detach().view(targets.shape),
+        entropy=None if entropy is None else entropy.detach().view(targets.shape),
+        metrics=metrics,
+    )
+
+
+def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
+                external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
+                ref_logprobs=None, kl_coef=0.0, temperature=1.0,
+                clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+                gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
+                loss_agg="token-mean", normalizer=None, ignore_index=-100,
+                backend="auto", chunk_tokens=None, chunk_vocab=None) -> RLPlusOutput:
+    """The RL-PLUS objective (SPEC.md) from final hidden states and the LM head, without full logits.
+
+    Exactly `reference.rlplus_loss_reference`, which materialises `z = (hidden @ weight.T + bias) /
+    temperature` and applies the clipped surrogate to on-policy tokens and the MIS weight times
+    `(1 - p)^gamma` to external ones. `chunk_tokens`/`chunk_vocab` set the torch backend's chunk sizes.
+    """
+    config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
+                          clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
+                          mis_clip_max=mis_clip_max, entropy_coef=entropy_coef, return_entropy=return_entropy,
+                          loss_agg=loss_agg, ignore_index=ignore_index, backend=backend,
+                          chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    return compute_rlplus_loss(config, hidden, weight, targets, advantages, old_logprobs,
+                               external_mask=external_mask, behavior_logprobs=behavior_logprobs,
+                               loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs, normalizer=normalizer)
+
+
+class RLPlusLoss(nn.Module):
+    """`rlplus_loss` with its hyper-parameters fixed at construction, e.g. `RLPlusLoss(**OFFICIAL_RECIPE)`.
+
+    A `normalizer` given here is the default of `forward`'s.
+    """
+
+    def __init__(self, *, normalizer=None, **hyper_parameters):
+        super().__init__()
+        self.config = RLPlusConfig(**hyper_parameters)
+        self.normalizer = normalizer
+
+    def forward(self, hidden, weight, targets, advantages, old_logprobs=None, *, external_mask=None,
+                behavior_logprobs=None, loss_mask=None, bias=None, ref_logprobs=None,
+                normalizer=None) -> RLPlusOutput:
+        return compute_rlplus_loss(self.config, hidden, weight, targets, advantages, old_logprobs,
+                                   external_mask=external_mask, behavior_logprobs=behavior_logprobs,
+                                   loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs,
+                                   normalizer=self.normalizer if normalizer is None else normalizer)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.as_kwargs().items())

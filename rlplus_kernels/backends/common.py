@@ -1,0 +1,19 @@
+"""What every backend shares: the compute dtype and the autograd glue around CONTRACT.md's op."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def finish_logprobs(lse, target_logit, sum_pz, targets, ignore_index):
+    """logp and entropy from the (merged) partials; 0 at ignored rows."""
+    active = targets != ignore_index
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    logp = torch.where(active, target_logit - lse, zero)
+    entropy = None if sum_pz is None else torch.where(active, lse - sum_pz, zero)
+    return logp, entropy

@@ -1,0 +1,214 @@
+"""backend="torch": the vocabulary-streaming op of CONTRACT.md in plain PyTorch.
+
+Blocked algorithm (vocabulary outer, tokens inner, so that a weight chunk is upcast once and the
+grad_weight accumulator is one chunk):
+
+    for each vocabulary chunk W_c (chunk_vocab rows):
+        for each token chunk h_t (chunk_tokens rows):
+            z = (h_t @ W_c^T + b_c) / T                      # the only [tokens, vocab]-shaped tensor
+            forward:  online max m, sum-exp s, sum exp(z - m) * z, target logit
+            backward: dz = g_logp * (onehot - p) + g_ent * (-p * (log p + H)),  p = exp(z - lse)
+                      grad_hidden[t] += dz @ W_c ;  grad_weight[c] += dz^T @ h_t ;  grad_bias[c] += sum dz
+
+Half-precision inputs are upcast chunk by chunk: the logits are accumulated in float32 (float64
+for float64 inputs), never rounded to the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .common import compute_dtype, finish_logprobs
+
+DEFAULT_CHUNK_TOKENS = 2048
+DEFAULT_CHUNK_VOCAB = 4096
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def _logits_chunk(hidden_c, weight_c, bias_c, temperature):
+    z = hidden_c @ weight_c.T
+    if bias_c is not None:
+        z += bias_c
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int = 0,
+    with_entropy: bool,
+    chunk_tokens: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(lse, target_logit, sum_pz | None) over this weight shard, as in CONTRACT.md."""
+    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    dtype = compute_dtype(hidden.dtype)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    local_targets = targets - vocab_start  # ignored rows fall outside [0, V) unless ignore_index does not
+    in_shard = (targets != ignore_index) & (local_targets >= 0) & (local_targets < vocab)
+
+    running_max = hidden.new_full((n_tokens,), float("-inf"), dtype=dtype)
+    sum_exp = hidden.new_zeros(n_tokens, dtype=dtype)
+    # sum_v exp(z_v - running_max) * z_v, rescaled with sum_exp whenever the running max moves
+    sum_exp_z = hidden.new_zeros(n_tokens, dtype=dtype) if with_entropy else None
+    target_logit = hidden.new_zeros(n_tokens, dtype=dtype)
+
+    for v0, v1 in _chunks(vocab, chunk_vocab):
+        weight_c = weight[v0:v1].to(dtype)
+        bias_c = None if bias is None else bias[v0:v1].to(dtype)
+        for t0, t1 in _chunks(n_tokens, chunk_tokens):
+            z = _logits_chunk(hidden[t0:t1].to(dtype), weight_c, bias_c, temperature)
+
+            hit = in_shard[t0:t1] & (local_targets[t0:t1] >= v0) & (local_targets[t0:t1] < v1)
+            column = (local_targets[t0:t1] - v0).clamp(0, v1 - v0 - 1)
+            picked = z.gather(1, column[:, None]).squeeze(1)
+            target_logit[t0:t1] += torch.where(hit, picked, torch.zeros_like(picked))
+
+            old_max = running_max[t0:t1]
+            new_max = torch.maximum(old_max, z.amax(dim=1))
+            rescale = torch.exp(old_max - new_max)
+            z_shifted = z.sub_(new_max[:, None])  # in place: z is no longer needed unshifted
+            exp_z = torch.exp(z_shifted)
+            chunk_sum = exp_z.sum(dim=1)
+            if with_entropy:
+                # sum exp(z - m) * z = sum exp(z - m) * (z - m) + m * sum exp(z - m)
+                shifted_dot = torch.linalg.vecdot(exp_z, z_shifted)
+                sum_exp_z[t0:t1] = sum_exp_z[t0:t1] * rescale + shifted_dot + new_max * chunk_sum
+            sum_exp[t0:t1] = sum_exp[t0:t1] * rescale + chunk_sum
+            running_max[t0:t1] = new_max
+
+    lse = running_max + torch.log(sum_exp)
+    sum_pz = sum_exp_z / sum_exp if with_entropy else None
+    return lse, target_logit, sum_pz
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    *,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int = 0,
+    needs_grad: Tuple[bool, bool, bool],
+    chunk_tokens: Optional[int] = None,
+    chunk_vocab: Optional[int] = None,
+):
+    """(grad_hidden, grad_weight, grad_bias), None where not needed, as in CONTRACT.md."""
+    need_hidden, need_weight, need_bias = needs_grad
+    need_bias = need_bias and bias is not None
+    if not (need_hidden or need_weight or need_bias) or (grad_logp is None and grad_entropy is None):
+        return None, None, None
+    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
+    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
+    dtype = compute_dtype(hidden.dtype)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    active = targets != ignore_index
+
+    # Fold 1/temperature and the ignored rows into the upstream gradients once, not per chunk.
+    def prepared(grad):
+        if grad is None:
+            return None
+        return torch.where(active, grad.to(dtype), torch.zeros((), dtype=dtype, device=grad.device)) / temperature
+
+    g_logp = prepared(grad_logp)
+    g_ent = prepared(grad_entropy)
+    local_targets = targets - vocab_start
+    in_shard = active & (local_targets >= 0) & (local_targets < vocab)
+    neg_lse = -lse.to(dtype)
+    entropy = None if g_ent is None else entropy.to(dtype)
+
+    grad_hidden = hidden.new_zeros(hidden.shape, dtype=dtype) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty_like(bias) if need_bias else None
+
+    for v0, v1 in _chunks(vocab, chunk_vocab):
+        weight_c = weight[v0:v1].to(dtype)
+        bias_c = None if bias is None else bias[v0:v1].to(dtype)
+        grad_weight_c = hidden.new_zeros((v1 - v0, hidden.shape[1]), dtype=dtype) if need_weight else None
+        grad_bias_c = hidden.new_zeros(v1 - v0, dtype=dtype) if need_bias else None
+        for t0, t1 in _chunks(n_tokens, chunk_tokens):
+            hidden_c = hidden[t0:t1].to(dtype)
+            log_p = _logits_chunk(hidden_c, weight_c, bias_c, temperature).add_(neg_lse[t0:t1, None])
+            p = torch.exp(log_p)
+            if g_ent is None:
+                dz = p.mul_(-g_logp[t0:t1, None])
+            else:
+                # dz = -p * (g_logp + g_ent * (log p + H)), computed in log_p's storage
+                dz = log_p.add_(entropy[t0:t1, None]).mul_(g_ent[t0:t1, None])
+                if g_logp is not None:
+                    dz.add_(g_logp[t0:t1, None])
+                dz.mul_(p).neg_()
+                del p
+            if g_logp is not None:
+                hit = in_shard[t0:t1] & (local_targets[t0:t1] >= v0) & (local_targets[t0:t1] < v1)
+                column = (local_targets[t0:t1] - v0).clamp(0, v1 - v0 - 1)
+                onehot_grad = torch.where(hit, g_logp[t0:t1], torch.zeros_like(g_logp[t0:t1]))
+                dz.scatter_add_(1, column[:, None], onehot_grad[:, None])
+            if need_hidden:
+                grad_hidden[t0:t1].addmm_(dz, weight_c)
+            if need_weight:
+                grad_weight_c.addmm_(dz.T, hidden_c)
+            if need_bias:
+                grad_bias_c += dz.sum(dim=0)
+        if need_weight:
+            grad_weight[v0:v1] = grad_weight_c
+        if need_bias:
+            grad_bias[v0:v1] = grad_bias_c
+
+    if need_hidden:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class TorchLinearLogprobs(torch.autograd.Function):
+    """(logp, entropy | None) of CONTRACT.md; backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options):
+        lse, target_logit, sum_pz = forward(
+            hidden, weight, bias, targets,
+            temperature=options.temperature, ignore_index=options.ignore_index,
+            with_entropy=options.with_entropy,
+            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
+        )
+        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
+        ctx.options = options
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        options = ctx.options
+        grad_hidden, grad_weight, grad_bias = backward(
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+            temperature=options.temperature, ignore_index=options.ignore_index,
+            needs_grad=ctx.needs_input_grad[:3],
+            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
+        )
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def torch_linear_logprobs(hidden, weight, bias, targets, options):
+    return TorchLinearLogprobs.apply(hidden, weight, bias, targets, options)

@@ -1,0 +1,122 @@
+"""The per-token RL-PLUS head, shared by every backend (SPEC.md section 1).
+
+It sees only `[N]` tensors: the differentiable log-probabilities (and entropies) of the targets that
+a backend computed, and the per-token data of the batch. Nothing here forces a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .config import RLPlusConfig
+
+# SPEC: r = exp(clamp(logp - o, -20, 20)) and log w <= 20. The KL log-ratio is clamped alike so that
+# log-ratios of +-100 stay finite (exp(100) overflows float32).
+LOG_RATIO_CLAMP = 20.0
+LOG_2 = math.log(2.0)
+
+
+@dataclass
+class TokenBatch:
+    """Per-token data, flattened to `[N]`, in the compute dtype; `valid` = loss_mask & not ignored."""
+
+    valid: torch.Tensor
+    advantages: torch.Tensor
+    external: Optional[torch.Tensor] = None
+    old_logprobs: Optional[torch.Tensor] = None
+    behavior_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    num_sequences: Optional[int] = None  # B of [B, T] inputs; tokens are laid out sequence by sequence
+
+
+def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean of x over `where`, 0 over an empty set, with no host sync."""
+    total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+    return (total / where.sum().clamp(min=1)).detach()
+
+
+def aggregate(x: torch.Tensor, batch: TokenBatch, mode: str,
+              normalizer: Union[None, float, torch.Tensor]) -> torch.Tensor:
+    """`loss_agg` of SPEC.md over the valid tokens of x."""
+    x = torch.where(batch.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if mode == "token-mean":
+        denominator = batch.valid.sum().clamp(min=1) if normalizer is None else normalizer
+        return x.sum() / denominator
+    if mode == "sum":
+        return x.sum() if normalizer is None else x.sum() / normalizer
+    per_sequence_sum = x.view(batch.num_sequences, -1).sum(dim=1)
+    if mode == "seq-mean-token-sum":
+        return per_sequence_sum.sum() / (batch.num_sequences if normalizer is None else normalizer)
+    # seq-mean-token-mean: sequences without a valid token are left out
+    per_sequence_count = batch.valid.view(batch.num_sequences, -1).sum(dim=1)
+    per_sequence_mean = per_sequence_sum / per_sequence_count.clamp(min=1)
+    if normalizer is None:
+        normalizer = (per_sequence_count > 0).sum().clamp(min=1)
+    return per_sequence_mean.sum() / normalizer
+
+
+def rlplus_head(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,
+                config: RLPlusConfig, normalizer=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(loss, metrics) from differentiable per-token log-probs (and entropies)."""
+    A = batch.advantages
+    o = logp.detach() if batch.old_logprobs is None else batch.old_logprobs
+
+    # On-policy tokens: the clipped PPO/GRPO surrogate.
+    ratio = torch.exp(torch.clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    loss_unclipped = -A * ratio
+    loss_on = loss_unclipped
+    if config.clip_eps_low is not None or config.clip_eps_high is not None:
+        low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
+        high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
+        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, low, high))
+    clipped = loss_on > loss_unclipped
+    if config.dual_clip is not None:
+        loss_on = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)
+    per_token = loss_on
+
+    # External tokens: MIS weight w = p / (p_old/2 + p_omega/2) in log space, times the
+    # exploration coefficient (1 - p)^gamma (RL-PLUS, arXiv 2508.00222, eqs. for MIS and EBA).
+    external = batch.external
+    if external is not None:
+        if batch.behavior_logprobs is not None:
+            log_pw = batch.behavior_logprobs
+        else:  # pi_omega unknown: the official estimator (p_old + 1) / 2
+            log_pw = torch.logaddexp(o, torch.zeros_like(o)) - LOG_2
+        log_w = logp - torch.logaddexp(o, log_pw) + LOG_2
+        mis_weight = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
+        if config.mis_clip_max is not None:
+            mis_weight = torch.clamp(mis_weight, max=config.mis_clip_max)
+        explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
+        per_token = torch.where(external, -mis_weight * A * explore, per_token)
+
+    if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)
+        log_ratio_ref = torch.clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        per_token = per_token + config.kl_coef * kl
+
+    loss = aggregate(per_token, batch, config.loss_agg, normalizer)
+    if config.entropy_coef != 0:
+        loss = loss - config.entropy_coef * aggregate(entropy, batch, config.loss_agg, normalizer)
+
+    valid = batch.valid
+    on_policy = valid if external is None else valid & ~external
+    off_policy = torch.zeros_like(valid) if external is None else valid & external
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    metrics = {
+        "clip_frac": _masked_mean(clipped.to(logp.dtype), on_policy),
+        "ratio_mean": _masked_mean(ratio, on_policy),
+        "mis_ratio_mean": zero if external is None else _masked_mean(mis_weight, off_policy),
+        "explore_coef_mean": zero if external is None else _masked_mean(explore, off_policy),
+        "logprob_mean": _masked_mean(logp, valid),
+        "num_tokens": valid.sum(),
+        "num_external_tokens": off_policy.sum(),
+    }
+    if entropy is not None:
+        metrics["entropy_mean"] = _masked_mean(entropy, valid)
+    if config.kl_coef > 0:
+        metrics["kl_mean"] = _masked_mean(kl, valid)
+    return loss, metrics

@@ -1,0 +1,109 @@
+"""Checks of SPEC.md section 3: every bad input is refused, naming the argument, before any work."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = {
+    "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def require_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
+    """hidden [N, D] | [B, T, D], weight [V, D], bias [V]: ranks, sizes, one dtype, one device."""
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be 2-D [N, D] or 3-D [B, T, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})"
+        )
+    if weight.shape[0] < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"weight must have at least one row and one column, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        require_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    supported = SUPPORTED_DTYPES[backend]
+    if hidden.dtype not in supported:
+        raise TypeError(f"hidden has unsupported dtype {hidden.dtype}; backend {backend!r} supports {supported}")
+    for name, x in (("weight", weight), ("bias", bias)):
+        if x is None:
+            continue
+        if x.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but hidden has {hidden.dtype}: hidden, weight and bias must share "
+                "one dtype (inside torch.autocast they are cast for you)"
+            )
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+
+
+def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> None:
+    """Integer targets of shape hidden.shape[:-1], each in [0, V) or ignore_index (one host sync)."""
+    require_tensor("targets", targets)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if targets.numel() and bool(out_of_range.any()):
+        bad = targets[out_of_range][0].item()
+        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}")
+
+
+def check_per_token(name: str, x, targets, *, kind: str, per_sequence_ok: bool = False) -> Optional[torch.Tensor]:
+    """A per-token tensor of targets' shape ([B] also allowed for per-sequence values)."""
+    if x is None:
+        return None
+    require_tensor(name, x)
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if kind == "mask" and x.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {x.dtype}")
+    if x.device != targets.device:
+        raise ValueError(f"{name} is on {x.device} but targets is on {targets.device}")
+    shapes = [tuple(targets.shape)]
+    if per_sequence_ok and targets.dim() == 2:
+        shapes.append((targets.shape[0],))
+    if tuple(x.shape) not in shapes:
+        expected = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name} must have shape {expected}, got {list(x.shape)}")
+    if len(shapes) == 2 and tuple(x.shape) == shapes[1]:
+        x = x[:, None].expand(targets.shape)
+    return x
+
+
+def check_normalizer(normalizer, device: torch.device):
+    """A positive number, or a 0-dim tensor (its value is not read: that would cost a host sync)."""
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
+            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        if normalizer.device != device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
+        return normalizer.to(device)
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(f"normalizer must be a positive number or a 0-dim tensor, got {type(normalizer).__name__}")
+    if not normalizer > 0 or normalizer == float("inf"):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+    return float(normalizer)
