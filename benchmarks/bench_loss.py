@@ -51,12 +51,13 @@ MODEL_HEADS = [("Qwen2.5-7B", 3584, 152064), ("Llama-3.1-8B", 4096, 128256), ("G
 def build_configs(device: str, quick: bool, args) -> list[tuple[list[str], Problem]]:
     """[(sweeps it belongs to, problem)], each (tokens, hidden, vocab) once."""
     if device == "cpu":
+        # small enough for a few minutes on two cores, large enough for the [N, V] logits to dominate
         dtype, seq = "float32", args.seq_len or 256
         if quick:
-            D, vocab_sweep, vocab_n, token_sweep, token_v, models = 128, [8192, 32768], 512, [256, 512, 1024], 8192, []
+            D, vocab_sweep, vocab_n, token_sweep, token_v, models = 64, [4096, 16384], 256, [256, 512], 4096, []
         else:
-            D, vocab_sweep, vocab_n = 256, [32768, 65536, 128256], 1024
-            token_sweep, token_v, models = [1024, 2048, 4096], 32768, []
+            D, vocab_sweep, vocab_n = 128, [32768, 65536, 128256], 512
+            token_sweep, token_v, models = [512, 1024, 2048], 32768, []
     else:
         dtype, seq = "bfloat16", args.seq_len or 1024
         if quick:
@@ -263,7 +264,7 @@ def _measure_cuda(call, repeats) -> dict:
     est = max(start.elapsed_time(end), 1e-3)
     try:
         from triton.testing import do_bench
-        rep = max(repeats * est, 1000.0)
+        rep = max(repeats * est, 500.0)
         med, p20, p80 = do_bench(call, warmup=max(2 * est, 25.0), rep=rep, quantiles=[0.5, 0.2, 0.8])
         rec = {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "repeats": max(1, int(rep / est)),
                "timer": "triton.testing.do_bench"}
@@ -333,6 +334,13 @@ def run_worker(provider_name, mode, jobs, args, threads, on_result):
 # environment, table, summary
 # ---------------------------------------------------------------------------------------------
 
+def _module_version(name):
+    try:
+        return getattr(__import__(name), "__version__", None)
+    except ImportError:
+        return None
+
+
 def environment(device: str, threads: int) -> dict:
     import importlib.metadata as md
 
@@ -344,7 +352,8 @@ def environment(device: str, threads: int) -> dict:
 
     env = {"torch_version": torch.__version__, "triton_version": ver("triton"),
            "liger_version": ver("liger-kernel"), "cce_version": ver("cut-cross-entropy"),
-           "rlplus_kernels_version": ver("rlplus-kernels"), "python_version": platform.python_version(),
+           "rlplus_kernels_version": ver("rlplus-kernels") or _module_version("rlplus_kernels"),
+           "python_version": platform.python_version(),
            "threads": threads}
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
@@ -362,6 +371,15 @@ def environment(device: str, threads: int) -> dict:
     except OSError:
         env["git_commit"] = None
     return env
+
+
+def available_cores() -> int:
+    """Cores not kept busy by other processes (1-minute load average), at least 1. With more busy
+    threads than cores, every OpenMP barrier waits for a descheduled thread and many-small-op
+    (chunked) code is penalised far more than a few big ops: fewer threads measure more fairly."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(round(busy))))
 
 
 def _fmt(x, spec=".1f"):
@@ -437,7 +455,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--quick", action="store_true", help="small smoke run")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
+                   help="default: all (without compile under --quick: its compilation dominates a smoke run)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--json", metavar="PATH", help="write the records there, and PNG plots beside it")
     p.add_argument("--no-plots", action="store_true")
@@ -451,11 +470,13 @@ def parse_args(argv=None):
                    help="fraction of sequences that are external demonstrations (RL-PLUS MIS branch; "
                         "providers without it are skipped)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, help="timed repeats (CPU default 3, 5 for small sizes; CUDA: "
+    p.add_argument("--repeats", type=int, help="timed repeats (CPU default 3, 2 with --quick; CUDA: "
                    "at least this many, about 1 s of them)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all available cores)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores that other processes leave idle, "
+                   "by the 1-minute load average, at least 1)")
     p.add_argument("--isolate", choices=["provider", "size"], default="provider",
                    help="CPU: a fresh process per (provider, mode), or per (provider, mode, size)")
+    p.add_argument("--label", help="free text stored in every record (e.g. which branch of a backend ran)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -469,8 +490,10 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = args.threads or available_cores()
     torch.set_num_threads(threads)
+    if not args.providers:
+        args.providers = [p for p in PROVIDERS if not (args.quick and p == "compile")]
     configs = build_configs(device, args.quick, args)
     env = environment(device, threads)
     mem_method = ("cuda: max_memory_allocated - memory_allocated before the call - returned tensors"
@@ -479,6 +502,9 @@ def main(argv=None):
                   f"first) - returned tensors; fresh process per (provider, mode{', size' if args.isolate == 'size' else ''})")
     print(f"# bench_loss on {env['device_name']}: torch {env['torch_version']}, triton {env['triton_version']}, "
           f"liger {env['liger_version']}, cce {env['cce_version']}", flush=True)
+    if device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.5:
+        print(f"# note: load average {os.getloadavg()[0]:.1f} before the run: other processes share the CPU; "
+              f"using {threads} thread(s) (--threads to override)", flush=True)
     print(f"# {len(configs)} sizes x {len(args.modes)} modes x {len(args.providers)} providers; "
           f"dtype {configs[0][1].dtype}, seq_len {configs[0][1].seq_len}", flush=True)
 
@@ -497,22 +523,30 @@ def main(argv=None):
              **{k: v for k, v in env.items() if k != "device_name"}, "mem_method": mem_method,
              "time_method": "triton.testing.do_bench / cuda events" if device == "cuda"
              else "time.perf_counter per call", "warmup": args.warmup,
-             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             # other processes on the machine slow the CPU timings down; this says how busy it was
+             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "label": args.label}
         if rec.get("status") == "ok" and "check" in rec and (key, mode) not in refs:
             refs[(key, mode)] = rec["check"]  # the first provider that ran (naive) is the yardstick
         results[(pname, mode, key)] = r
+        if args.json:  # kept up to date, so that an interrupted run leaves what it measured
+            write_json(args.json, sorted_records())
         extra = "" if r["status"] == "ok" else f"  [{r['status']}]"
         if r.get("agree") is False:
             extra += f"  DISAGREES: {r.get('disagreement')}"
         print(f"[{time.time() - t_start:6.0f}s] {pname:<8} {mode:<8} N={problem.tokens:<6} D={problem.hidden:<5} "
               f"V={problem.vocab:<7} {_fmt(r['median_ms'])} ms  {_fmt(r['peak_mem_mb'])} MB{extra}", flush=True)
 
+    def sorted_records():
+        return [results[k] for k in sorted(results, key=lambda k: (MODES.index(k[1]), k[2][0] * k[2][2], k[2],
+                                                                    list(PROVIDERS).index(k[0])))]
+
     def repeats_for(problem):
         if args.repeats:
             return args.repeats
         if device == "cuda":
             return 10
-        return 5 if problem.tokens * problem.vocab * problem.hidden <= 2**33 else 3
+        return 2 if args.quick else 3
 
     for pname in order:
         prov = PROVIDERS[pname]
@@ -542,16 +576,13 @@ def main(argv=None):
                                lambda i, rec, m=mode: record(pname, m, _key(by_id[i][1]), by_id[i][0],
                                                              by_id[i][1], rec))
 
-    records = [results[k] for k in sorted(results, key=lambda k: (MODES.index(k[1]), k[2][0] * k[2][2], k[2],
-                                                                   list(PROVIDERS).index(k[0])))]
+    records = sorted_records()
     print()
     print_table(records)
     print_summary(records)
     print(f"\ntotal {time.time() - t_start:.0f}s", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        write_json(args.json, records)
         print(f"wrote {args.json}")
         if not args.no_plots:
             try:
@@ -561,6 +592,13 @@ def main(argv=None):
             except ImportError as e:
                 print(f"plots skipped: {e} (pip install matplotlib)")
     return 0
+
+
+def write_json(path, records):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _key(problem: Problem):

@@ -108,8 +108,30 @@ def plot_records(records, json_path) -> list[str]:
     return written
 
 
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="plot bench_loss.py records (PNG beside the JSON)")
+    p.add_argument("json", nargs="+", help="record files; several are merged (e.g. one per mode)")
+    p.add_argument("--merge", metavar="PATH", help="write the merged records there and plot them")
+    args = p.parse_args(argv)
+    if args.merge:
+        records = []
+        for path in args.json:
+            with open(path) as f:
+                records += json.load(f)
+        with open(args.merge, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {args.merge}")
+        todo = [(records, args.merge)]
+    else:
+        todo = []
+        for path in args.json:
+            with open(path) as f:
+                todo.append((json.load(f), path))
+    for records, path in todo:
+        for out in plot_records(records, path):
+            print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        with open(p) as f:
-            for out in plot_records(json.load(f), p):
-                print(f"wrote {out}")
+    main()

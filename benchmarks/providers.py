@@ -235,7 +235,13 @@ class OursTriton(_Ours):
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
-        return super().unavailable(problem)
+        why = super().unavailable(problem)
+        if why is None:
+            try:
+                importlib.import_module("rlplus_kernels.backends.triton_op")
+            except ImportError as e:
+                why = f"this checkout has no Triton backend yet ({e})"
+        return why
 
 
 class Liger(Provider):
