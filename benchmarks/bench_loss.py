@@ -13,9 +13,10 @@ with respect to hidden and weight.
 Memory is the peak *beyond* the inputs and the returned gradients: on CUDA
 `max_memory_allocated() - memory_allocated() before the call - bytes of the returned tensors`;
 on CPU the same with the process's resident set size, read from the kernel's high-water mark
-(VmHWM, reset through /proc/self/clear_refs) after glibc has handed freed memory back
-(malloc_trim). On CPU each (provider, mode) runs in its own fresh process (`--isolate size`: one
-per size as well), so no provider's allocations or caches are charged to another.
+(VmHWM, reset through /proc/self/clear_refs) in one call after the warm-up, with glibc's freed
+memory handed back first (malloc_trim) and every block of 256 KiB or more mmapped for that call, so
+that freed memory kept by malloc neither hides nor inflates a peak. On CPU each (provider, mode)
+runs in its own fresh process (`--isolate size`: one per size as well).
 """
 
 from __future__ import annotations
@@ -226,23 +227,40 @@ def _quantiles(ms: list[float]) -> dict:
     return {"median_ms": statistics.median(ms), "p20_ms": q(0.2), "p80_ms": q(0.8), "repeats": len(ms)}
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _mallopt_mmap_threshold(nbytes: int) -> None:
+    global _LIBC
+    try:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        _LIBC.mallopt(M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
+
+
 def _measure_cpu(call, repeats) -> dict:
-    times, peaks = [], []
-    hwm_ok = True
+    # Memory: one call in which every block of 256 KiB or more is its own mmap, handed back on free,
+    # so the high-water mark of the resident set is the peak of live memory, not of what glibc kept.
+    gc.collect()
+    _mallopt_mmap_threshold(256 * 1024)
+    _malloc_trim()  # freed heap memory back to the kernel, so that this call's peak is seen
+    hwm_ok = _reset_hwm()
+    rss0 = _proc_status_kb("VmRSS")
+    out = call()
+    peak = _proc_status_kb("VmHWM") * 1024 - rss0 * 1024 - _nbytes(out)
+    del out
+    # Time: glibc's steady state for big-tensor programs (blocks under 32 MiB reused from the heap)
+    _mallopt_mmap_threshold(32 * 2**20)
+    times = []
     for _ in range(repeats):
         gc.collect()
-        _malloc_trim()  # freed memory back to the kernel, so the next call's peak is seen
-        hwm_ok = _reset_hwm() and hwm_ok
-        rss0 = _proc_status_kb("VmRSS")
         t0 = time.perf_counter()
         out = call()
-        dt = time.perf_counter() - t0
-        peak_kb = _proc_status_kb("VmHWM") - rss0
-        times.append(dt * 1e3)
-        peaks.append(peak_kb * 1024 - _nbytes(out))
+        times.append((time.perf_counter() - t0) * 1e3)
         del out
     rec = _quantiles(times)
-    rec["peak_mem_mb"] = max(peaks) / 2**20 if hwm_ok else None
+    rec["peak_mem_mb"] = peak / 2**20 if hwm_ok else None
     return rec
 
 
@@ -498,8 +516,9 @@ def main(argv=None):
     env = environment(device, threads)
     mem_method = ("cuda: max_memory_allocated - memory_allocated before the call - returned tensors"
                   if device == "cuda" else
-                  "cpu: VmHWM - VmRSS before the call (HWM reset via /proc/self/clear_refs, glibc malloc_trim "
-                  f"first) - returned tensors; fresh process per (provider, mode{', size' if args.isolate == 'size' else ''})")
+                  "cpu: VmHWM - VmRSS before one call after the warm-up (HWM reset via /proc/self/clear_refs, "
+                  "glibc malloc_trim first, mmap threshold 256 KiB during that call) - returned tensors; fresh "
+                  f"process per (provider, mode{', size' if args.isolate == 'size' else ''})")
     print(f"# bench_loss on {env['device_name']}: torch {env['torch_version']}, triton {env['triton_version']}, "
           f"liger {env['liger_version']}, cce {env['cce_version']}", flush=True)
     if device == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.5:
