@@ -9,22 +9,24 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rlplus_kernels import RLPlusOutput
 
 LOG_RATIO_CLAMP = 20.0  # SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20; the KL log-ratio likewise
 
 
-def _logits(hidden, weight, bias, temperature):
-    z = hidden.double() @ weight.double().T
+def _logits(hidden, weight, bias, temperature, dtype):
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.double()
+        z = z + bias.to(dtype)
     return z / temperature
 
 
 def linear_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                              return_entropy=False, backend="reference"):
-    z = _logits(hidden, weight, bias, temperature)
+                              return_entropy=False, backend="reference", dtype=torch.float64):
+    """`dtype` is the computation's: float64 defines correct; float32 measures PyTorch's own rounding."""
+    z = _logits(hidden, weight, bias, temperature, dtype)
     log_softmax = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     logp = log_softmax.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
@@ -61,7 +63,26 @@ def _aggregate(x, valid, mode, normalizer):
 
 def _mean(x, where):
     n = int(where.sum())
-    return (torch.where(where, x, 0.0).sum() / n) if n else torch.zeros((), dtype=x.dtype)
+    return (torch.where(where, x, 0.0).sum() / n) if n else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _packed_as_padded(arguments: dict) -> RLPlusOutput:
+    """Packed [N] inputs with cu_seqlens are, literally, the padded [S, T_max] batch: one sequence per row."""
+    cu_seqlens = arguments.pop("cu_seqlens")
+    lengths = torch.diff(cu_seqlens).tolist()
+    num_tokens = int(cu_seqlens[-1])
+    for name, pad in (("hidden", 0.0), ("targets", arguments["ignore_index"]), ("old_logprobs", 0.0),
+                      ("behavior_logprobs", 0.0), ("ref_logprobs", 0.0), ("loss_mask", 0),
+                      ("advantages", 0.0), ("external_mask", 0)):
+        x = arguments[name]
+        if x is not None and x.shape[0] == num_tokens:  # per token (an [S] tensor is per sequence already)
+            arguments[name] = pad_sequence(list(torch.split(x, lengths)), batch_first=True, padding_value=pad)
+    out = rlplus_loss_reference(**arguments)
+    device = arguments["targets"].device
+    in_sequence = (torch.arange(arguments["targets"].shape[1], device=device)[None, :]
+                   < torch.tensor(lengths, device=device)[:, None])
+    unpad = lambda x: None if x is None else x[in_sequence]  # noqa: E731
+    return out._replace(logprobs=unpad(out.logprobs), entropy=unpad(out.entropy))
 
 
 def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None, *,
@@ -70,16 +91,38 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
                           clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
                           gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
                           loss_agg="token-mean", normalizer=None, ignore_index=-100,
-                          backend="reference", **unused_chunk_options) -> RLPlusOutput:
-    with_entropy = entropy_coef != 0 or return_entropy
+                          backend="reference", dtype=torch.float64, cu_seqlens=None,
+                          **unused_options) -> RLPlusOutput:
+    """`dtype` is the computation's (float64 defines correct); `cu_seqlens` [S + 1] marks the sequences
+    of packed [N] inputs; `unused_options` (chunk sizes, process groups) do not change the function."""
+    if cu_seqlens is not None:
+        arguments = {k: v for k, v in locals().items() if k != "unused_options"}
+        return _packed_as_padded(arguments)
     logp, entropy = linear_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
-                                              ignore_index=ignore_index, return_entropy=True)
+                                              ignore_index=ignore_index, return_entropy=True, dtype=dtype)
+    return rlplus_loss_from_logprobs_reference(
+        logp, entropy, targets, advantages, old_logprobs, external_mask=external_mask,
+        behavior_logprobs=behavior_logprobs, loss_mask=loss_mask, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+        clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
+        mis_clip_max=mis_clip_max, entropy_coef=entropy_coef, return_entropy=return_entropy, loss_agg=loss_agg,
+        normalizer=normalizer, ignore_index=ignore_index)
+
+
+def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_logprobs=None, *,
+                                        external_mask=None, behavior_logprobs=None, loss_mask=None,
+                                        ref_logprobs=None, kl_coef=0.0, clip_eps_low=0.2, clip_eps_high=0.2,
+                                        dual_clip=None, gamma=0.5, mis_clip_max=None, entropy_coef=0.0,
+                                        return_entropy=False, loss_agg="token-mean", normalizer=None,
+                                        ignore_index=-100) -> RLPlusOutput:
+    """The RL head of SPEC.md on the targets' log-probs and entropies (the second half of the reference)."""
+    dtype = logp.dtype
+    with_entropy = entropy_coef != 0 or return_entropy
     valid = targets != ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)
     external = torch.zeros_like(valid) if external_mask is None else (_per_token(external_mask, valid) != 0)
-    A = _per_token(advantages, valid).double()
-    o = logp.detach() if old_logprobs is None else old_logprobs.double()
+    A = _per_token(advantages, valid).to(dtype)
+    o = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer)
 
@@ -97,7 +140,7 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
 
     # External tokens: Multiple Importance Sampling weight times the exploration advantage.
     if behavior_logprobs is not None:
-        log_pw = behavior_logprobs.double()
+        log_pw = behavior_logprobs.to(dtype)
     else:
         log_pw = torch.log((torch.exp(o) + 1) / 2)
     log_w = logp - torch.logaddexp(o, log_pw) + math.log(2)
@@ -109,7 +152,7 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
 
     per_token = torch.where(external, loss_ext, loss_on)
     if kl_coef > 0:
-        log_ratio_ref = torch.clamp(ref_logprobs.double() - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_ratio_ref = torch.clamp(ref_logprobs.to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + kl_coef * kl
 
@@ -119,7 +162,7 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
 
     on_policy, off_policy = valid & ~external, valid & external
     metrics = {
-        "clip_frac": _mean(clipped.double(), on_policy),
+        "clip_frac": _mean(clipped.to(dtype), on_policy),
         "ratio_mean": _mean(ratio.detach(), on_policy),
         "mis_ratio_mean": _mean(w.detach(), off_policy),
         "explore_coef_mean": _mean(explore, off_policy),

@@ -10,8 +10,10 @@ from torch import nn
 from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
-from .head import TokenBatch, rlplus_head
-from .validation import check_head_tensors, check_normalizer, check_per_token, check_targets, require_tensor
+from .distributed import vocab_parallel_layout
+from .head import TokenBatch, rlplus_head, sequence_layout
+from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_per_token, check_targets,
+                         require_tensor)
 
 
 class RLPlusOutput(NamedTuple):
@@ -31,52 +33,62 @@ def _autocast_head(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig):
+def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_parallel_group=None):
     """Validated, autocast head tensors, the backend name and the op options."""
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     backend = resolve_backend(config.backend, hidden.device)
     check_head_tensors(hidden, weight, bias, backend=backend)
-    check_targets(targets, hidden, weight.shape[0], config.ignore_index)
+    vocab_size = weight.shape[0]
+    if vocab_parallel_group is not None:  # weight is this rank's shard; targets are global ids
+        _, vocab_size = vocab_parallel_layout(weight.shape[0], vocab_parallel_group)
+    check_targets(targets, hidden, vocab_size, config.ignore_index)
     options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,
                               with_entropy=config.with_entropy,
                               chunk_tokens=config.chunk_tokens, chunk_vocab=config.chunk_vocab)
     return hidden, weight, bias, backend, options
 
 
-def _run_op(backend, hidden, weight, bias, flat_targets, options):
+def _run_op(backend, hidden, weight, bias, flat_targets, options, vocab_parallel_group=None):
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):
-        return linear_logprobs_op(backend)(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, options)
+        return linear_logprobs_op(backend, vocab_parallel_group)(flat_hidden, weight, bias, flat_targets, options)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, backend="auto", chunk_tokens=None, chunk_vocab=None):
+                    return_entropy=False, backend="auto", chunk_tokens=None, chunk_vocab=None,
+                    vocab_parallel_group=None):
     """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32, 0 at ignored positions.
 
     With `return_entropy`, also the entropy of each token's distribution. Differentiable with respect
     to hidden, weight and bias; under torch.no_grad() it is the memory-light way to score rollouts.
+    With `vocab_parallel_group`, weight/bias are this rank's vocabulary shard (docs/distributed.md).
     """
     config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                           backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config)
-    logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options)
+    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config, vocab_parallel_group)
+    logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, vocab_parallel_group)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
 def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantages, old_logprobs=None, *,
                         external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
-                        ref_logprobs=None, normalizer=None) -> RLPlusOutput:
+                        ref_logprobs=None, normalizer=None, cu_seqlens=None,
+                        vocab_parallel_group=None) -> RLPlusOutput:
     """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config)
-    if config.loss_agg in SEQ_AGG_MODES and targets.dim() != 2:
-        raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]), "
-                         f"got targets of shape {tuple(targets.shape)}")
+    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config, vocab_parallel_group)
+    check_cu_seqlens(cu_seqlens, targets)
+    sequence_ids, num_sequences = sequence_layout(targets, cu_seqlens)
+    if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:
+        raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]) or packed [N] "
+                         f"inputs with cu_seqlens, got targets of shape {tuple(targets.shape)} and no cu_seqlens")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs")
-    advantages = check_per_token("advantages", advantages, targets, kind="float", per_sequence_ok=True)
-    external_mask = check_per_token("external_mask", external_mask, targets, kind="mask", per_sequence_ok=True)
+    per_sequence = dict(num_sequences=num_sequences, sequence_ids=sequence_ids)
+    advantages = check_per_token("advantages", advantages, targets, kind="float", **per_sequence)
+    external_mask = check_per_token("external_mask", external_mask, targets, kind="mask", **per_sequence)
     old_logprobs = check_per_token("old_logprobs", old_logprobs, targets, kind="float")
     behavior_logprobs = check_per_token("behavior_logprobs", behavior_logprobs, targets, kind="float")
     ref_logprobs = check_per_token("ref_logprobs", ref_logprobs, targets, kind="float")
@@ -97,14 +109,15 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
         old_logprobs=flat(old_logprobs),
         behavior_logprobs=flat(behavior_logprobs),
         ref_logprobs=flat(ref_logprobs),
-        num_sequences=targets.shape[0] if targets.dim() == 2 else None,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
     )
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(dtype)
 
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
     op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
-    logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options)
+    logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, vocab_parallel_group)
     loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer)
     return RLPlusOutput(
         loss=loss,
@@ -120,12 +133,16 @@ def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
                 clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
                 gamma=0.5, mis_clip_max=None, entropy_coef=0.0, return_entropy=False,
                 loss_agg="token-mean", normalizer=None, ignore_index=-100,
-                backend="auto", chunk_tokens=None, chunk_vocab=None) -> RLPlusOutput:
+                backend="auto", chunk_tokens=None, chunk_vocab=None, cu_seqlens=None,
+                vocab_parallel_group=None) -> RLPlusOutput:
     """The RL-PLUS objective (SPEC.md) from final hidden states and the LM head, without full logits.
 
     Exactly `reference.rlplus_loss_reference`, which materialises `z = (hidden @ weight.T + bias) /
     temperature` and applies the clipped surrogate to on-policy tokens and the MIS weight times
     `(1 - p)^gamma` to external ones. `chunk_tokens`/`chunk_vocab` set the torch backend's chunk sizes.
+    `cu_seqlens` ([S + 1] int, 0 .. N) marks the sequences of packed [N] inputs: the seq modes and [S]
+    per-sequence advantages/external_mask then work without padding. With `vocab_parallel_group`,
+    weight/bias are this rank's equal, contiguous vocabulary shard (docs/distributed.md).
     """
     config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
@@ -134,27 +151,30 @@ def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
                           chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     return compute_rlplus_loss(config, hidden, weight, targets, advantages, old_logprobs,
                                external_mask=external_mask, behavior_logprobs=behavior_logprobs,
-                               loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs, normalizer=normalizer)
+                               loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs, normalizer=normalizer,
+                               cu_seqlens=cu_seqlens, vocab_parallel_group=vocab_parallel_group)
 
 
 class RLPlusLoss(nn.Module):
     """`rlplus_loss` with its hyper-parameters fixed at construction, e.g. `RLPlusLoss(**OFFICIAL_RECIPE)`.
 
-    A `normalizer` given here is the default of `forward`'s.
+    A `normalizer` given here is the default of `forward`'s; a `vocab_parallel_group` is used by every call.
     """
 
-    def __init__(self, *, normalizer=None, **hyper_parameters):
+    def __init__(self, *, normalizer=None, vocab_parallel_group=None, **hyper_parameters):
         super().__init__()
         self.config = RLPlusConfig(**hyper_parameters)
         self.normalizer = normalizer
+        self.vocab_parallel_group = vocab_parallel_group
 
     def forward(self, hidden, weight, targets, advantages, old_logprobs=None, *, external_mask=None,
                 behavior_logprobs=None, loss_mask=None, bias=None, ref_logprobs=None,
-                normalizer=None) -> RLPlusOutput:
+                normalizer=None, cu_seqlens=None) -> RLPlusOutput:
         return compute_rlplus_loss(self.config, hidden, weight, targets, advantages, old_logprobs,
                                    external_mask=external_mask, behavior_logprobs=behavior_logprobs,
                                    loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs,
-                                   normalizer=self.normalizer if normalizer is None else normalizer)
+                                   normalizer=self.normalizer if normalizer is None else normalizer,
+                                   cu_seqlens=cu_seqlens, vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.as_kwargs().items())

@@ -30,7 +30,32 @@ class TokenBatch:
     old_logprobs: Optional[torch.Tensor] = None
     behavior_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
-    num_sequences: Optional[int] = None  # B of [B, T] inputs; tokens are laid out sequence by sequence
+    # The sequence of each token ([B, T] rows, or packed [N] pieces of cu_seqlens), for the seq modes
+    sequence_ids: Optional[torch.Tensor] = None
+    num_sequences: Optional[int] = None
+
+
+def sequence_layout(targets: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+    """(sequence_ids [N] int64, num_sequences) of [B, T] targets or of packed [N] ones with cu_seqlens; else (None, None).
+
+    One representation for both layouts, so that the seq aggregation modes have one code path.
+    """
+    if targets.dim() == 2:
+        batch, length = targets.shape
+        ids = torch.arange(batch, device=targets.device).repeat_interleave(length)
+        return ids, batch
+    if cu_seqlens is None:
+        return None, None
+    num_sequences = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    # output_size is known: no host sync on CUDA
+    ids = torch.arange(num_sequences, device=targets.device).repeat_interleave(lengths, output_size=targets.shape[0])
+    return ids, num_sequences
+
+
+def segment_sum(x: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """[S] sums of x [N] over each sequence of `sequence_layout` (differentiable, no host sync)."""
+    return x.new_zeros(num_sequences).index_add(0, sequence_ids, x)
 
 
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -48,11 +73,11 @@ def aggregate(x: torch.Tensor, batch: TokenBatch, mode: str,
         return x.sum() / denominator
     if mode == "sum":
         return x.sum() if normalizer is None else x.sum() / normalizer
-    per_sequence_sum = x.view(batch.num_sequences, -1).sum(dim=1)
+    per_sequence_sum = segment_sum(x, batch.sequence_ids, batch.num_sequences)
     if mode == "seq-mean-token-sum":
         return per_sequence_sum.sum() / (batch.num_sequences if normalizer is None else normalizer)
     # seq-mean-token-mean: sequences without a valid token are left out
-    per_sequence_count = batch.valid.view(batch.num_sequences, -1).sum(dim=1)
+    per_sequence_count = segment_sum(batch.valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
     per_sequence_mean = per_sequence_sum / per_sequence_count.clamp(min=1)
     if normalizer is None:
         normalizer = (per_sequence_count > 0).sum().clamp(min=1)

@@ -68,8 +68,30 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> None:
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}")
 
 
-def check_per_token(name: str, x, targets, *, kind: str, per_sequence_ok: bool = False) -> Optional[torch.Tensor]:
-    """A per-token tensor of targets' shape ([B] also allowed for per-sequence values)."""
+def check_cu_seqlens(cu_seqlens, targets) -> None:
+    """Packed sequences of [N] targets: int [S + 1], from 0 to N, non-decreasing (one host sync)."""
+    if cu_seqlens is None:
+        return
+    require_tensor("cu_seqlens", cu_seqlens)
+    if targets.dim() != 1:
+        raise ValueError(f"cu_seqlens describes packed [N] inputs, got targets of shape {tuple(targets.shape)} "
+                         "([B, T] inputs are one sequence per row already)")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != targets.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
+    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+    if bool(bad):
+        raise ValueError(f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "
+                         f"got {cu_seqlens.tolist()}")
+
+
+def check_per_token(name: str, x, targets, *, kind: str, num_sequences: Optional[int] = None,
+                    sequence_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A per-token tensor of targets' shape; given a sequence layout (`head.sequence_layout`), also [S]:
+    one value per sequence, spread over its tokens (targets' shape wins where the two coincide)."""
     if x is None:
         return None
     require_tensor(name, x)
@@ -80,13 +102,13 @@ def check_per_token(name: str, x, targets, *, kind: str, per_sequence_ok: bool =
     if x.device != targets.device:
         raise ValueError(f"{name} is on {x.device} but targets is on {targets.device}")
     shapes = [tuple(targets.shape)]
-    if per_sequence_ok and targets.dim() == 2:
-        shapes.append((targets.shape[0],))
+    if sequence_ids is not None:
+        shapes.append((num_sequences,))
     if tuple(x.shape) not in shapes:
         expected = " or ".join(str(list(s)) for s in shapes)
         raise ValueError(f"{name} must have shape {expected}, got {list(x.shape)}")
-    if len(shapes) == 2 and tuple(x.shape) == shapes[1]:
-        x = x[:, None].expand(targets.shape)
+    if tuple(x.shape) != shapes[0]:
+        x = x[sequence_ids].view(targets.shape)
     return x
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -35,12 +36,36 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def linear_logprobs_op(backend: str):
-    """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op."""
+def linear_logprobs_op(backend: str, group=None):
+    """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op.
+
+    With a vocabulary-parallel `group`, weight and bias are this rank's shard (docs/distributed.md).
+    """
+    if backend == "triton" and group is None:
+        from .triton_op import triton_linear_logprobs  # a custom op: opaque to torch.compile
+
+        return triton_linear_logprobs
+    from .autograd import LinearLogprobsFunction
+
+    def op(hidden, weight, bias, targets, options):
+        raw_ops = linear_logprobs_raw_ops(backend, options)
+        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, group)
+
+    return op
+
+
+def linear_logprobs_raw_ops(backend: str, options: LogprobsOptions):
+    """CONTRACT.md's raw (forward, backward) pair of a backend, with its tuning options bound.
+
+    Both take exactly the contract's arguments (incl. `vocab_start`); `LinearLogprobsFunction` is
+    written against this pair only.
+    """
     if backend == "torch":
-        from .torch_chunked import torch_linear_logprobs
+        from . import torch_chunked as module
 
-        return torch_linear_logprobs
-    from .triton_op import triton_linear_logprobs
+        tuning = dict(chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab)
+    else:
+        from . import triton_op as module
 
-    return triton_linear_logprobs
+        tuning = {}
+    return functools.partial(module.forward, **tuning), functools.partial(module.backward, **tuning)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import compute_dtype, finish_logprobs
+from .common import compute_dtype
 
 DEFAULT_CHUNK_TOKENS = 2048
 DEFAULT_CHUNK_VOCAB = 4096
@@ -31,13 +31,34 @@ def _chunks(total: int, size: int):
         yield start, min(start + size, total)
 
 
-def _logits_chunk(hidden_c, weight_c, bias_c, temperature):
-    z = hidden_c @ weight_c.T
+class _ChunkBuffer:
+    """One [chunk_tokens, chunk_vocab] scratch tensor reused by every chunk.
+
+    A fresh chunk-sized allocation per chunk costs page faults on the CPU that add up to more than
+    the elementwise work itself; edge chunks take a contiguous prefix of the same storage.
+    """
+
+    def __init__(self, rows, cols, like, dtype):
+        self.storage = like.new_empty(rows * cols, dtype=dtype)
+
+    def take(self, rows, cols):
+        return self.storage[: rows * cols].view(rows, cols)
+
+
+def _logits_chunk(out, hidden_c, weight_c, bias_c, temperature):
+    """out = (hidden_c @ weight_c^T + bias_c) / temperature, written into `out`."""
+    z = torch.mm(hidden_c, weight_c.T, out=out)
     if bias_c is not None:
         z += bias_c
     if temperature != 1.0:
         z /= temperature
     return z
+
+
+def _target_columns(local_targets, in_shard, v0, v1):
+    """(column of each row's target inside the vocabulary chunk [v0, v1), whether it is there)."""
+    hit = in_shard & (local_targets >= v0) & (local_targets < v1)
+    return (local_targets - v0).clamp(0, v1 - v0 - 1), hit
 
 
 def forward(
@@ -54,10 +75,10 @@ def forward(
     chunk_vocab: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(lse, target_logit, sum_pz | None) over this weight shard, as in CONTRACT.md."""
-    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
     dtype = compute_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, n_tokens)
+    chunk_vocab = min(chunk_vocab or DEFAULT_CHUNK_VOCAB, vocab)
     local_targets = targets - vocab_start  # ignored rows fall outside [0, V) unless ignore_index does not
     in_shard = (targets != ignore_index) & (local_targets >= 0) & (local_targets < vocab)
 
@@ -66,28 +87,31 @@ def forward(
     # sum_v exp(z_v - running_max) * z_v, rescaled with sum_exp whenever the running max moves
     sum_exp_z = hidden.new_zeros(n_tokens, dtype=dtype) if with_entropy else None
     target_logit = hidden.new_zeros(n_tokens, dtype=dtype)
+    logits_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype)
+    exp_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype) if with_entropy else None
 
     for v0, v1 in _chunks(vocab, chunk_vocab):
         weight_c = weight[v0:v1].to(dtype)
         bias_c = None if bias is None else bias[v0:v1].to(dtype)
         for t0, t1 in _chunks(n_tokens, chunk_tokens):
-            z = _logits_chunk(hidden[t0:t1].to(dtype), weight_c, bias_c, temperature)
-
-            hit = in_shard[t0:t1] & (local_targets[t0:t1] >= v0) & (local_targets[t0:t1] < v1)
-            column = (local_targets[t0:t1] - v0).clamp(0, v1 - v0 - 1)
+            z = _logits_chunk(logits_buffer.take(t1 - t0, v1 - v0), hidden[t0:t1].to(dtype), weight_c, bias_c,
+                              temperature)
+            column, hit = _target_columns(local_targets[t0:t1], in_shard[t0:t1], v0, v1)
             picked = z.gather(1, column[:, None]).squeeze(1)
             target_logit[t0:t1] += torch.where(hit, picked, torch.zeros_like(picked))
 
             old_max = running_max[t0:t1]
             new_max = torch.maximum(old_max, z.amax(dim=1))
             rescale = torch.exp(old_max - new_max)
-            z_shifted = z.sub_(new_max[:, None])  # in place: z is no longer needed unshifted
-            exp_z = torch.exp(z_shifted)
-            chunk_sum = exp_z.sum(dim=1)
+            z_shifted = z.sub_(new_max[:, None])
             if with_entropy:
+                exp_z = torch.exp(z_shifted, out=exp_buffer.take(t1 - t0, v1 - v0))
+                chunk_sum = exp_z.sum(dim=1)
                 # sum exp(z - m) * z = sum exp(z - m) * (z - m) + m * sum exp(z - m)
                 shifted_dot = torch.linalg.vecdot(exp_z, z_shifted)
                 sum_exp_z[t0:t1] = sum_exp_z[t0:t1] * rescale + shifted_dot + new_max * chunk_sum
+            else:
+                chunk_sum = z_shifted.exp_().sum(dim=1)
             sum_exp[t0:t1] = sum_exp[t0:t1] * rescale + chunk_sum
             running_max[t0:t1] = new_max
 
@@ -118,10 +142,10 @@ def backward(
     need_bias = need_bias and bias is not None
     if not (need_hidden or need_weight or need_bias) or (grad_logp is None and grad_entropy is None):
         return None, None, None
-    chunk_tokens = chunk_tokens or DEFAULT_CHUNK_TOKENS
-    chunk_vocab = chunk_vocab or DEFAULT_CHUNK_VOCAB
     dtype = compute_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, n_tokens)
+    chunk_vocab = min(chunk_vocab or DEFAULT_CHUNK_VOCAB, vocab)
     active = targets != ignore_index
 
     # Fold 1/temperature and the ignored rows into the upstream gradients once, not per chunk.
@@ -132,6 +156,7 @@ def backward(
 
     g_logp = prepared(grad_logp)
     g_ent = prepared(grad_entropy)
+    neg_g_logp = None if g_logp is None else -g_logp
     local_targets = targets - vocab_start
     in_shard = active & (local_targets >= 0) & (local_targets < vocab)
     neg_lse = -lse.to(dtype)
@@ -140,6 +165,8 @@ def backward(
     grad_hidden = hidden.new_zeros(hidden.shape, dtype=dtype) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty_like(bias) if need_bias else None
+    logits_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype)
+    prob_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype) if g_ent is not None else None
 
     for v0, v1 in _chunks(vocab, chunk_vocab):
         weight_c = weight[v0:v1].to(dtype)
@@ -148,20 +175,19 @@ def backward(
         grad_bias_c = hidden.new_zeros(v1 - v0, dtype=dtype) if need_bias else None
         for t0, t1 in _chunks(n_tokens, chunk_tokens):
             hidden_c = hidden[t0:t1].to(dtype)
-            log_p = _logits_chunk(hidden_c, weight_c, bias_c, temperature).add_(neg_lse[t0:t1, None])
-            p = torch.exp(log_p)
+            log_p = _logits_chunk(logits_buffer.take(t1 - t0, v1 - v0), hidden_c, weight_c, bias_c, temperature)
+            log_p.add_(neg_lse[t0:t1, None])
             if g_ent is None:
-                dz = p.mul_(-g_logp[t0:t1, None])
+                dz = log_p.exp_().mul_(neg_g_logp[t0:t1, None])  # -g_logp * p, in place
             else:
+                p = torch.exp(log_p, out=prob_buffer.take(t1 - t0, v1 - v0))
                 # dz = -p * (g_logp + g_ent * (log p + H)), computed in log_p's storage
                 dz = log_p.add_(entropy[t0:t1, None]).mul_(g_ent[t0:t1, None])
                 if g_logp is not None:
                     dz.add_(g_logp[t0:t1, None])
                 dz.mul_(p).neg_()
-                del p
             if g_logp is not None:
-                hit = in_shard[t0:t1] & (local_targets[t0:t1] >= v0) & (local_targets[t0:t1] < v1)
-                column = (local_targets[t0:t1] - v0).clamp(0, v1 - v0 - 1)
+                column, hit = _target_columns(local_targets[t0:t1], in_shard[t0:t1], v0, v1)
                 onehot_grad = torch.where(hit, g_logp[t0:t1], torch.zeros_like(g_logp[t0:t1]))
                 dz.scatter_add_(1, column[:, None], onehot_grad[:, None])
             if need_hidden:
@@ -178,37 +204,3 @@ def backward(
     if need_hidden:
         grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
-
-
-class TorchLinearLogprobs(torch.autograd.Function):
-    """(logp, entropy | None) of CONTRACT.md; backward recomputes the logits chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options):
-        lse, target_logit, sum_pz = forward(
-            hidden, weight, bias, targets,
-            temperature=options.temperature, ignore_index=options.ignore_index,
-            with_entropy=options.with_entropy,
-            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
-        )
-        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
-        ctx.options = options
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        options = ctx.options
-        grad_hidden, grad_weight, grad_bias = backward(
-            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-            temperature=options.temperature, ignore_index=options.ignore_index,
-            needs_grad=ctx.needs_input_grad[:3],
-            chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab,
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def torch_linear_logprobs(hidden, weight, bias, targets, options):
-    return TorchLinearLogprobs.apply(hidden, weight, bias, targets, options)

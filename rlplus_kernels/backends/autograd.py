@@ -1,0 +1,59 @@
+"""The one autograd function around a backend's raw (forward, backward) pair of CONTRACT.md.
+
+Single device: the partials of the whole vocabulary are final. With a vocabulary-parallel group,
+the partials of this rank's shard are merged across ranks (`rlplus_kernels.distributed`) before the
+log-probs are formed, and grad_hidden is summed over ranks after the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import finish_logprobs
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(logp, entropy | None) of the targets; backward recomputes the logits (CONTRACT.md).
+
+    `raw_ops` is a backend's (forward, backward) pair; with `group`, every rank of it must call this
+    with the same hidden, targets and options (a collective).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options, raw_ops, group):
+        raw_forward, raw_backward = raw_ops
+        vocab_start = 0
+        if group is not None:
+            from ..distributed import vocab_parallel_layout
+
+            vocab_start, _ = vocab_parallel_layout(weight.shape[0], group)
+        partials = raw_forward(hidden, weight, bias, targets, temperature=options.temperature,
+                               ignore_index=options.ignore_index, vocab_start=vocab_start,
+                               with_entropy=options.with_entropy)
+        if group is not None:
+            from ..distributed import merge_vocab_partials
+
+            partials = merge_vocab_partials(*partials, group=group)
+        lse, target_logit, sum_pz = partials
+        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
+        ctx.options, ctx.raw_backward, ctx.group, ctx.vocab_start = options, raw_backward, group, vocab_start
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        options = ctx.options
+        grad_hidden, grad_weight, grad_bias = ctx.raw_backward(
+            hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
+            temperature=options.temperature, ignore_index=options.ignore_index,
+            vocab_start=ctx.vocab_start, needs_grad=ctx.needs_input_grad[:3],
+        )
+        if ctx.group is not None and grad_hidden is not None:
+            # Every shard's logits depend on every hidden row: grad_hidden is the sum of the shards' parts
+            # (None on all ranks alike: the upstream gradients are the same everywhere).
+            import torch.distributed as dist
+
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None

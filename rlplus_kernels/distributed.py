@@ -1,0 +1,134 @@
+"""The loss beyond one device: a vocabulary-parallel LM head, and normalizers for data parallelism.
+
+Vocabulary (tensor) parallelism, Megatron-style: rank r of `group` (P ranks) holds rows
+[r * V_s, (r + 1) * V_s) of the LM head, V = P * V_s; `hidden`, the global `targets` and every
+per-token tensor are the same on all ranks. Each rank runs its backend's raw forward on its shard
+(CONTRACT.md, `vocab_start = r * V_s`) and merges the per-token partials exactly:
+
+    M      = max_r lse_r                                   all_reduce(MAX),  [N]
+    S      = sum_r exp(lse_r - M)                          \\
+    y      = sum_r target_logit_r  (one rank owns y_t)      > one all_reduce(SUM) of a [3, N] stack
+    sum_pz = sum_r exp(lse_r - M) * sum_pz_r / S           /  ([2, N] without entropy)
+    lse    = M + log S
+
+`backends.autograd.LinearLogprobsFunction` does this around any backend's raw pair. The backward
+runs the raw backward on the shard with the GLOBAL lse and entropy, which yields this
+shard's grad_weight / grad_bias exactly and its share of grad_hidden; one all_reduce(SUM) of
+grad_hidden ([N, D]) completes it. No tensor of vocabulary size is communicated.
+
+Data parallelism and gradient accumulation need no new op, only the right `normalizer`: the
+global count of valid tokens (or sequences, for the seq modes) over all ranks and micro-batches of
+the optimiser step, so that the sum of the per-rank, per-micro-batch losses is the big batch's loss.
+`global_normalizer` computes it with one all_reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .head import segment_sum, sequence_layout
+
+MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _require_initialised(argument: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{argument} was given but torch.distributed is not initialised: "
+                         "call torch.distributed.init_process_group first")
+
+
+def vocab_parallel_layout(shard_rows: int, group) -> Tuple[int, int]:
+    """(vocab_start of this rank's shard, global vocabulary size) for equal contiguous shards in rank order."""
+    _require_initialised("vocab_parallel_group")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("vocab_parallel_group does not contain this process")
+    return rank * shard_rows, dist.get_world_size(group) * shard_rows
+
+
+def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: Optional[torch.Tensor], group):
+    """The global (lse, target_logit, sum_pz | None) from this rank's shard partials; 2 all-reduces."""
+    global_max = lse.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    # This shard's sum-exp relative to the global max: in (0, 1], 1 on the shard that holds the max.
+    shard_sum_exp = torch.exp(lse - global_max)
+    parts = [shard_sum_exp, target_logit]
+    if sum_pz is not None:
+        parts.append(shard_sum_exp * sum_pz)
+    stacked = torch.stack(parts)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    sum_exp = stacked[0]
+    merged_sum_pz = None if sum_pz is None else stacked[2] / sum_exp
+    return global_max + torch.log(sum_exp), stacked[1], merged_sum_pz
+
+
+# ------------------------------------------------------------------------------------ data parallel
+def _as_list(x) -> list:
+    return [x] if isinstance(x, torch.Tensor) or x is None else list(x)
+
+
+def _all_reduce_count(count: torch.Tensor, group) -> torch.Tensor:
+    """Sum of `count` over `group`; over nothing when torch.distributed is not initialised and no group is given."""
+    if group is not None:
+        _require_initialised("group")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return count
+
+
+def global_token_count(valid: MaskOrMasks, group=None) -> torch.Tensor:
+    """Number of valid tokens over all ranks of `group` and all micro-batches given; 0-dim int64, one all_reduce.
+
+    `valid` is the mask of tokens that enter the loss (`loss_mask & (targets != ignore_index)`), or a list
+    of them, one per micro-batch of the optimiser step. `group` is the data-parallel group (default: the
+    default process group when torch.distributed is initialised, else no communication). Pass the result
+    as `normalizer` with `loss_agg="token-mean"`.
+    """
+    masks = _as_list(valid)
+    count = sum((m != 0).sum() for m in masks).to(torch.int64)
+    return _all_reduce_count(count.reshape(()), group)
+
+
+def global_sequence_count(valid: MaskOrMasks, *, cu_seqlens=None, nonempty_only: bool = True,
+                          group=None) -> torch.Tensor:
+    """Number of sequences over all ranks of `group` and all micro-batches given; 0-dim int64, one all_reduce.
+
+    `valid` as in `global_token_count`, `[B, T]` (or packed `[N]` with `cu_seqlens`), or lists of them.
+    `nonempty_only` counts only the sequences with a valid token (the count of `seq-mean-token-mean`);
+    otherwise all of them (`seq-mean-token-sum`).
+    """
+    masks, cus = _as_list(valid), _as_list(cu_seqlens)
+    if len(cus) == 1 and len(masks) > 1:
+        cus = cus * len(masks)
+    if len(cus) != len(masks):
+        raise ValueError(f"cu_seqlens must be None or give one tensor per mask, got {len(cus)} for {len(masks)}")
+    count = torch.zeros((), dtype=torch.int64, device=masks[0].device)
+    for mask, cu in zip(masks, cus):
+        sequence_ids, num_sequences = sequence_layout(mask, cu)
+        if sequence_ids is None:
+            raise ValueError(f"valid must be [B, T] (or [N] with cu_seqlens), got shape {tuple(mask.shape)}")
+        if nonempty_only:
+            per_sequence = segment_sum((mask != 0).reshape(-1).to(torch.int64), sequence_ids, num_sequences)
+            count = count + (per_sequence > 0).sum()
+        else:
+            count = count + num_sequences
+    return _all_reduce_count(count, group)
+
+
+def global_normalizer(loss_agg: str, valid: MaskOrMasks, *, cu_seqlens=None, group=None) -> torch.Tensor:
+    """The `normalizer` that makes per-rank / per-micro-batch losses add up to the big batch's loss.
+
+    token-mean: the global valid-token count; seq-mean-token-mean: the global count of sequences with a
+    valid token; seq-mean-token-sum: the global sequence count. (`sum` divides by a constant already.)
+    Under DDP/FSDP/DeepSpeed, which average gradients over ranks, see docs/distributed.md.
+    """
+    if loss_agg == "token-mean":
+        return global_token_count(valid, group)
+    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return global_sequence_count(valid, cu_seqlens=cu_seqlens, group=group,
+                                     nonempty_only=loss_agg == "seq-mean-token-mean")
+    raise ValueError(f"loss_agg={loss_agg!r} has no global count: 'sum' divides by a constant normalizer "
+                     "(or none), which is the same on every rank and needs no communication")

@@ -1,0 +1,150 @@
+"""RL-PLUS loss and rollout scoring for a Hugging Face causal LM, from hidden states.
+
+Alignment used throughout: every per-token tensor is ``[B, T]`` and aligned with
+``input_ids``; the value at ``t`` concerns the token ``input_ids[:, t]``, which the model
+predicts from position ``t - 1``. Position 0 is never a target, nor is a token whose own or
+whose predecessor's ``attention_mask`` is 0 (padding, on either side).
+
+The computation is, without ever building the ``[B, T, V]`` logits::
+
+    h      = backbone(input_ids, attention_mask, position_ids).last_hidden_state   # [B, T, D]
+    W, c   = model.get_output_embeddings().weight, .bias
+    out    = rlplus_loss(h[:, :-1], W, input_ids[:, 1:], advantages, old_logprobs[:, 1:], ...)
+    out.logprobs -> [B, T] with a zero column in front
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model_head import check_plain_linear_head, final_hidden_states, get_lm_head
+
+__all__ = ["rlplus_model_loss", "score_logprobs", "target_mask"]
+
+
+def _check_2d(name: str, x: torch.Tensor | None, shape: torch.Size, allow_1d: bool = False) -> None:
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) == tuple(shape):
+        return
+    if allow_1d and tuple(x.shape) == (shape[0],):
+        return
+    expected = f"{tuple(shape)}" + (f" or ({shape[0]},)" if allow_1d else "")
+    raise ValueError(f"{name} must have shape {expected} (aligned with input_ids), got {tuple(x.shape)}")
+
+
+def target_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` bool: which tokens are targets (see the module docstring)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids needs at least 2 positions (position 0 is never a target), "
+                         f"got T={input_ids.shape[1]}")
+    attn = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    valid = torch.zeros_like(attn)
+    valid[:, 1:] = attn[:, 1:] & attn[:, :-1]
+    if loss_mask is not None:
+        valid &= loss_mask.bool()
+    return valid
+
+
+def _shift(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, T]`` aligned with input_ids -> ``[B, T-1]`` aligned with hidden[:, :-1]; ``[B]`` kept."""
+    if x is None or x.dim() == 1:
+        return x
+    return x[:, 1:]
+
+
+def _unshift(x: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None:
+        return None
+    return torch.nn.functional.pad(x, (1, 0))
+
+
+def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None):
+    check_plain_linear_head(model)
+    weight, bias = get_lm_head(model)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    return hidden[:, :-1], weight, bias
+
+
+def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      loss_mask: torch.Tensor | None, advantages: torch.Tensor,
+                      old_logprobs: torch.Tensor | None = None, *,
+                      external_mask: torch.Tensor | None = None,
+                      behavior_logprobs: torch.Tensor | None = None,
+                      ref_logprobs: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      **hyper: Any):
+    """RL-PLUS loss of a causal LM on a padded batch, without materialising its logits.
+
+    Args:
+        model: a ``transformers`` causal LM (``AutoModelForCausalLM``) whose logits are
+            ``lm_head(last_hidden_state)``; tied heads are fine, soft-capped ones are refused.
+        input_ids, attention_mask: ``[B, T]``, either padding side.
+        loss_mask: ``[B, T]``, true on the completion tokens that are trained on (or None: every
+            non-padding token after position 0).
+        advantages: ``[B]`` or ``[B, T]``; external_mask: ``[B]`` or ``[B, T]``.
+        old_logprobs, behavior_logprobs, ref_logprobs: ``[B, T]``, aligned with ``input_ids``
+            (as :func:`score_logprobs` returns them).
+        position_ids: default ``cumsum(attention_mask) - 1``, as ``generate`` uses.
+        **hyper: every other keyword goes to :func:`rlplus_kernels.rlplus_loss` (temperature,
+            clip bounds, gamma, loss_agg, normalizer, entropy_coef, kl_coef, backend, ...).
+
+    Returns:
+        ``RLPlusOutput`` whose ``logprobs`` (and ``entropy``) are ``[B, T]`` aligned with
+        ``input_ids``, 0 at position 0 and at every non-target.
+    """
+    from rlplus_kernels import rlplus_loss
+
+    shape = input_ids.shape
+    _check_2d("attention_mask", attention_mask, shape)
+    _check_2d("loss_mask", loss_mask, shape)
+    _check_2d("advantages", advantages, shape, allow_1d=True)
+    _check_2d("external_mask", external_mask, shape, allow_1d=True)
+    _check_2d("old_logprobs", old_logprobs, shape)
+    _check_2d("behavior_logprobs", behavior_logprobs, shape)
+    _check_2d("ref_logprobs", ref_logprobs, shape)
+    for key in ("targets", "hidden", "weight", "bias", "loss_mask"):
+        if key in hyper:
+            raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
+                            f"taken from the model and input_ids")
+
+    valid = target_mask(input_ids, attention_mask, loss_mask)
+    ignore_index = hyper.get("ignore_index", -100)
+    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], ignore_index)
+    hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+    out = rlplus_loss(
+        hidden, weight, targets, _shift(advantages), _shift(old_logprobs),
+        external_mask=_shift(external_mask), behavior_logprobs=_shift(behavior_logprobs),
+        ref_logprobs=_shift(ref_logprobs), bias=bias, **hyper)
+    return out._replace(logprobs=_unshift(out.logprobs), entropy=_unshift(out.entropy))
+
+
+@torch.no_grad()
+def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0,
+                   position_ids: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``[B, T]`` float32 log-probs of ``input_ids`` under ``model``, aligned with ``input_ids``.
+
+    ``out[:, t] = log_softmax(logits[:, t-1] / temperature)[input_ids[:, t]]``; 0 at position 0 and
+    at padding. Runs under ``torch.no_grad()`` through :func:`rlplus_kernels.linear_logprobs`,
+    for ``old_logprobs`` (the rollout policy) and ``ref_logprobs`` (the reference policy).
+    """
+    from rlplus_kernels import linear_logprobs
+
+    _check_2d("attention_mask", attention_mask, input_ids.shape)
+    valid = target_mask(input_ids, attention_mask)
+    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+    hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+    logp = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                           ignore_index=-100, backend=backend)
+    return _unshift(logp)

@@ -1,0 +1,184 @@
+"""Split a Hugging Face causal LM into its backbone and its LM head.
+
+RL-PLUS only needs the final (normed) hidden states and the head's ``weight``/``bias``; the
+``[B, T, V]`` logits are never built. This holds only when the model's logits are a plain linear
+map of the last hidden state, ``logits = h @ W.T + c``; the architectures that post-process
+the logits (soft-capping, scaling) are refused here with the option that would be needed.
+
+Nothing in this file imports ``transformers``: models are handled by duck typing
+(``get_output_embeddings``, ``base_model_prefix``, ``config``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["check_plain_linear_head", "get_lm_head", "get_backbone", "final_hidden_states",
+           "position_ids_from_mask", "verify_head"]
+
+# config attribute -> (what the model does with its logits, what rlplus_loss would need)
+_LOGIT_POSTPROCESSING = {
+    "final_logit_softcapping": (
+        "soft-caps its logits (cap * tanh(logits / cap), e.g. Gemma-2/3)",
+        "a `final_logit_softcapping` option (tanh soft-capping of z inside the vocabulary "
+        "stream), which rlplus_loss does not have; set config.final_logit_softcapping=None "
+        "only if you accept training a different distribution"),
+    "logit_softcapping": (
+        "soft-caps its logits",
+        "a logit soft-capping option, which rlplus_loss does not have"),
+    "softcap": (
+        "soft-caps its logits",
+        "a logit soft-capping option, which rlplus_loss does not have"),
+    "logit_scale": (
+        "multiplies its logits by a constant (e.g. Cohere)",
+        "a `logit_scale` option; rlplus_loss has none (a constant scale s equals "
+        "temperature / s, but the wrapper does not fold it silently)"),
+    "logits_scaling": (
+        "rescales its logits by a constant (e.g. Granite divides by it)",
+        "a logit-scale option; rlplus_loss has none (a constant scale equals a change of "
+        "temperature, but the wrapper does not fold it silently)"),
+    "output_multiplier": (
+        "multiplies its logits by a constant",
+        "a logit-scale option; rlplus_loss has none"),
+    "lm_head_multiplier": (
+        "multiplies its logits by a constant (e.g. Falcon-H1)",
+        "a logit-scale option; rlplus_loss has none"),
+}
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    out = [config]
+    for sub in ("text_config", "decoder"):
+        sub_config = getattr(config, sub, None)
+        if sub_config is not None and not isinstance(sub_config, (dict, str)):
+            out.append(sub_config)
+    return out
+
+
+def check_plain_linear_head(model: nn.Module) -> None:
+    """Raise ``ValueError`` unless ``model``'s logits are ``lm_head(last_hidden_state)``.
+
+    Looks at the config attributes through which ``transformers`` models post-process their
+    logits; a value that is None (or 1 for a scale) is harmless. :func:`verify_head` is the
+    numerical check for everything that a config does not declare.
+    """
+    for config in _configs(model):
+        for attr, (what, needed) in _LOGIT_POSTPROCESSING.items():
+            value = getattr(config, attr, None)
+            if value is None or value is False:
+                continue
+            if "softcap" not in attr and isinstance(value, (int, float)) and float(value) == 1.0:
+                continue
+            arch = type(model).__name__
+            raise ValueError(
+                f"{arch}: config.{attr}={value!r} -- this model {what}, so its logits are not a "
+                f"plain linear map of the last hidden state. Training it from hidden states "
+                f"would need {needed}.")
+    get_lm_head(model)  # the head itself must be a linear layer
+
+
+def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return the LM head's ``(weight [V, D], bias [V] | None)``; tied heads share the embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__}: get_output_embeddings() returned None; a causal LM with a "
+            f"linear LM head (e.g. AutoModelForCausalLM) is needed, not a bare backbone.")
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__}: the output embedding {type(head).__name__} has no 2-D "
+            f"`weight`; only a linear LM head (nn.Linear) is supported.")
+    bias = getattr(head, "bias", None)
+    return weight, bias
+
+
+def get_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack that returns the final normed hidden states (``model.model`` for Llama)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if backbone is None and hasattr(model, "get_decoder"):
+        backbone = model.get_decoder()
+    if backbone is None or backbone is model:
+        raise ValueError(
+            f"{type(model).__name__}: cannot find the backbone (model.{prefix or '<base_model_prefix>'}) "
+            f"that returns last_hidden_state without computing logits.")
+    return backbone
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as ``generate`` does for left-padded prompts."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T, D]`` final normed hidden states; the LM head is not applied.
+
+    Position ids follow the attention mask (left padding gives the same positions as in
+    ``generate``) unless given.
+    """
+    backbone = get_backbone(model)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask is not None and position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    if position_ids is not None and _accepts(backbone, "position_ids"):
+        kwargs["position_ids"] = position_ids
+    if _accepts(backbone, "use_cache"):
+        kwargs["use_cache"] = False
+    out = backbone(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"{type(backbone).__name__} returned hidden states of shape "
+                         f"{tuple(hidden.shape)}, expected [B, T, D] for input_ids {tuple(input_ids.shape)}")
+    return hidden
+
+
+@torch.no_grad()
+def verify_head(model: nn.Module, *, seq_len: int = 4, atol: float = 1e-4, rtol: float = 1e-3) -> None:
+    """Numerical check, once per model: ``lm_head(backbone(x))`` must equal ``model(x).logits``.
+
+    Runs the full model on a ``[1, seq_len]`` input (a ``1 x seq_len x V`` logits tensor) and
+    raises ``ValueError`` naming the largest difference when the model post-processes its
+    logits in a way its config does not declare.
+    """
+    check_plain_linear_head(model)
+    weight, bias = get_lm_head(model)
+    vocab = weight.shape[0]
+    ids = torch.arange(1, seq_len + 1, device=weight.device).remainder(vocab)[None]
+    mask = torch.ones_like(ids)
+    pos = position_ids_from_mask(mask)
+    was_training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        hidden = final_hidden_states(model, ids, mask, pos)
+        mine = torch.nn.functional.linear(hidden, weight, bias).float()
+        kwargs = {"attention_mask": mask, "use_cache": False}
+        if _accepts(model, "position_ids"):
+            kwargs["position_ids"] = pos
+        theirs = model(ids, **kwargs).logits.float()
+    finally:
+        model.train(was_training)
+    if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=atol, rtol=rtol):
+        diff = (mine - theirs).abs().max().item() if mine.shape == theirs.shape else float("nan")
+        raise ValueError(
+            f"{type(model).__name__}: model(x).logits differs from lm_head(last_hidden_state) "
+            f"(max abs diff {diff:.3g}); its logits are post-processed, which rlplus_loss "
+            f"cannot reproduce from the head's weight and bias.")

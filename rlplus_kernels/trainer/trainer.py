@@ -1,0 +1,182 @@
+"""A minimal RL-PLUS training step for a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .batch import GroupBatch
+from .loss import rlplus_model_loss, target_mask
+from .model_head import check_plain_linear_head, verify_head
+
+__all__ = ["RLPlusTrainer"]
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages", "old_logprobs",
+               "external_mask", "behavior_logprobs", "ref_logprobs", "position_ids")
+# metric -> which token count weighs it when micro-batch means are combined
+_ON_POLICY_METRICS = ("clip_frac", "ratio_mean")
+_EXTERNAL_METRICS = ("mis_ratio_mean", "explore_coef_mean")
+_COUNT_METRICS = ("num_tokens", "num_external_tokens")
+
+
+def _official_recipe() -> dict:
+    from rlplus_kernels import OFFICIAL_RECIPE
+    return dict(OFFICIAL_RECIPE)
+
+
+class RLPlusTrainer:
+    """Holds a model, its optimizer and the RL-PLUS hyper-parameters; ``step(batch)`` trains.
+
+    Args:
+        model: a ``transformers`` causal LM with a plain linear LM head (checked once,
+            numerically, unless ``verify_model_head=False``).
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping, the norm is
+            still reported).
+        micro_batch_size: sequences per forward/backward (gradient accumulation); None: the
+            whole batch at once. The objective does not depend on it: the aggregation's
+            normalizer is computed over the whole batch (see :meth:`global_normalizer`).
+        preset: the base hyper-parameters, ``rlplus_kernels.OFFICIAL_RECIPE`` by default; pass
+            ``{}`` for ``rlplus_loss``'s own defaults.
+        lr_scheduler: stepped after every optimizer step when given.
+        **hyper: override entries of the preset (temperature, clip bounds, gamma, loss_agg,
+            normalizer, entropy_coef, kl_coef, backend, ...).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 max_grad_norm: float | None = 1.0, micro_batch_size: int | None = None,
+                 preset: Mapping[str, Any] | None = None, lr_scheduler=None,
+                 verify_model_head: bool = True, **hyper: Any):
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size}")
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
+        self.lr_scheduler = lr_scheduler
+        self.hyper = dict(_official_recipe() if preset is None else preset)
+        self.hyper.update(hyper)
+        if verify_model_head:
+            verify_head(model)
+        else:
+            check_plain_linear_head(model)
+        self.num_steps = 0
+
+    # -- objective -----------------------------------------------------------------------
+    def global_normalizer(self, batch: Mapping[str, torch.Tensor]):
+        """The normalizer that makes a sum of micro-batch losses equal the full-batch loss.
+
+        ``token-mean``: number of target tokens in the whole batch; ``seq-mean-token-mean``:
+        number of sequences with a target token; ``seq-mean-token-sum``: number of sequences;
+        ``sum``: the configured one (or None). A normalizer set in ``hyper`` is kept.
+        """
+        if self.hyper.get("normalizer") is not None:
+            return self.hyper["normalizer"]
+        agg = self.hyper.get("loss_agg", "token-mean")
+        if agg == "sum":
+            return None
+        valid = target_mask(batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask"))
+        if agg == "token-mean":
+            count = valid.sum()
+        elif agg == "seq-mean-token-mean":
+            count = valid.any(-1).sum()
+        else:
+            count = torch.tensor(valid.shape[0], device=valid.device)
+        # an empty batch has loss 0 whatever the normalizer; keep it positive
+        return count.clamp(min=1).to(torch.float32)
+
+    def _micro_batches(self, batch: Mapping[str, torch.Tensor]):
+        size = batch["input_ids"].shape[0]
+        step = size if self.micro_batch_size is None else self.micro_batch_size
+        for start in range(0, size, step):
+            yield {k: (v[start:start + step] if isinstance(v, torch.Tensor) else v)
+                   for k, v in batch.items()}
+
+    # -- training step ---------------------------------------------------------------------
+    def step(self, batch: GroupBatch | Mapping[str, Any]) -> dict[str, float]:
+        """Loss, backward (accumulated over micro-batches), gradient clipping, optimizer step.
+
+        ``batch`` is a :class:`GroupBatch` or a mapping with the tensors of
+        :func:`rlplus_model_loss` (``input_ids``, ``attention_mask``, ``loss_mask``,
+        ``advantages`` and optionally ``old_logprobs``, ``external_mask``,
+        ``behavior_logprobs``, ``ref_logprobs``, ``position_ids``); other keys are ignored,
+        except ``rewards``, whose mean over the non-external rows is reported.
+
+        Returns floats: ``loss``, the ``RLPlusOutput`` metrics (over the whole batch),
+        ``grad_norm`` (before clipping), ``tokens_per_s`` (non-padding tokens through forward
+        and backward per second), ``step_time_s`` and ``reward_mean`` when rewards are given.
+        """
+        if isinstance(batch, GroupBatch):
+            rewards = batch.rewards
+            batch = batch.model_inputs()
+        else:
+            rewards = batch.get("rewards")
+            batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS and v is not None}
+        missing = [k for k in ("input_ids", "advantages") if k not in batch]
+        if missing:
+            raise ValueError(f"RLPlusTrainer.step: batch lacks {missing}")
+        batch.setdefault("attention_mask", None)
+        batch.setdefault("loss_mask", None)
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        hyper = dict(self.hyper)
+        hyper["normalizer"] = self.global_normalizer(batch)
+
+        loss_sum = 0.0
+        sums: dict[str, torch.Tensor] = {}
+        for micro in self._micro_batches(batch):
+            out = rlplus_model_loss(self.model, **micro, **hyper)
+            out.loss.backward()
+            loss_sum = loss_sum + out.loss.detach()
+            m = out.metrics
+            n_tok = m["num_tokens"].double()
+            n_ext = m["num_external_tokens"].double()
+            for key, value in m.items():
+                if key in _COUNT_METRICS:
+                    w = 1.0
+                elif key in _ON_POLICY_METRICS:
+                    w = n_tok - n_ext
+                elif key in _EXTERNAL_METRICS:
+                    w = n_ext
+                else:
+                    w = n_tok
+                sums[key] = sums.get(key, 0.0) + w * value.double()
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if params
+                     else torch.zeros(()))
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.num_steps += 1
+
+        n_tok = sums["num_tokens"]
+        n_ext = sums["num_external_tokens"]
+        metrics: dict[str, float] = {"loss": float(loss_sum)}
+        for key, value in sums.items():
+            if key in _COUNT_METRICS:
+                metrics[key] = float(value)
+                continue
+            w = n_tok - n_ext if key in _ON_POLICY_METRICS else n_ext if key in _EXTERNAL_METRICS else n_tok
+            metrics[key] = float(value / w) if float(w) > 0 else 0.0
+        elapsed = time.perf_counter() - start
+        attn = batch["attention_mask"]
+        processed = batch["input_ids"].numel() if attn is None else int(attn.sum())
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["step_time_s"] = elapsed
+        metrics["tokens_per_s"] = processed / elapsed if elapsed > 0 else float("inf")
+        if rewards is not None:
+            # over the on-policy rollouts: demonstrations' rewards say nothing about the policy
+            rewards = torch.as_tensor(rewards, dtype=torch.float32)
+            ext = batch.get("external_mask")
+            if ext is not None and ext.dim() == 1 and ext.shape == rewards.shape:
+                rewards = rewards[~ext.bool().to(rewards.device)]
+            metrics["reward_mean"] = float(rewards.mean()) if rewards.numel() else 0.0
+        return metrics

@@ -1,0 +1,21 @@
+import os
+
+# The Triton kernels run on CPU tensors under Triton's interpreter; it must be chosen before triton
+# is imported anywhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+settings.register_profile("ci", max_examples=60, **_common)
+# The acceptance bar of the core issue: `HYPOTHESIS_PROFILE=thorough pytest` runs 300 examples a property.
+settings.register_profile("thorough", max_examples=300, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

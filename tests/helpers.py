@@ -1,0 +1,88 @@
+"""Shared test utilities: tolerance table, a comparison that prints the worst element, problem builders."""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol) of a backend against the float64 reference evaluated on the same (rounded) inputs.
+# Values may also err by the effect of float32 rounding of the log-probs (eps |z| each, see
+# test_backends._logit_rounding) propagated through the RL head. Gradients may also
+# err by the rounding of the float32 dot products that form them (`dot_product_allowance`): a gradient
+# like w_y - E_p[w] cancels, and float32 cannot do better than eps * sum |dz_v| |w_v|.
+# Losses and log-probs are accumulated in float32 whatever the input dtype, so only gradients, which
+# come back in the input dtype, pay the input precision: float16 has 11 significant bits (rel. 5e-4),
+# bfloat16 8 (4e-3); the gradient check is relative to the gradient's norm.
+TOLERANCES = {
+    torch.float64: dict(value=(1e-10, 1e-12), grad=1e-10),
+    torch.float32: dict(value=(2e-5, 2e-5), grad=2e-5),
+    torch.float16: dict(value=(2e-5, 2e-5), grad=2e-3),
+    torch.bfloat16: dict(value=(2e-5, 2e-5), grad=1.6e-2),
+}
+
+
+def assert_close(actual, expected, *, rtol, atol, name, allowance=None):
+    """|actual - expected| <= atol + rtol |expected| + allowance, elementwise; names the worst element.
+
+    `allowance` is the float32 rounding error that no float32 implementation can avoid (None: none).
+    """
+    actual = torch.as_tensor(actual).double().cpu()
+    expected = torch.as_tensor(expected).double().cpu()
+    allowance = 0 if allowance is None else torch.as_tensor(allowance).double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual[~torch.isfinite(actual)][:5]}"
+    excess = (actual - expected).abs() - (atol + rtol * expected.abs() + allowance)
+    if actual.numel() and excess.max() > 0:
+        i = int(excess.flatten().argmax())
+        index = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), actual.shape)) if actual.dim() else ()
+        raise AssertionError(
+            f"{name}: worst element {index}: got {actual.flatten()[i].item():.10g}, expected "
+            f"{expected.flatten()[i].item():.10g} (rtol={rtol}, atol={atol})")
+
+
+FLOAT32_EPS = 2.0**-24
+
+
+def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature, ignore_index=-100):
+    """Rounding allowance of float32 gradients, from float32 error analysis of z -> dz -> grads.
+
+    Each logit is a float32 dot product, so log p_v = z_v - lse errs by about eps |z|; the gradient of
+    the logits, dz_v = g_logp (1[v=y] - p_v) - g_ent p_v (log p_v + H), errs by that times the size of
+    its terms before they cancel, M_v = |g_logp| (1[v=y] + p_v) + |g_ent| p_v (|log p_v| + H); the
+    gradients sum K such terms (K = V for hidden, N for weight and bias). Allowance:
+    8 eps (sqrt(K) + max|z|) * (M @ |W|, M^T @ |h|, sum M) / temperature.
+    """
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().double()
+    z = (h @ w.T + (0 if bias is None else bias.detach().double())) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1, keepdim=True)
+    active = (targets.reshape(-1) != ignore_index)[:, None]
+    onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1).clamp(min=0), 1.0)
+    g1 = grad_logp.detach().double().reshape(-1, 1).abs()
+    g2 = 0 if grad_entropy is None else grad_entropy.detach().double().reshape(-1, 1).abs()
+    M = torch.where(active, g1 * (onehot + p) + g2 * p * (log_p.abs() + entropy), 0.0) / temperature
+    factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item())  # noqa: E731
+    allowances = [factor(w.shape[0]) * (M @ w.abs()).reshape(hidden.shape), factor(h.shape[0]) * (M.T @ h.abs())]
+    if bias is not None:
+        allowances.append(factor(h.shape[0]) * M.sum(0))
+    return allowances
+
+
+def assert_grad_close(actual, expected, *, rtol, name, allowance=None):
+    """||actual - expected|| <= rtol ||expected|| + ||allowance|| (+ a floor for zero gradients)."""
+    assert actual is not None, f"{name}: gradient missing"
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite gradient"
+    error = (actual - expected).norm().item()
+    bound = rtol * expected.norm().item() + (0 if allowance is None else allowance.norm().item()) + 1e-12
+    if error > bound:
+        i = int((actual - expected).abs().flatten().argmax())
+        raise AssertionError(
+            f"{name}: |err| {error:.3e} > {bound:.3e}; worst element {i}: got {actual.flatten()[i].item():.10g}, "
+            f"expected {expected.flatten()[i].item():.10g}")
+
+
+def reference_inputs(*tensors):
+    """float64 leaf copies of the (already rounded) inputs, for the reference."""
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]

@@ -1,0 +1,216 @@
+"""Every backend against the float64 reference: property tests over shapes, dtypes and all options."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import FLOAT32_EPS, TOLERANCES, assert_close, assert_grad_close, dot_product_allowance, reference_inputs
+from problems import build, problems
+from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
+from rlplus_kernels import linear_logprobs, rlplus_loss
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# RLPLUS_TEST_DEVICE=cuda runs the same properties on a GPU (there with TRITON_INTERPRET=0).
+DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+gpu_only = pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
+                              reason="large shapes need a GPU: run with RLPLUS_TEST_DEVICE=cuda")
+
+TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# bfloat16 runs through the interpreter too: the launcher upcasts it there (triton 3.9's interpreter
+# computes bfloat16 tl.dot wrongly), so the GPU runs are what cover the bf16 tensor-core path.
+TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _logit_rounding(hidden, weight, bias, targets, temperature):
+    """Per-token float32 error bound of log p(y) and of the entropy: 8 eps (sqrt(V) + max_v |z_v|).
+
+    A float32 log-softmax errs by about eps |z| in absolute terms whatever the kernel, so every value
+    derived from log p is allowed the effect of moving each log p (and entropy) by that much.
+    """
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    z = (h @ weight.detach().double().T + (0 if bias is None else bias.detach().double())) / temperature
+    return (8 * FLOAT32_EPS * (z.shape[-1] ** 0.5 + z.abs().amax(-1))).reshape(targets.shape)
+
+
+def _value_allowances(head, logp, entropy, delta):
+    """|change| of each output of `head(logp, entropy)` when one token's log p and entropy move by
+    +-delta, summed over tokens: the float32 rounding of the log-probs, propagated through the head."""
+    base = head(logp, entropy)
+    values = lambda out: {"loss": out.loss.detach(), **out.metrics}  # noqa: E731
+    allowance = {k: torch.zeros((), dtype=torch.float64) for k in values(base)}
+    for t in range(logp.numel()):
+        changes = []
+        for sign in (1.0, -1.0):
+            bump = torch.zeros_like(logp).view(-1)
+            bump[t] = sign * delta.view(-1)[t]
+            bump = bump.view(logp.shape)
+            out = head((logp + bump).clamp(max=0), entropy + bump.abs())
+            changes.append({k: (v.double() - values(base)[k].double()).abs().cpu() for k, v in values(out).items()})
+        for k in allowance:
+            allowance[k] = allowance[k] + max(c[k] for c in changes)
+    return allowance
+
+
+NOT_HEAD = ("temperature", "chunk_tokens", "chunk_vocab")
+
+
+def _per_token_upstream(head_loss, hidden, weight, bias, targets, temperature):
+    """d loss / d logp and d loss / d entropy per token, from the reference's RL head."""
+    logp, entropy = linear_logprobs_reference(hidden.detach(), weight.detach(), targets,
+                                              bias=None if bias is None else bias.detach(),
+                                              temperature=temperature, return_entropy=True)
+    logp.requires_grad_(), entropy.requires_grad_()
+    return torch.autograd.grad(head_loss(logp, entropy), (logp, entropy), allow_unused=True)
+
+
+def _allowances(problem, hidden, weight, bias, targets, grad_logp, grad_entropy):
+    if problem.dtype == torch.float64:
+        return [None] * 3
+    return dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets,
+                                 problem.options["temperature"])
+
+
+def check_rlplus_loss(problem, backend):
+    args, kwargs = build(problem, device=DEVICE)
+    hidden, weight, targets, advantages, old = args
+    bias = kwargs.pop("bias")
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    out = rlplus_loss(hidden, weight, targets, advantages, old, bias=bias, backend=backend, **kwargs)
+    ref_leaves = reference_inputs(hidden, weight, bias)
+    ref = rlplus_loss_reference(ref_leaves[0], ref_leaves[1], targets, advantages, old, bias=ref_leaves[2], **kwargs)
+    ref_leaves = [t for t in ref_leaves if t is not None]
+    head_kwargs = {k: v for k, v in kwargs.items() if k not in NOT_HEAD}
+    head = lambda logp, entropy: rlplus_loss_from_logprobs_reference(  # noqa: E731
+        logp, entropy, targets, advantages, old, **head_kwargs)
+    tol = TOLERANCES[problem.dtype]
+    rtol, atol = tol["value"]
+    expected_dtype = torch.float64 if problem.dtype == torch.float64 else torch.float32
+    assert out.loss.dtype == expected_dtype and out.loss.dim() == 0
+    assert out.logprobs.dtype == expected_dtype and not out.logprobs.requires_grad
+
+    delta = allowance = None
+    if problem.dtype != torch.float64:
+        delta = _logit_rounding(hidden, weight, bias, targets, problem.options["temperature"])
+        with torch.no_grad():
+            true_logp, true_entropy = linear_logprobs_reference(*reference_inputs(hidden, weight), targets,
+                                                                bias=None if bias is None else bias.double(),
+                                                                temperature=problem.options["temperature"],
+                                                                return_entropy=True)
+        allowance = _value_allowances(head, true_logp, true_entropy, delta)
+    pick = lambda key: None if allowance is None else allowance[key]  # noqa: E731
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=rtol, atol=atol, name="loss", allowance=pick("loss"))
+    assert_close(out.logprobs, ref.logprobs, rtol=rtol, atol=atol, name="logprobs", allowance=delta)
+    assert (out.entropy is None) == (ref.entropy is None)
+    if out.entropy is not None:
+        assert_close(out.entropy, ref.entropy, rtol=rtol, atol=atol, name="entropy", allowance=delta)
+    assert out.metrics.keys() == ref.metrics.keys()
+    for key, value in ref.metrics.items():
+        assert out.metrics[key].dim() == 0 and not out.metrics[key].requires_grad
+        assert_close(out.metrics[key], value, rtol=rtol, atol=atol, name=f"metrics[{key}]", allowance=pick(key))
+
+    # a random upstream scale: the gradients are those of c * loss, not of the loss alone
+    scale = torch.randn(()).item()
+    grads = torch.autograd.grad(out.loss * scale, leaves)
+    ref_grads = torch.autograd.grad(ref.loss * scale, ref_leaves)
+    allowances = _allowances(problem, hidden, weight, bias, targets, *_per_token_upstream(
+        lambda logp, entropy: scale * head(logp, entropy).loss, hidden, weight, bias, targets,
+        problem.options["temperature"]))
+    for name, g, rg, allowance, leaf in zip(["hidden", "weight", "bias"], grads, ref_grads, allowances, leaves):
+        assert g.dtype == leaf.dtype, f"grad {name} dtype {g.dtype} != input dtype {leaf.dtype}"
+        assert_grad_close(g, rg, rtol=tol["grad"], name=f"grad_{name}", allowance=allowance)
+
+
+def check_linear_logprobs(problem, backend):
+    """Both outputs of linear_logprobs, with random upstream gradients on both."""
+    args, kwargs = build(problem, device=DEVICE)
+    hidden, weight, targets = args[:3]
+    bias, temperature = kwargs["bias"], problem.options["temperature"]
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                    return_entropy=True, backend=backend,
+                                    chunk_tokens=problem.options.get("chunk_tokens"),
+                                    chunk_vocab=problem.options.get("chunk_vocab"))
+    ref_leaves = reference_inputs(hidden, weight, bias)
+    ref = linear_logprobs_reference(ref_leaves[0], ref_leaves[1], targets, bias=ref_leaves[2],
+                                    temperature=temperature, return_entropy=True)
+    ref_leaves = [t for t in ref_leaves if t is not None]
+    tol = TOLERANCES[problem.dtype]
+    rtol, atol = tol["value"]
+    delta = None if problem.dtype == torch.float64 else _logit_rounding(hidden, weight, bias, targets, temperature)
+    for i, name in enumerate(["logprobs", "entropy"]):
+        assert_close([logp, entropy][i].detach(), ref[i].detach(), rtol=rtol, atol=atol, name=name, allowance=delta)
+    upstream = (torch.randn_like(ref[0]), torch.randn_like(ref[1]))
+    grads = torch.autograd.grad((logp, entropy), leaves, tuple(u.to(logp.dtype) for u in upstream))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
+    allowances = _allowances(problem, hidden, weight, bias, targets, *upstream)
+    for name, g, rg, allowance in zip(["hidden", "weight", "bias"], grads, ref_grads, allowances):
+        assert_grad_close(g, rg, rtol=tol["grad"], name=f"grad_{name}", allowance=allowance)
+
+
+@given(problems(TORCH_DTYPES))
+def test_torch_backend_loss_matches_reference(problem):
+    check_rlplus_loss(problem, "torch")
+
+
+@given(problems(TORCH_DTYPES))
+def test_torch_backend_logprobs_match_reference(problem):
+    check_linear_logprobs(problem, "torch")
+
+
+@needs_triton
+@settings(max_examples=25)
+@given(problems(TRITON_DTYPES, max_tokens=24, max_hidden=20, max_vocab=80, chunked=False))
+def test_triton_backend_loss_matches_reference(problem):
+    check_rlplus_loss(problem, "triton")
+
+
+@needs_triton
+@settings(max_examples=15)
+@given(problems(TRITON_DTYPES, max_tokens=24, max_hidden=20, max_vocab=80, chunked=False))
+def test_triton_backend_logprobs_match_reference(problem):
+    check_linear_logprobs(problem, "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 3)])
+def test_degenerate_sizes(backend, shape):
+    """N=1, V=2, D=1: the smallest problems, with every option on."""
+    on = dict(device=DEVICE)
+    hidden = torch.randn(*shape, 1, requires_grad=True, **on)
+    weight = torch.randn(2, 1, requires_grad=True, **on)
+    targets = torch.randint(0, 2, shape, **on)
+    kwargs = dict(external_mask=torch.rand(shape, **on) < 0.5, entropy_coef=0.01, kl_coef=0.1,
+                  ref_logprobs=-torch.rand(shape, **on), dual_clip=2.0, return_entropy=True)
+    args = (targets, torch.randn(shape, **on), -torch.rand(shape, **on))
+    out = rlplus_loss(hidden, weight, *args, backend=backend, **kwargs)
+    ref_hidden, ref_weight = reference_inputs(hidden, weight)
+    ref = rlplus_loss_reference(ref_hidden, ref_weight, *args, **kwargs)
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=2e-5, atol=2e-5, name="loss")
+    assert_close(out.entropy, ref.entropy, rtol=2e-5, atol=2e-5, name="entropy")
+    grads = torch.autograd.grad(out.loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref.loss, (ref_hidden, ref_weight))
+    for name, g, rg in zip(["hidden", "weight"], grads, ref_grads):
+        assert_grad_close(g, rg, rtol=2e-5, name=f"grad_{name}")
+
+
+@gpu_only
+@settings(max_examples=20)
+@given(problems(TRITON_DTYPES, max_tokens=2048, max_hidden=512, max_vocab=20000, chunked=False))
+def test_triton_backend_on_gpu_at_larger_shapes(problem):
+    check_rlplus_loss(problem, "triton")
+
+
+@gpu_only
+@settings(max_examples=10)
+@given(problems(TRITON_DTYPES, max_tokens=2048, max_hidden=512, max_vocab=20000, chunked=False))
+def test_triton_logprobs_on_gpu_at_larger_shapes(problem):
+    check_linear_logprobs(problem, "triton")

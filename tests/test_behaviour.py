@@ -1,0 +1,224 @@
+"""Contract behaviour beyond the property tests: empty batches, extreme inputs, layouts, autocast,
+frozen heads, memory, the module, the preset and group advantages."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import assert_close, assert_grad_close, reference_inputs
+from reference import rlplus_loss_reference
+from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
+AGG_MODES = ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
+def leaf(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg):
+    hidden, weight, bias = leaf(2, 3, 5), leaf(7, 5), leaf(7)
+    targets = torch.randint(0, 7, (2, 3))
+    targets[0] = -100
+    out = rlplus_loss(hidden, weight, targets, torch.randn(2), -torch.rand(2, 3), bias=bias,
+                      loss_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]), external_mask=torch.tensor([True, False]),
+                      entropy_coef=0.1, kl_coef=0.1, ref_logprobs=-torch.rand(2, 3), loss_agg=loss_agg,
+                      backend=backend)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    for t in (hidden, weight, bias):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    assert torch.equal(out.logprobs, torch.zeros(2, 3))
+    for key, value in out.metrics.items():
+        assert value.item() == 0, key
+
+
+def _finite_everywhere(out, leaves):
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert torch.isfinite(out.logprobs).all()
+    for name, value in out.metrics.items():
+        assert torch.isfinite(value), name
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_and_saturated_probabilities_stay_finite(backend):
+    """Logits of 1e4 (every p rounds to 0 or 1) with every branch of the loss on."""
+    hidden, weight = leaf(8, 4, scale=100.0), leaf(9, 4, scale=100.0)
+    targets = torch.randint(0, 9, (8,))
+    with torch.no_grad():
+        argmax = (hidden @ weight.T).argmax(-1)
+    targets[:4] = argmax[:4]  # p rounds to exactly 1 here: (1 - p)^gamma must be 0, not NaN
+    out = rlplus_loss(hidden, weight, targets, torch.randn(8), -torch.rand(8),
+                      external_mask=torch.arange(8) % 2 == 0, entropy_coef=0.01, kl_coef=0.1,
+                      ref_logprobs=-torch.rand(8), gamma=0.5, backend=backend)
+    _finite_everywhere(out, (hidden, weight))
+    assert out.logprobs.min() < -1000  # the logits really were huge
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shift", [100.0, -100.0])
+def test_log_ratios_of_100_stay_finite(backend, shift):
+    hidden, weight = leaf(6, 4), leaf(9, 4)
+    targets = torch.randint(0, 9, (6,))
+    logp = linear_logprobs(hidden.detach(), weight.detach(), targets)
+    out = rlplus_loss(hidden, weight, targets, torch.randn(6), logp - shift, behavior_logprobs=logp + shift,
+                      external_mask=torch.arange(6) % 2 == 0, kl_coef=0.5, ref_logprobs=logp + shift,
+                      clip_eps_low=None, clip_eps_high=None, backend=backend)
+    _finite_everywhere(out, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_near_its_range_stays_finite(backend):
+    """Hidden states and weights whose products overflow float16 (65504): accumulation is float32."""
+    hidden = leaf(5, 8, dtype=torch.float16, scale=200.0)
+    weight = leaf(11, 8, dtype=torch.float16, scale=200.0)
+    out = rlplus_loss(hidden, weight, torch.randint(0, 11, (5,)), torch.randn(5), external_mask=torch.rand(5) < 0.5,
+                      entropy_coef=0.01, backend=backend)
+    _finite_everywhere(out, (hidden, weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base_hidden = torch.randn(4, 7, 12)
+    hidden = base_hidden[:, ::2, ::2].detach().requires_grad_()  # [4, 4, 6], strided in two dims
+    weight = torch.randn(6, 13).T.detach().requires_grad_()        # [13, 6], column-major
+    bias = torch.randn(26)[::2].detach().requires_grad_()
+    targets = torch.randint(0, 13, (4, 8))[:, ::2]
+    advantages = torch.randn(4, 4).T.contiguous().T
+    assert not (hidden.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
+    out = rlplus_loss(hidden, weight, targets, advantages, bias=bias, entropy_coef=0.01,
+                      loss_agg="seq-mean-token-mean", backend=backend)
+    h, w, b = reference_inputs(hidden, weight, bias)
+    ref = rlplus_loss_reference(h, w, targets, advantages, bias=b, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=2e-5, atol=2e-5, name="loss")
+    grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
+    ref_grads = torch.autograd.grad(ref.loss, (h, w, b))
+    for name, g, rg in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert_grad_close(g, rg, rtol=1e-4, name=name)
+
+
+def test_autocast_casts_like_a_linear_layer():
+    hidden, weight, bias = leaf(6, 8), leaf(10, 8), leaf(10)
+    targets, advantages = torch.randint(0, 10, (6,)), torch.randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rlplus_loss(hidden, weight, targets, advantages, bias=bias, backend="torch")
+    out.loss.backward()
+    cast = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    expected = rlplus_loss(*cast[:2], targets, advantages, bias=cast[2], backend="torch")
+    expected.loss.backward()
+    assert out.loss.item() == expected.loss.item()
+    for t, c in zip((hidden, weight, bias), cast):
+        assert t.grad.dtype == torch.float32  # the autocast cast is differentiable, like nn.Linear's
+        assert torch.equal(t.grad, c.grad.float())
+    with pytest.raises(TypeError, match="weight"):  # outside autocast a mismatch is an error
+        rlplus_loss(hidden, weight.detach().bfloat16(), targets, advantages)
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_matmuls(weight_requires_grad):
+    torch.manual_seed(1)
+    hidden, weight = leaf(40, 8), torch.randn(100, 8, requires_grad=weight_requires_grad)
+    out = rlplus_loss(hidden, weight, torch.randint(0, 100, (40,)), torch.randn(40), backend="torch",
+                      chunk_tokens=16, chunk_vocab=32)
+    with _CountMatmuls() as counter:
+        out.loss.backward()
+    return counter.count, hidden.grad
+
+
+def test_frozen_head_skips_the_grad_weight_gemm():
+    trained, grad_trained = _backward_matmuls(True)
+    frozen, grad_frozen = _backward_matmuls(False)
+    chunks = math.ceil(40 / 16) * math.ceil(100 / 32)
+    assert trained == 3 * chunks  # recompute logits, grad_hidden, grad_weight
+    assert frozen == 2 * chunks
+    torch.testing.assert_close(grad_frozen, grad_trained)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_no_tokens_by_vocab_tensor_is_ever_allocated(with_entropy):
+    """A vocabulary 64x the chunk: the largest tensor of forward+backward is one chunk (or a weight)."""
+    N, D, V, chunk_tokens, chunk_vocab = 96, 4, 16384, 64, 256
+    hidden, weight = leaf(N, D), leaf(V, D)
+    with _LargestAllocation() as tracker:
+        out = rlplus_loss(hidden, weight, torch.randint(0, V, (N,)), torch.randn(N), external_mask=torch.rand(N) < 0.5,
+                          entropy_coef=0.01 if with_entropy else 0.0, backend="torch",
+                          chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+        out.loss.backward()
+    assert tracker.largest <= max(chunk_tokens * chunk_vocab, V * D, N * D)
+    assert tracker.largest < N * V / 16
+
+
+def test_module_equals_function_and_takes_the_preset():
+    hidden, weight = torch.randn(2, 5, 6), torch.randn(9, 6)
+    targets, advantages, old = torch.randint(0, 9, (2, 5)), torch.randn(2), -torch.rand(2, 5)
+    external = torch.tensor([False, True])
+    module = RLPlusLoss(**OFFICIAL_RECIPE)
+    out = module(hidden, weight, targets, advantages, old, external_mask=external)
+    direct = rlplus_loss(hidden, weight, targets, advantages, old, external_mask=external, **OFFICIAL_RECIPE)
+    assert torch.equal(out.loss, direct.loss)
+    assert out.entropy is not None  # the preset's entropy bonus computes entropies
+    override = module(hidden, weight, targets, advantages, old, external_mask=external, normalizer=2.0)
+    torch.testing.assert_close(override.loss, direct.loss * 8192 / 2.0)
+    assert "loss_agg='sum'" in repr(module)
+
+
+def test_official_preset_is_the_papers_recipe():
+    assert OFFICIAL_RECIPE["clip_eps_low"] is None and OFFICIAL_RECIPE["clip_eps_high"] is None
+    assert OFFICIAL_RECIPE["loss_agg"] == "sum" and OFFICIAL_RECIPE["normalizer"] == 8192
+    assert OFFICIAL_RECIPE["entropy_coef"] == 0.001 and OFFICIAL_RECIPE["gamma"] == 0.5
+    assert OFFICIAL_RECIPE["kl_coef"] == 0.0
+
+
+def test_linear_logprobs_under_no_grad_is_detached():
+    hidden, weight = leaf(4, 3), leaf(5, 3)
+    with torch.no_grad():
+        logp = linear_logprobs(hidden, weight, torch.tensor([0, 1, -100, 4]))
+    assert not logp.requires_grad and logp.dtype == torch.float32 and logp[2] == 0
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 5.0, 3.0])
+    groups = torch.tensor([7, 7, 7, 7, 2, 2])
+    expected = torch.tensor([0.25, -0.75, 0.25, 0.25, 1.0, -1.0])
+    torch.testing.assert_close(group_advantages(rewards, groups), expected)
+    std = torch.tensor([0.5, 0.5, 0.5, 0.5, 2**0.5, 2**0.5])
+    torch.testing.assert_close(group_advantages(rewards, groups, normalize_std=True, eps=0.0), expected / std)
+    with pytest.raises(TypeError, match="group_ids"):
+        group_advantages(rewards, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="rewards"):
+        group_advantages(torch.ones(6, dtype=torch.long), groups)

@@ -1,0 +1,398 @@
+"""Vocabulary parallelism and data parallelism against the single-process float64 reference.
+
+Each world size (2 and 3: nothing may assume a power of two) is one spawn of CPU processes joined by
+gloo through a FileStore (no network). The processes run every scenario below and save their errors;
+the tests read them. Error = max |actual - expected| / max |expected| (absolute where expected is 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from datetime import timedelta
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from reference import linear_logprobs_reference, rlplus_loss_reference
+from rlplus_kernels import linear_logprobs, rlplus_loss
+from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
+
+WORLD_SIZES = (2, 3)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+SHARD_ROWS, HIDDEN = 37, 10  # V = 37 * P; no communicated tensor may have a dimension of 37 or 37 * P
+BATCH, LENGTH = 3, 7
+PACKED_CU_SEQLENS = [0, 6, 6, 15, 23]  # 4 sequences, one of them empty, N = 23
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    layout: str = "BT"  # "BT": [B, T]; "N": flat [N]; "packed": [N] with cu_seqlens
+    op: str = "loss"  # or "linear_logprobs"
+    dtype: torch.dtype = torch.float64
+    bias: bool = True
+    old_logprobs: bool = True
+    external: Optional[str] = None  # None, "mis" (no behaviour logprobs) or "behavior"
+    per_sequence: bool = False  # advantages and external_mask given per sequence
+    loss_mask: bool = True
+    all_masked: bool = False
+    normalizer: Optional[str] = None  # None, "float" or "tensor"
+    kwargs: tuple = ()  # hyper-parameters of rlplus_loss / linear_logprobs
+
+
+TP_CASES = [
+    Case("token-mean defaults, return_entropy", kwargs=(("return_entropy", True),)),
+    Case("sum, no clipping, MIS without behaviour, entropy bonus, temperature", layout="N", bias=False,
+         external="mis", normalizer="float",
+         kwargs=(("loss_agg", "sum"), ("clip_eps_low", None), ("clip_eps_high", None), ("entropy_coef", 0.001),
+                 ("temperature", 0.7))),
+    Case("seq-mean-token-mean, dual clip, behaviour logprobs, KL, mis_clip_max", external="behavior",
+         per_sequence=True,
+         kwargs=(("loss_agg", "seq-mean-token-mean"), ("clip_eps_high", None), ("dual_clip", 3.0),
+                 ("kl_coef", 0.1), ("mis_clip_max", 2.0), ("gamma", 1.0))),
+    Case("seq-mean-token-sum, tensor normalizer, no old_logprobs", bias=False, old_logprobs=False,
+         external="mis", normalizer="tensor",
+         kwargs=(("loss_agg", "seq-mean-token-sum"), ("clip_eps_low", None), ("entropy_coef", 0.02))),
+    Case("packed seq-mean-token-mean, per-sequence advantages", layout="packed", external="mis", per_sequence=True,
+         kwargs=(("loss_agg", "seq-mean-token-mean"), ("temperature", 1.3), ("return_entropy", True))),
+    Case("no valid token", all_masked=True, kwargs=(("entropy_coef", 0.01),)),
+    Case("linear_logprobs with entropy", op="linear_logprobs", kwargs=(("temperature", 0.9),)),
+    Case("float32 token-mean", dtype=torch.float32, external="mis", kwargs=(("entropy_coef", 0.01),)),
+]
+
+DP_AGG = [("token-mean", "BT"), ("sum", "BT"), ("seq-mean-token-mean", "BT"), ("seq-mean-token-sum", "BT"),
+          ("seq-mean-token-mean", "packed"), ("token-mean", "packed")]
+
+
+def _error(actual, expected) -> float:
+    if expected is None:
+        return 0.0 if actual is None else float("inf")
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def _make_batch(case: Case, vocab: int, seed: int):
+    """Full-vocabulary inputs, identical on every rank (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (BATCH, LENGTH) if case.layout == "BT" else (BATCH * LENGTH,) if case.layout == "N" else \
+        (PACKED_CU_SEQLENS[-1],)
+    num_sequences = BATCH if case.layout == "BT" else len(PACKED_CU_SEQLENS) - 1
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    batch = dict(
+        hidden=randn(*shape, HIDDEN) * 2,
+        weight=randn(vocab, HIDDEN),
+        bias=randn(vocab) if case.bias else None,
+        targets=torch.randint(0, vocab, shape, generator=gen),
+    )
+    flat = batch["targets"].view(-1)
+    # the shards' first and last rows, and ignored tokens
+    edges = torch.tensor([0, SHARD_ROWS - 1, SHARD_ROWS, vocab - SHARD_ROWS, vocab - 1])
+    flat[1:1 + len(edges)] = edges
+    flat[-2] = -100
+    cu_seqlens = torch.tensor(PACKED_CU_SEQLENS) if case.layout == "packed" else None
+    batch["cu_seqlens"] = cu_seqlens
+    batch["advantages"] = randn(num_sequences if case.per_sequence else shape)
+    if case.external:
+        ext_shape = (num_sequences,) if case.per_sequence else shape
+        batch["external_mask"] = torch.rand(ext_shape, generator=gen) < 0.4
+    reference_logp = linear_logprobs_reference(batch["hidden"], batch["weight"], flat.view(shape).clamp(min=0),
+                                               bias=batch["bias"])
+    if case.old_logprobs:
+        batch["old_logprobs"] = reference_logp + 0.3 * randn(*shape)
+    if case.external == "behavior":
+        batch["behavior_logprobs"] = reference_logp - torch.rand(shape, generator=gen, dtype=torch.float64)
+    kwargs = dict(case.kwargs)
+    if kwargs.get("kl_coef", 0) > 0:
+        batch["ref_logprobs"] = reference_logp + 0.2 * randn(*shape)
+    if case.loss_mask:
+        batch["loss_mask"] = torch.rand(shape, generator=gen) > (1.0 if case.all_masked else 0.2)
+    if case.normalizer == "float":
+        batch["normalizer"] = 16.0
+    elif case.normalizer == "tensor":
+        batch["normalizer"] = torch.tensor(5.0)
+    return batch, kwargs
+
+
+def _to(device, tensors: dict) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def _run_tp_case(case: Case, rank: int, world: int, device: str):
+    vocab = SHARD_ROWS * world
+    batch, kwargs = _make_batch(case, vocab, seed=1234)
+    batch = _to(device, batch)
+    shard = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
+    gen = torch.Generator().manual_seed(99)
+    leaf = lambda x, dtype: None if x is None else x.detach().to(dtype).requires_grad_()  # noqa: E731
+
+    def evaluate(hidden, weight, bias, fn, **extra):
+        rest = {k: v for k, v in batch.items() if k not in ("hidden", "weight", "bias")}
+        if case.op == "linear_logprobs":
+            logp, entropy = fn(hidden, weight, rest["targets"], bias=bias, return_entropy=True, **kwargs, **extra)
+            upstream = torch.randn(logp.shape, generator=gen, dtype=torch.float64).to(logp.device)
+            (logp * upstream.to(logp.dtype) + entropy * upstream.flip(0).to(entropy.dtype)).sum().backward()
+            return None, logp.detach(), entropy.detach()
+        out = fn(hidden, weight, bias=bias, **rest, **kwargs, **extra)
+        (out.loss * 0.731).backward()
+        return out.loss.detach(), out.logprobs, out.entropy
+
+    ref_leaves = [leaf(batch[k], torch.float64) for k in ("hidden", "weight", "bias")]
+    ref_fn = linear_logprobs_reference if case.op == "linear_logprobs" else rlplus_loss_reference
+    ref = evaluate(*ref_leaves, ref_fn)
+    gen.manual_seed(99)  # the same upstream gradient for both
+
+    weight_shard = batch["weight"][shard]
+    bias_shard = None if batch["bias"] is None else batch["bias"][shard]
+    leaves = [leaf(batch["hidden"], case.dtype), leaf(weight_shard, case.dtype), leaf(bias_shard, case.dtype)]
+    fn = linear_logprobs if case.op == "linear_logprobs" else rlplus_loss
+    got = evaluate(*leaves, fn, backend="torch", vocab_parallel_group=dist.group.WORLD,
+                   chunk_tokens=8, chunk_vocab=16)
+
+    grad = lambda x: None if x is None else x.grad  # noqa: E731
+    ref_bias_grad = None if ref_leaves[2] is None else ref_leaves[2].grad[shard]
+    return {
+        "loss": _error(got[0], ref[0]) if case.op == "loss" else 0.0,
+        "logprobs": _error(got[1], ref[1]),
+        "entropy": _error(got[2], ref[2]),
+        "grad_hidden": _error(grad(leaves[0]), ref_leaves[0].grad),
+        "grad_weight_shard": _error(grad(leaves[1]), ref_leaves[1].grad[shard]),
+        "grad_bias_shard": _error(grad(leaves[2]), ref_bias_grad),
+    }
+
+
+def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str):
+    """Each rank holds a 1/P slice of the sequences; normalizer = the global count."""
+    num_sequences = 6  # divisible by 2 and 3
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([5, 0, 3, 5, 2, 4])
+    per_rank = num_sequences // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    hidden = torch.randn(num_sequences, 5, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(29, HIDDEN, generator=gen, dtype=torch.float64)
+    bias = torch.randn(29, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 29, (num_sequences, 5), generator=gen)
+    targets[torch.arange(5)[None, :] >= lengths[:, None]] = -100  # right padding
+    advantages = torch.randn(num_sequences, generator=gen, dtype=torch.float64)
+    kwargs = dict(loss_agg=loss_agg, entropy_coef=0.01)
+
+    def pack(x, seqs):
+        return torch.cat([x[i, : lengths[i]] for i in seqs])
+
+    def cu(seqs):
+        return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths[seqs], 0)])
+
+    all_seqs, my_seqs = list(range(num_sequences)), list(range(num_sequences))[rows]
+    if layout == "packed":
+        full = dict(hidden=pack(hidden, all_seqs), targets=pack(targets, all_seqs), cu_seqlens=cu(all_seqs))
+        mine = dict(hidden=pack(hidden, my_seqs), targets=pack(targets, my_seqs), cu_seqlens=cu(my_seqs))
+    else:
+        full = dict(hidden=hidden, targets=targets)
+        mine = dict(hidden=hidden[rows], targets=targets[rows])
+    full, mine = _to(device, full), _to(device, mine)
+    weight, bias, advantages = weight.to(device), bias.to(device), advantages.to(device)
+
+    ref_leaves = [x.clone().requires_grad_() for x in (full["hidden"], weight, bias)]
+    ref = rlplus_loss_reference(ref_leaves[0], ref_leaves[1], full["targets"], advantages, bias=ref_leaves[2],
+                                cu_seqlens=full.get("cu_seqlens"), **kwargs)
+    ref.loss.backward()
+
+    leaves = [x.clone().requires_grad_() for x in (mine["hidden"], weight, bias)]
+    valid = mine["targets"] != -100
+    normalizer = None if loss_agg == "sum" else global_normalizer(loss_agg, valid,
+                                                                  cu_seqlens=mine.get("cu_seqlens"))
+    out = rlplus_loss(leaves[0], leaves[1], mine["targets"], advantages[rows], bias=leaves[2], backend="torch",
+                      normalizer=normalizer, cu_seqlens=mine.get("cu_seqlens"), **kwargs)
+    out.loss.backward()
+    # what DDP/FSDP would do, without their division by P: sum the losses and gradients over ranks
+    total_loss, grad_weight, grad_bias = out.loss.detach(), leaves[1].grad, leaves[2].grad
+    for x in (total_loss, grad_weight, grad_bias):
+        dist.all_reduce(x)
+    ref_hidden_grad = ref_leaves[0].grad
+    if layout == "packed":
+        start, end = int(cu(all_seqs)[rows.start]), int(cu(all_seqs)[rows.stop])
+        ref_hidden_grad = ref_hidden_grad[start:end]
+    else:
+        ref_hidden_grad = ref_hidden_grad[rows]
+    return {
+        "loss (sum over ranks)": _error(total_loss, ref.loss.detach()),
+        "grad_hidden (own rows)": _error(leaves[0].grad, ref_hidden_grad),
+        "grad_weight (sum over ranks)": _error(grad_weight, ref_leaves[1].grad),
+        "grad_bias (sum over ranks)": _error(grad_bias, ref_leaves[2].grad),
+    }
+
+
+FORBIDDEN_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "gather", "broadcast", "all_to_all",
+                         "all_to_all_single", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send", "recv")
+
+
+@contextlib.contextmanager
+def _communication_log():
+    """Records the shape and bytes of every all_reduce; any other collective is an error."""
+    log = {"shapes": [], "bytes": 0}
+    saved = {name: getattr(dist, name) for name in ("all_reduce", *FORBIDDEN_COLLECTIVES)}
+
+    def all_reduce(tensor, *args, **kwargs):
+        log["shapes"].append(tuple(tensor.shape))
+        log["bytes"] += tensor.numel() * tensor.element_size()
+        return saved["all_reduce"](tensor, *args, **kwargs)
+
+    def refuse(name):
+        def collective(*args, **kwargs):
+            raise AssertionError(f"torch.distributed.{name} was called")
+        return collective
+
+    dist.all_reduce = all_reduce
+    for name in FORBIDDEN_COLLECTIVES:
+        setattr(dist, name, refuse(name))
+    try:
+        yield log
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str = "gloo", device: str = "cpu") -> None:
+    if device == "cuda":
+        device = f"cuda:{rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {"tp": {}, "dp": {}, "communication": {}}
+    for case in TP_CASES:
+        with _communication_log() as log:
+            results["tp"][case.name] = _run_tp_case(case, rank, world, device)
+        num_tokens = BATCH * LENGTH if case.layout != "packed" else PACKED_CU_SEQLENS[-1]
+        results["communication"][case.name] = dict(shapes=log["shapes"], bytes_per_token=log["bytes"] / num_tokens,
+                                                    itemsize=torch.empty((), dtype=case.dtype).element_size())
+    for loss_agg, layout in DP_AGG:
+        results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(size: int, tmp, backend: str = "gloo", device: str = "cpu"):
+    mp.spawn(_worker, args=(size, str(tmp / "store"), str(tmp), backend, device), nprocs=size, join=True)
+    return size, [torch.load(tmp / f"rank{r}.pt") for r in range(size)]
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda p: f"world{p}")
+def world(request, tmp_path_factory):
+    return _spawn(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+
+
+def _worst(results, case_name, section):
+    errors = {}
+    for rank, per_rank in enumerate(results):
+        for quantity, error in per_rank[section][case_name].items():
+            errors[(rank, quantity)] = error
+    (rank, quantity), error = max(errors.items(), key=lambda kv: kv[1])
+    return error, f"worst: {quantity} on rank {rank}, error {error:.3e}"
+
+
+@pytest.mark.parametrize("case", TP_CASES, ids=lambda c: c.name)
+def test_vocab_parallel_matches_reference(world, case):
+    size, results = world
+    error, where = _worst(results, case.name, "tp")
+    assert error <= TOL[case.dtype], where
+
+
+@pytest.mark.parametrize("loss_agg, layout", DP_AGG)
+def test_data_parallel_global_normalizer_matches_big_batch(world, loss_agg, layout):
+    size, results = world
+    error, where = _worst(results, f"{loss_agg} {layout}", "dp")
+    assert error <= TOL[torch.float64], where
+
+
+def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
+    """Per token: forward all_reduce MAX of 1 and SUM of 3 (2 without entropy) values, backward D values."""
+    size, results = world
+    for per_rank in results:
+        for name, log in per_rank["communication"].items():
+            for shape in log["shapes"]:
+                assert SHARD_ROWS not in shape and SHARD_ROWS * size not in shape, (name, shape)
+            assert log["bytes_per_token"] <= (1 + 3 + HIDDEN) * log["itemsize"], (name, log)
+    with_entropy = results[0]["communication"]["token-mean defaults, return_entropy"]
+    assert with_entropy["bytes_per_token"] == (1 + 3 + HIDDEN) * 8
+    without_entropy = results[0]["communication"]["seq-mean-token-mean, dual clip, behaviour logprobs, KL, mis_clip_max"]
+    assert without_entropy["bytes_per_token"] == (1 + 2 + HIDDEN) * 8
+
+
+# ---------------------------------------------------------------------------- single process
+def test_micro_batch_accumulation_with_global_normalizer_matches_big_batch():
+    """Three micro-batches, each normalised by the count over all of them: gradients add up exactly."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 5, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(31, HIDDEN, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 31, (6, 5), generator=gen)
+    targets[1] = -100  # a sequence without a valid token
+    loss_mask = torch.rand(6, 5, generator=gen) > 0.3
+    advantages = torch.randn(6, generator=gen, dtype=torch.float64)
+    micro = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        kwargs = dict(loss_agg=loss_agg, entropy_coef=0.01, backend="torch")
+        big_weight = weight.clone().requires_grad_()
+        big = rlplus_loss(hidden, big_weight, targets, advantages, loss_mask=loss_mask, **kwargs)
+        big.loss.backward()
+
+        valid = [(targets[s] != -100) & loss_mask[s] for s in micro]
+        normalizer = global_normalizer(loss_agg, valid)  # no process group: a local count
+        acc_weight = weight.clone().requires_grad_()
+        total = 0.0
+        for s in micro:
+            out = rlplus_loss(hidden[s], acc_weight, targets[s], advantages[s], loss_mask=loss_mask[s],
+                              normalizer=normalizer, **kwargs)
+            out.loss.backward()
+            total = total + out.loss.detach()
+        assert _error(total, big.loss.detach()) <= TOL[torch.float64], loss_agg
+        assert _error(acc_weight.grad, big_weight.grad) <= TOL[torch.float64], loss_agg
+
+
+def test_global_counts_without_process_group():
+    valid = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    assert global_token_count(valid).item() == 3
+    assert global_token_count([valid, valid[:1]]).item() == 5
+    assert global_sequence_count(valid).item() == 2
+    assert global_sequence_count(valid, nonempty_only=False).item() == 3
+    packed, cu_seqlens = valid.reshape(-1), torch.tensor([0, 3, 3, 9])
+    assert global_sequence_count(packed, cu_seqlens=cu_seqlens).item() == 2
+    assert global_normalizer("seq-mean-token-sum", packed, cu_seqlens=cu_seqlens).item() == 3
+    with pytest.raises(ValueError, match="'sum'"):
+        global_normalizer("sum", valid)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        global_sequence_count(packed)
+
+
+def test_group_without_initialised_torch_distributed_is_refused():
+    hidden, weight = torch.randn(4, HIDDEN), torch.randn(7, HIDDEN)
+    targets = torch.randint(0, 7, (4,))
+    with pytest.raises(ValueError, match="vocab_parallel_group.*init_process_group"):
+        rlplus_loss(hidden, weight, targets, torch.randn(4), vocab_parallel_group=object())
+    with pytest.raises(ValueError, match="vocab_parallel_group"):
+        linear_logprobs(hidden, weight, targets, vocab_parallel_group=object())
+    with pytest.raises(ValueError, match="group.*init_process_group"):
+        global_token_count(targets >= 0, group=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size", WORLD_SIZES)
+def test_all_scenarios_on_cuda(size, tmp_path):
+    """The same runs with CUDA tensors: NCCL where there is a GPU per rank, else gloo on CUDA tensors
+    (NCCL refuses two ranks on one GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
+    _, results = _spawn(size, tmp_path, backend, "cuda")
+    for case in TP_CASES:
+        error, where = _worst(results, case.name, "tp")
+        assert error <= TOL[case.dtype], f"{backend}, {case.name}: {where}"
+    for loss_agg, layout in DP_AGG:
+        error, where = _worst(results, f"{loss_agg} {layout}", "dp")
+        assert error <= TOL[torch.float64], f"{backend}, {loss_agg} {layout}: {where}"

@@ -1,0 +1,336 @@
+"""The transformers wrapper (rlplus_kernels.trainer) against the float64 reference.
+
+The reference is fed the model's own logits (``model(...).logits``, through the model's own
+LM-head path) as ``hidden`` with an identity ``weight``, so that it materialises exactly
+those logits; the wrapper instead runs the backbone and streams the head.
+"""
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="the trainer wrapper needs transformers (pip install rlplus-kernels[train])")
+
+from reference import linear_logprobs_reference, rlplus_loss_reference  # noqa: E402
+
+from rlplus_kernels import OFFICIAL_RECIPE  # noqa: E402
+from rlplus_kernels.trainer import (  # noqa: E402
+    RLPlusTrainer, build_group_batch, check_plain_linear_head, rlplus_model_loss,
+    score_logprobs, verify_head)
+from rlplus_kernels.trainer.model_head import position_ids_from_mask  # noqa: E402
+
+VOCAB = 50
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def make_model(arch: str, tied: bool, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied, initializer_range=0.2)
+        model = transformers.LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**TINY, tie_word_embeddings=tied, initializer_range=0.2)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        raise AssertionError(arch)
+    if tied:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model.to(dtype).eval()  # eval: no dropout, deterministic
+
+
+def model_logits(model, input_ids, attention_mask):
+    pos = position_ids_from_mask(attention_mask)
+    return model(input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+
+
+def padded_batch(batch_size=5, seq_len=9, seed=1, padding_side="right"):
+    """Random sequences of different lengths, padded on one side, with prompt/completion masks.
+
+    The real tokens of row i are the same whatever the padding side.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, VOCAB, (batch_size, seq_len), generator=g)
+    input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    loss_mask = torch.zeros(batch_size, seq_len, dtype=torch.bool)
+    lengths = [seq_len, seq_len - 3, seq_len - 1, 4, seq_len - 2][:batch_size]
+    prompt_lens = [3, 2, 4, 2, 3][:batch_size]
+    for i, (n, p) in enumerate(zip(lengths, prompt_lens)):
+        start = 0 if padding_side == "right" else seq_len - n
+        input_ids[i, start:start + n] = tokens[i, :n]
+        attention_mask[i, start:start + n] = 1
+        loss_mask[i, start + p:start + n] = True
+    return input_ids, attention_mask, loss_mask
+
+
+def reference_from_logits(model, input_ids, attention_mask, loss_mask, advantages, old_logprobs,
+                          **kw):
+    """The float64 reference on ``model(...).logits`` (identity head), shifted by hand."""
+    logits = model_logits(model, input_ids, attention_mask)[:, :-1]
+    eye = torch.eye(logits.shape[-1], dtype=logits.dtype)
+    valid = (loss_mask[:, 1:] & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool())
+    targets = input_ids[:, 1:].masked_fill(~valid, -100)
+    shift = lambda x: x if x is None or x.dim() == 1 else x[:, 1:]  # noqa: E731
+    for key in ("external_mask", "behavior_logprobs", "ref_logprobs"):
+        kw[key] = shift(kw.get(key))
+    return rlplus_loss_reference(logits, eye, targets, shift(advantages), shift(old_logprobs), **kw)
+
+
+def param_grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters()}
+
+
+def assert_close_grads(got, want, rtol=1e-9, atol=1e-11):
+    for name in want:
+        g, w = got[name], want[name]
+        if not torch.allclose(g, w, rtol=rtol, atol=atol):
+            i = (g - w).abs().argmax()
+            raise AssertionError(f"grad of {name}: worst element {i.item()}: got "
+                                 f"{g.flatten()[i].item()!r}, want {w.flatten()[i].item()!r}")
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("with_old", [False, True])
+def test_loss_and_grads_match_reference(arch, tied, padding_side, with_old):
+    model = make_model(arch, tied)
+    input_ids, attention_mask, loss_mask = padded_batch(padding_side=padding_side)
+    B, T = input_ids.shape
+    g = torch.Generator().manual_seed(2)
+    advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    external_mask = torch.tensor([False, True, False, False, True])
+    old = None
+    if with_old:
+        with torch.no_grad():
+            old = score_logprobs(model, input_ids, attention_mask).double()
+        old = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    hyper = dict(OFFICIAL_RECIPE, normalizer=7.0, clip_eps_low=0.2, clip_eps_high=0.28,
+                 temperature=0.9, entropy_coef=0.01)
+
+    model.zero_grad()
+    out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages, old,
+                            external_mask=external_mask, **hyper)
+    out.loss.backward()
+    got = param_grads(model)
+
+    model.zero_grad()
+    ref = reference_from_logits(model, input_ids, attention_mask, loss_mask, advantages, old,
+                                external_mask=external_mask, **hyper)
+    ref.loss.backward()
+    want = param_grads(model)
+
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-9, atol=1e-12)
+    assert out.logprobs.shape == (B, T) and out.entropy.shape == (B, T)
+    assert (out.logprobs[:, 0] == 0).all()
+    torch.testing.assert_close(out.logprobs[:, 1:].double(), ref.logprobs.double(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(out.entropy[:, 1:].double(), ref.entropy.double(), rtol=1e-9, atol=1e-10)
+    for key in ("num_tokens", "num_external_tokens"):
+        assert int(out.metrics[key]) == int(ref.metrics[key])
+    assert_close_grads(got, want)
+    assert any(v.abs().sum() > 0 for v in got.values())
+
+
+def test_per_token_tensors_kl_behavior():
+    """[B, T] advantages/external mask, behaviour and reference log-probs, KL, token-mean."""
+    model = make_model("llama", tied=True)
+    input_ids, attention_mask, loss_mask = padded_batch(padding_side="left")
+    B, T = input_ids.shape
+    g = torch.Generator().manual_seed(3)
+    advantages = torch.randn(B, T, generator=g, dtype=torch.float64)
+    external_mask = torch.rand(B, T, generator=g) < 0.5
+    behavior = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    refl = score_logprobs(model, input_ids, attention_mask).double() - 0.1
+    hyper = dict(kl_coef=0.05, gamma=0.7, mis_clip_max=3.0, dual_clip=3.0, loss_agg="token-mean")
+    kw = dict(external_mask=external_mask, behavior_logprobs=behavior, ref_logprobs=refl, **hyper)
+
+    model.zero_grad()
+    out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages, None, **kw)
+    out.loss.backward()
+    got = param_grads(model)
+    model.zero_grad()
+    ref = reference_from_logits(model, input_ids, attention_mask, loss_mask, advantages, None, **kw)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-9, atol=1e-12)
+    assert_close_grads(got, param_grads(model))
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_logprobs_equals_model_logits(arch, tied, temperature):
+    model = make_model(arch, tied)
+    input_ids, attention_mask, _ = padded_batch(padding_side="left")
+    got = score_logprobs(model, input_ids, attention_mask, temperature=temperature)
+    assert not got.requires_grad
+    with torch.no_grad():
+        logits = model_logits(model, input_ids, attention_mask)
+    want = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    want = torch.nn.functional.pad(torch.where(valid, want, 0.0), (1, 0))
+    torch.testing.assert_close(got.double(), want, rtol=1e-9, atol=1e-10)
+    # same helper as the reference's linear_logprobs
+    torch.testing.assert_close(
+        got[:, 1:], linear_logprobs_reference(logits[:, :-1], torch.eye(VOCAB, dtype=logits.dtype),
+                                              input_ids[:, 1:].masked_fill(~valid, -100),
+                                              temperature=temperature).to(got.dtype),
+        rtol=1e-9, atol=1e-10)
+
+
+def test_left_and_right_padding_agree():
+    """Position ids follow the mask, so a sequence scores the same whatever the padding."""
+    model = make_model("qwen2", tied=False)
+    ids_r, am_r, _ = padded_batch(padding_side="right")
+    ids_l, am_l, _ = padded_batch(padding_side="left")
+    lp_r = score_logprobs(model, ids_r, am_r)
+    lp_l = score_logprobs(model, ids_l, am_l)
+    for i in range(ids_r.shape[0]):
+        torch.testing.assert_close(lp_r[i][am_r[i].bool()], lp_l[i][am_l[i].bool()], rtol=1e-6, atol=1e-6)
+
+
+def test_refuses_soft_capped_and_scaled_logits():
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=16, final_logit_softcapping=30.0)
+    gemma = transformers.Gemma2ForCausalLM(cfg)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_plain_linear_head(gemma)
+    ids = torch.randint(0, VOCAB, (1, 4))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        rlplus_model_loss(gemma, ids, None, None, torch.ones(1))
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        score_logprobs(gemma, ids)
+    gemma.config.final_logit_softcapping = None  # a plain head again
+    verify_head(gemma)
+
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625))
+    with pytest.raises(ValueError, match="logit_scale"):
+        check_plain_linear_head(cohere)
+
+
+def test_verify_head_catches_undeclared_postprocessing():
+    model = make_model("llama", tied=False)
+    verify_head(model)
+    forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled_forward
+    with pytest.raises(ValueError, match="lm_head"):
+        verify_head(model)
+
+
+def test_verify_head_under_dropout_keeps_train_mode():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY, attention_dropout=0.5)
+    model = transformers.LlamaForCausalLM(config).train()
+    verify_head(model)
+    assert model.training
+
+
+def test_bad_shapes_are_named():
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    with pytest.raises(ValueError, match="advantages"):
+        rlplus_model_loss(model, ids, am, lm, torch.zeros(3))
+    with pytest.raises(ValueError, match="old_logprobs"):
+        rlplus_model_loss(model, ids, am, lm, torch.zeros(5), torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_build_group_batch(padding_side):
+    prompts = [[5, 6, 7], [8, 9]]
+    completions = [[[10, 2], [11, 12, 2]], [[13, 2], [14, 2]]]
+    rewards = [[1.0, 0.0], [0.0, 0.0]]
+    ext = [[[15, 2]], [[16, 17, 18, 2]]]
+    b = build_group_batch(prompts, completions, rewards, external_completions=ext,
+                          pad_token_id=0, padding_side=padding_side)
+    assert b.input_ids.shape == (6, 6)
+    assert b.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert b.external_mask.tolist() == [False, False, True, False, False, True]
+    assert b.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    torch.testing.assert_close(b.advantages, torch.tensor([1 / 3, -2 / 3, 1 / 3, -1 / 3, -1 / 3, 2 / 3]))
+    assert b.loss_mask.sum(1).tolist() == [2, 3, 2, 2, 2, 4]
+    assert (b.loss_mask <= b.attention_mask.bool()).all()
+    row = 4  # prompt [8, 9] + [14, 2]
+    assert b.input_ids[row][b.attention_mask[row].bool()].tolist() == [8, 9, 14, 2]
+    assert b.input_ids[row][b.loss_mask[row]].tolist() == [14, 2]
+    side = 0 if padding_side == "left" else -1
+    assert b.attention_mask[4, side] == 0
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batching_does_not_change_the_step(loss_agg):
+    """Gradient accumulation with a global normalizer: same update as one big batch."""
+    ids, am, lm = padded_batch()
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5], dtype=torch.float64)
+    ext = torch.tensor([False, True, False, False, True])
+    batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv, external_mask=ext)
+    params = []
+    for micro in (None, 2):
+        model = make_model("llama", tied=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = RLPlusTrainer(model, opt, micro_batch_size=micro, loss_agg=loss_agg,
+                                normalizer=None, max_grad_norm=None)
+        metrics = trainer.step(batch)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if micro is None:
+            full = metrics
+        else:
+            for key in ("loss", "grad_norm", "num_tokens", "num_external_tokens", "logprob_mean",
+                        "mis_ratio_mean", "explore_coef_mean", "entropy_mean"):
+                assert math.isclose(metrics[key], full[key], rel_tol=1e-6, abs_tol=1e-9), key
+    torch.testing.assert_close(params[0], params[1], rtol=1e-10, atol=1e-12)
+
+
+def test_trainer_metrics_and_preset():
+    model = make_model("qwen2", tied=True, dtype=torch.float32)
+    trainer = RLPlusTrainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert trainer.hyper == dict(OFFICIAL_RECIPE)
+    b = build_group_batch([[5, 6]], [[[7, 2], [8, 2]]], [[1.0, 0.0]], external_completions=[[[9, 2]]])
+    m = trainer.step(b)
+    for key in ("loss", "grad_norm", "tokens_per_s", "num_tokens", "clip_frac", "ratio_mean",
+                "mis_ratio_mean", "explore_coef_mean", "logprob_mean", "entropy_mean", "reward_mean"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["num_tokens"] == 6 and m["num_external_tokens"] == 2
+    assert m["reward_mean"] == 0.5  # the rollouts only, not the demonstration
+
+
+def test_training_raises_logprob_of_rewarded_completions():
+    model = make_model("llama", tied=False, dtype=torch.float32, seed=3)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    good = [[20, 21, 2], [30, 31, 2]]
+    bad = [[22, 23, 2], [32, 33, 2]]
+    batch = build_group_batch(prompts, [[good[0], bad[0], bad[0]], [bad[1], good[1], bad[1]]],
+                              [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                              external_completions=[[good[0]], [good[1]]])
+    trainer = RLPlusTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), normalizer=4)
+
+    def seq_logprob(completions):
+        b = build_group_batch(prompts, [[c] for c in completions], [[0.0], [0.0]])
+        lp = score_logprobs(model, b.input_ids, b.attention_mask)
+        return (lp * b.loss_mask).sum(-1)
+
+    good0, bad0 = seq_logprob(good), seq_logprob(bad)
+    for _ in range(10):
+        metrics = trainer.step(batch)
+        assert math.isfinite(metrics["loss"])
+    good1, bad1 = seq_logprob(good), seq_logprob(bad)
+    assert (good1 > good0 + 1.0).all(), (good0, good1)
+    assert (bad1 < bad0).all(), (bad0, bad1)
+
+
+def test_import_does_not_need_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, rlplus_kernels, rlplus_kernels.trainer; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

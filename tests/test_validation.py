@@ -1,0 +1,128 @@
+"""Every bad input of SPEC.md section 3 raises ValueError/TypeError naming the argument, before any work."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rlplus_kernels import RLPlusLoss, linear_logprobs, rlplus_loss
+
+N, D, V = 6, 4, 11
+
+
+def good(**overrides):
+    kwargs = dict(hidden=torch.randn(N, D), weight=torch.randn(V, D), targets=torch.randint(0, V, (N,)),
+                  advantages=torch.randn(N))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def batched(**overrides):
+    return good(**{**dict(hidden=torch.randn(2, 3, D), targets=torch.randint(0, V, (2, 3)),
+                          advantages=torch.randn(2, 3)), **overrides})
+
+
+CASES = [
+    # (description, kwargs, exception, words the message must contain)
+    ("hidden 1-D", good(hidden=torch.randn(D)), ValueError, "hidden"),
+    ("hidden 4-D", good(hidden=torch.randn(1, 2, 3, D)), ValueError, "hidden"),
+    ("hidden not a tensor", good(hidden=[[0.0] * D] * N), TypeError, "hidden"),
+    ("weight 1-D", good(weight=torch.randn(V)), ValueError, "weight"),
+    ("hidden size mismatch", good(weight=torch.randn(V, D + 1)), ValueError, "weight.shape[1]"),
+    ("bias wrong shape", good(bias=torch.randn(V + 1)), ValueError, "bias"),
+    ("float targets", good(targets=torch.zeros(N)), TypeError, "targets"),
+    ("bool targets", good(targets=torch.zeros(N, dtype=torch.bool)), TypeError, "targets"),
+    ("targets wrong shape", good(targets=torch.zeros(N + 1, dtype=torch.long)), ValueError, "targets"),
+    ("target >= V", good(targets=torch.full((N,), V)), ValueError, "targets"),
+    ("negative target", good(targets=torch.full((N,), -3)), ValueError, "targets"),
+    ("advantages wrong shape", good(advantages=torch.randn(N + 1)), ValueError, "advantages"),
+    ("advantages integer", good(advantages=torch.ones(N, dtype=torch.long)), TypeError, "advantages"),
+    ("per-sequence advantages on flat input", good(advantages=torch.randn(1)), ValueError, "advantages"),
+    ("old_logprobs wrong shape", good(old_logprobs=torch.randn(N, 1)), ValueError, "old_logprobs"),
+    ("old_logprobs integer", good(old_logprobs=torch.zeros(N, dtype=torch.int32)), TypeError, "old_logprobs"),
+    ("behavior_logprobs wrong shape", good(behavior_logprobs=torch.randn(2)), ValueError, "behavior_logprobs"),
+    ("ref_logprobs integer", good(ref_logprobs=torch.zeros(N, dtype=torch.long), kl_coef=0.1), TypeError,
+     "ref_logprobs"),
+    ("loss_mask complex", good(loss_mask=torch.zeros(N, dtype=torch.complex64)), TypeError, "loss_mask"),
+    ("loss_mask wrong shape", good(loss_mask=torch.ones(N + 2, dtype=torch.bool)), ValueError, "loss_mask"),
+    ("external_mask wrong shape", good(external_mask=torch.ones(3, dtype=torch.bool)), ValueError, "external_mask"),
+    ("weight dtype differs", good(weight=torch.randn(V, D, dtype=torch.float64)), TypeError, "weight"),
+    ("bias dtype differs", good(bias=torch.randn(V, dtype=torch.float16)), TypeError, "bias"),
+    ("integer hidden", good(hidden=torch.ones(N, D, dtype=torch.long), weight=torch.ones(V, D, dtype=torch.long)),
+     TypeError, "hidden"),
+    ("zero temperature", good(temperature=0.0), ValueError, "temperature"),
+    ("negative temperature", good(temperature=-1.0), ValueError, "temperature"),
+    ("infinite temperature", good(temperature=float("inf")), ValueError, "temperature"),
+    ("nan temperature", good(temperature=float("nan")), ValueError, "temperature"),
+    ("negative clip_eps_low", good(clip_eps_low=-0.1), ValueError, "clip_eps_low"),
+    ("negative clip_eps_high", good(clip_eps_high=-0.1), ValueError, "clip_eps_high"),
+    ("dual_clip = 1", good(dual_clip=1.0), ValueError, "dual_clip"),
+    ("negative gamma", good(gamma=-0.5), ValueError, "gamma"),
+    ("mis_clip_max = 0", good(mis_clip_max=0.0), ValueError, "mis_clip_max"),
+    ("kl without ref_logprobs", good(kl_coef=0.1), ValueError, "ref_logprobs"),
+    ("unknown loss_agg", good(loss_agg="mean"), ValueError, "loss_agg"),
+    ("seq mode on flat input", good(loss_agg="seq-mean-token-mean"), ValueError, "loss_agg"),
+    ("seq mode (token-sum) on flat input", good(loss_agg="seq-mean-token-sum"), ValueError, "loss_agg"),
+    ("normalizer 0", good(normalizer=0), ValueError, "normalizer"),
+    ("normalizer negative", good(normalizer=-4.0), ValueError, "normalizer"),
+    ("normalizer string", good(normalizer="8192"), TypeError, "normalizer"),
+    ("normalizer 1-D tensor", good(normalizer=torch.ones(2)), ValueError, "normalizer"),
+    ("unknown backend", good(backend="cuda"), ValueError, "backend"),
+    ("per-sequence advantages wrong length", batched(advantages=torch.randn(3)), ValueError, "advantages"),
+    ("string gamma", good(gamma="0.5"), TypeError, "gamma"),
+]
+
+
+@pytest.mark.parametrize("description,kwargs,error,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_naming_the_argument(description, kwargs, error, words):
+    hidden = kwargs["hidden"]
+    if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
+        hidden.requires_grad_()
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        rlplus_loss(**kwargs)
+    if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
+        assert hidden.grad is None
+
+
+def test_module_refuses_bad_hyper_parameters_at_construction():
+    with pytest.raises(ValueError, match="dual_clip"):
+        RLPlusLoss(dual_clip=0.5)
+    with pytest.raises(ValueError, match="loss_agg"):
+        RLPlusLoss(loss_agg="tokens")
+
+
+def test_linear_logprobs_validates_too():
+    with pytest.raises(ValueError, match="targets"):
+        linear_logprobs(torch.randn(N, D), torch.randn(V, D), torch.full((N,), V))
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprobs(torch.randn(N, D), torch.randn(V, D), torch.zeros(N, dtype=torch.long), temperature=0)
+
+
+def test_float64_is_refused_by_the_triton_backend():
+    with pytest.raises(TypeError, match="hidden"):
+        rlplus_loss(**good(hidden=torch.randn(N, D, dtype=torch.float64), weight=torch.randn(V, D, dtype=torch.float64),
+                           backend="triton"))
+
+
+def test_triton_on_cpu_without_the_interpreter_says_how(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rlplus_loss(**good(backend="triton"))
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+def test_ignore_index_out_of_range_is_allowed():
+    out = rlplus_loss(**good(targets=torch.tensor([0, -100, 3, -100, 10, 1])))
+    assert out.metrics["num_tokens"].item() == 4
+
+
+def test_tensors_on_different_devices():
+    """The meta device stands in for a second device: the check must fire before any computation."""
+    with pytest.raises(ValueError, match="weight"):
+        rlplus_loss(**good(weight=torch.randn(V, D, device="meta")))
+    with pytest.raises(ValueError, match="targets"):
+        rlplus_loss(**good(targets=torch.zeros(N, dtype=torch.long, device="meta")))
+    with pytest.raises(ValueError, match="advantages"):
+        rlplus_loss(**good(advantages=torch.randn(N, device="meta")))
