@@ -306,6 +306,12 @@ def _measure_cuda(call, repeats) -> dict:
 def worker_main():
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec["threads"])
+    if spec.get("mem_limit_bytes"):
+        # a size that does not fit fails its allocation (a row marked OOM) instead of waking the
+        # kernel's OOM killer, which may pick another process on a shared machine
+        import resource
+        cap = _proc_status_kb("VmSize") * 1024 + int(spec["mem_limit_bytes"])
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     provider = PROVIDERS[spec["provider"]]
     for job in spec["jobs"]:
         problem = Problem(**job["problem"])
@@ -314,13 +320,25 @@ def worker_main():
         print("RESULT " + json.dumps({"id": job["id"], **rec}), flush=True)
 
 
+def mem_limit_bytes(args) -> int | None:
+    """--mem-limit-gb, else 90% of the memory the kernel reports available."""
+    if args.mem_limit_gb is not None:
+        return int(args.mem_limit_gb * 2**30) if args.mem_limit_gb > 0 else None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return int(0.9 * avail * 1024)
+    except (OSError, StopIteration):
+        return None
+
+
 def run_worker(provider_name, mode, jobs, args, threads, on_result):
     """Run jobs in fresh processes; a process killed mid-job (out of memory) records that job as OOM
     and the rest go on in a new process."""
     pending = list(jobs)
     while pending:
         spec = {"provider": provider_name, "mode": mode, "threads": threads, "warmup": args.warmup,
-                "jobs": pending}
+                "jobs": pending, "mem_limit_bytes": mem_limit_bytes(args)}
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         proc.stdin.write(json.dumps(spec))
@@ -492,6 +510,8 @@ def parse_args(argv=None):
                    "at least this many, about 1 s of them)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores that other processes leave idle, "
                    "by the 1-minute load average, at least 1)")
+    p.add_argument("--mem-limit-gb", type=float, help="CPU: address-space limit of each worker beyond its "
+                   "start (default: 90%% of available memory; 0: none); a size over it is recorded as OOM")
     p.add_argument("--isolate", choices=["provider", "size"], default="provider",
                    help="CPU: a fresh process per (provider, mode), or per (provider, mode, size)")
     p.add_argument("--label", help="free text stored in every record (e.g. which branch of a backend ran)")

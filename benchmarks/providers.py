@@ -90,8 +90,9 @@ def make_inputs(problem: Problem, with_old_logprobs: bool) -> Inputs:
     return Inputs(hidden, weight, targets, advantages, old, external)
 
 
-def _chunked_logprobs(h, w, y, chunk=1024):
+def _chunked_logprobs(h, w, y):
     out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    chunk = max(1, 2**24 // w.shape[0])  # 64 MB of float32 logits at a time: input preparation stays small
     for i in range(0, h.shape[0], chunk):
         z = (h[i:i + chunk] @ w.T).float()
         out[i:i + chunk] = z.gather(-1, y[i:i + chunk, None]).squeeze(-1) - torch.logsumexp(z, -1)
