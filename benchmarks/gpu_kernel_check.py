@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""GPU check of the Triton linear-logprobs kernels: correctness, speed vs bare GEMMs, memory.
+
+Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkout on CUDA:
+
+    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive]
+
+(a) forward/backward against a higher-precision torch computation of CONTRACT.md at several
+    shapes (float64 for small ones; float32, TF32 off, in token chunks, on the same
+    bf16-rounded inputs for N=16384, D=4096, V=151936);
+(b) triton.testing.do_bench medians (p20/p80) of our fwd+bwd vs the three bare bf16 GEMMs
+    (logits = h @ W^T, grad_hidden = dl @ W, grad_weight = dl^T @ h), and their ratio;
+(c) peak extra memory (torch.cuda.max_memory_allocated above the inputs) of ours vs a naive
+    full-logits implementation; one summary table at the end and JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+IGN = -100
+
+
+def env_info():
+    import triton
+
+    return dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(), cuda=torch.version.cuda,
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024):
+    """lse, target_logit, sum_pz, entropy and the three gradients, token-chunked, in ref_dtype."""
+    n, d = h.shape
+    w_r = w.to(ref_dtype)
+    b_r = b.to(ref_dtype) if b is not None else None
+    lse = torch.empty(n, dtype=ref_dtype, device=h.device)
+    tl = torch.empty_like(lse)
+    spz = torch.empty_like(lse)
+    gh = torch.empty(n, d, dtype=ref_dtype, device=h.device)
+    gw = torch.zeros_like(w_r)
+    gb = torch.zeros(w.shape[0], dtype=ref_dtype, device=h.device)
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        hc = h[n0:n1].to(ref_dtype)
+        z = hc @ w_r.T
+        if b_r is not None:
+            z += b_r
+        z /= temperature
+        lse_c = z.logsumexp(-1)
+        p = torch.exp(z - lse_c[:, None])
+        spz_c = (p * z).sum(-1)
+        ent_c = lse_c - spz_c
+        tc = t[n0:n1]
+        valid = tc != IGN
+        tl_c = torch.where(valid, z.gather(1, tc.clamp(min=0)[:, None])[:, 0], 0.0)
+        # dz = g_logp (onehot - p) + g_ent (-p (z - lse + H))
+        dz = -p * (gl[n0:n1].to(ref_dtype)[:, None] + ge[n0:n1].to(ref_dtype)[:, None] * (z - lse_c[:, None] + ent_c[:, None]))
+        dz.scatter_add_(1, tc.clamp(min=0)[:, None], gl[n0:n1].to(ref_dtype)[:, None])
+        dz = torch.where(valid[:, None], dz, 0.0) / temperature
+        del z, p
+        lse[n0:n1], tl[n0:n1], spz[n0:n1] = lse_c, tl_c, spz_c
+        gh[n0:n1] = dz @ w_r
+        gw += dz.T @ hc
+        if b_r is not None:
+            gb += dz.sum(0)
+        del dz
+    return dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw,
+                grad_bias=gb if b is not None else None)
+
+
+def rel_err(got, ref):
+    got, ref = got.double(), ref.double()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item(), (got - ref).abs().max().item()
+
+
+TOL = {  # relative norm error
+    torch.float32: dict(fwd=1e-5, bwd=1e-4),
+    torch.float16: dict(fwd=1e-5, bwd=5e-3),
+    torch.bfloat16: dict(fwd=1e-5, bwd=2e-2),
+}
+
+
+def check_shape(n, d, v, dtype, bias, temperature=0.8, seed=0):
+    from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = (torch.randn(n, d, device="cuda", generator=g) / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
+    b = torch.randn(v, device="cuda", generator=g).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    t[::7] = IGN
+    gl = torch.randn(n, device="cuda", generator=g)
+    ge = torch.randn(n, device="cuda", generator=g)
+    big = n * v * d > 2**36
+    ref_dtype = torch.float32 if big else torch.float64
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024 if big else 4096)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    # poison: outputs are fresh tensors of the launcher; check them finite and complete
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True)
+    ent = lse - spz
+    gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=temperature,
+                                          ignore_index=IGN, needs_grad=(True, True, bias))
+    torch.cuda.synchronize()
+    out = dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    rows = []
+    for k, got in out.items():
+        if ref[k] is None:
+            continue
+        r, m = rel_err(got, ref[k])
+        kind = "fwd" if k in ("lse", "target_logit", "sum_pz") else "bwd"
+        ok = bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind]
+        rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias,
+                         out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
+    del ref, out, gh, gw
+    torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- timing
+def bench(fn, rep=200):
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    q = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return dict(p50=q[0], p20=q[1], p80=q[2])
+
+
+def naive(h, w, b, t, temperature):
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    z = z.float() / temperature
+    logp_all = z.log_softmax(-1)
+    valid = t != IGN
+    logp = torch.where(valid, logp_all.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    ent = torch.where(valid, -(logp_all.exp() * logp_all).sum(-1), 0.0)
+    return logp, ent
+
+
+def time_and_memory(n, d, v, dtype, do_naive, rep):
+    from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
+
+    torch.manual_seed(0)
+    h = (torch.randn(n, d, device="cuda") / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device="cuda") / d**0.25).to(dtype)
+    t = torch.randint(0, v, (n,), device="cuda")
+    gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""))
+
+    def fwd():
+        return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+
+    lse, _, spz = fwd()
+    ent = lse - spz
+
+    def bwd():
+        return linear_logprobs_backward(h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
+                                        needs_grad=(True, True, False))
+
+    def fwd_bwd():
+        lse_, _, spz_ = fwd()
+        return linear_logprobs_backward(h, w, None, t, lse_, lse_ - spz_, gl, ge, temperature=1.0,
+                                        ignore_index=IGN, needs_grad=(True, True, False))
+
+    res["ours_fwd"] = bench(fwd, rep)
+    res["ours_bwd"] = bench(bwd, rep)
+    res["ours_bwd_hidden_only"] = bench(lambda: linear_logprobs_backward(
+        h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN, needs_grad=(True, False, False)), rep)
+    res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
+    # three bare GEMMs in the input dtype, as cuBLAS runs them
+    dl = torch.randn(n, v, device="cuda").to(dtype)
+    res["gemm_logits"] = bench(lambda: h @ w.T, rep)
+    res["gemm_grad_hidden"] = bench(lambda: dl @ w, rep)
+    res["gemm_grad_weight"] = bench(lambda: dl.T @ h, rep)
+    del dl
+    torch.cuda.empty_cache()
+    gemms = res["gemm_logits"]["p50"] + res["gemm_grad_hidden"]["p50"] + res["gemm_grad_weight"]["p50"]
+    res["gemm_sum_ms"] = gemms
+    res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
+    res["tflops_fwd_bwd"] = 6 * n * v * d / res["ours_fwd_bwd"]["p50"] / 1e9
+
+    # peak extra memory above inputs (+ parameter grads, which both implementations must hold)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    res["ours_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if do_naive:
+        hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            logp, ent_n = naive(hr, wr, None, t, 1.0)
+            ((logp * gl).sum() + (ent_n * ge).sum()).backward()
+            torch.cuda.synchronize()
+            res["naive_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del logp, ent_n
+            hr.grad = wr.grad = None
+            res["naive_fwd_bwd"] = bench(lambda: torch.autograd.backward(
+                [x.sum() for x in naive(hr, wr, None, t, 1.0)]), max(20, rep // 4))
+        except torch.cuda.OutOfMemoryError:
+            res["naive_peak_extra_mb"] = float("inf")
+            res["naive_fwd_bwd"] = None
+        del hr, wr
+        torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="skip the 16384x4096x151936 shape")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs CUDA"
+    os.environ.pop("TRITON_INTERPRET", None)
+    info = env_info()
+    print(info, flush=True)
+
+    check_cases = [
+        (1, 64, 2, torch.float32, True), (7, 40, 300, torch.float16, True), (257, 1000, 5003, torch.float32, False),
+        (257, 1000, 5003, torch.bfloat16, True), (1031, 896, 32000, torch.float16, False),
+        (2048, 4096, 151936, torch.bfloat16, False),
+    ]
+    if not args.quick:
+        check_cases.append((16384, 4096, 151936, torch.bfloat16, False))
+    checks = []
+    for case in check_cases:
+        t0 = time.time()
+        rows = check_shape(*case)
+        checks += rows
+        worst = max(rows, key=lambda r: r["rel_err"] / r["tol"])
+        print(f"check {rows[0]['shape']:>20} {rows[0]['dtype']:9} bias={case[4]!s:5} "
+              f"{'OK ' if all(r['ok'] for r in rows) else 'FAIL'} worst {worst['out']} rel {worst['rel_err']:.2e} "
+              f"(tol {worst['tol']:.0e}, ref {worst['ref']}) [{time.time() - t0:.1f}s]", flush=True)
+
+    timing_cases = [(4096, 4096, 151936), (16384, 4096, 151936)] if not args.quick else [(4096, 4096, 151936)]
+    timings = []
+    for n, d, v in timing_cases:
+        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep))
+        print(json.dumps(timings[-1]), flush=True)
+
+    print("\n=== summary (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ") ===")
+    print(f"{'correctness':12} {'shape':>20} {'dtype':9} {'worst output':14} {'rel err':>9} {'tol':>7} ok")
+    for shape in dict.fromkeys(r["shape"] + r["dtype"] for r in checks):
+        rows = [r for r in checks if r["shape"] + r["dtype"] == shape]
+        w = max(rows, key=lambda r: r["rel_err"] / r["tol"])
+        print(f"{'':12} {w['shape']:>20} {w['dtype']:9} {w['out']:14} {w['rel_err']:9.2e} {w['tol']:7.0e} {all(r['ok'] for r in rows)}")
+    print(f"\n{'timing (ms p50)':16} {'shape':>18} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'3 GEMMs':>8} {'ratio':>6} "
+          f"{'TFLOP/s':>8} {'naive':>8} {'peak MB':>9} {'naive MB':>9}")
+    for r in timings:
+        nv = r.get("naive_fwd_bwd")
+        print(f"{'':16} {r['shape']:>18} {r['ours_fwd']['p50']:7.2f} {r['ours_bwd']['p50']:7.2f} "
+              f"{r['ours_fwd_bwd']['p50']:8.2f} {r['gemm_sum_ms']:8.2f} {r['ratio_fwd_bwd_over_gemms']:6.2f} "
+              f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
+              f"{r.get('naive_peak_extra_mb', float('nan')):9.0f}")
+    ok = all(r["ok"] for r in checks)
+    print("\nALL CHECKS PASS" if ok else "\nSOME CHECKS FAILED")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, checks=checks, timings=timings, ok=ok), f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Fixed launch configurations per GPU family, and the few helpers every launcher shares.
+
+Autotuning is off unless ``RLPLUS_AUTOTUNE=1``: a fixed configuration compiles once and behaves
+the same on every run; the table below was chosen from register/spill reports
+(``scripts/check_kernels.py``) and the tile shapes that run near cuBLAS speed on A100/H100.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("RLPLUS_AUTOTUNE", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+    GROUP_N: int = 8
+
+
+# (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).
+# half precision: 128x128x64 tiles, a ring of (128 + 128) x 64 x 2 B = 32 KiB per stage (4 stages
+# on sm_90: measured 3-5% faster than 3 on H100; 3 on sm_80); 8 warps because the 128x128 fp32
+# accumulator plus the online-softmax epilogue spills at 4 (856-byte stack seen at 4 warps).
+# 128x256 and 256x128 tiles ran ~8% faster on H100 but spill (hundreds of STL): not used.
+# fp32 (IEEE FFMA or TF32 mma): 32x64x16 at 4 warps; the FFMA dot layout is register-hungry
+# (64x64 spills at 8 warps under triton 3.6's 128-register cap, 64x64x32 at 4 warps).
+_TABLE = {
+    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    ("sm90", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=3),
+    ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm80", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=3),
+    # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
+    ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
+    ("other", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=2),
+    # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
+    ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
+    ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
+}
+
+# The backward's dlogits kernel is a plain GEMM tile with an elementwise epilogue (no running
+# softmax state), so it may take a wider tile than the forward; entries here override _TABLE.
+_TABLE_BWD: dict = {}
+
+# Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
+# neither async copies nor wide loads: every element carries its own 64-bit address and the big
+# tile spills. These shapes are rare (tests, toy models): a small tile.
+_UNALIGNED = {
+    False: KernelConfig(64, 64, 16, num_warps=4, num_stages=1),  # 64 rows: one warpgroup wgmma
+    True: KernelConfig(32, 64, 16, num_warps=4, num_stages=1),  # FFMA path spills at 64 rows
+}
+
+FAMILIES = ("sm80", "sm90")
+
+
+def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
+    if not aligned and family != "interpret":
+        return _UNALIGNED[is_fp32]
+    if kernel == "bwd" and (family, is_fp32) in _TABLE_BWD:
+        return _TABLE_BWD[(family, is_fp32)]
+    return _TABLE[(family, is_fp32)]
+
+
+def rows_aligned(*tensors) -> bool:
+    """True when every 2-D operand has unit inner stride and 16-element-divisible row stride/width."""
+    for t in tensors:
+        if t.stride(1) != 1 or t.stride(0) % 16 or t.shape[1] % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _device_family(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    if major == 9:
+        return "sm90"
+    if (major, minor) == (8, 0) or major >= 10:
+        return "sm80"
+    return "other"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def family_of(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "interpret"
+    return _device_family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None,
+                aligned: bool = True, dim: Optional[int] = None, kernel: str = "fwd") -> KernelConfig:
+    fam = family_of(device)
+    cfg = table_config(fam, dtype == torch.float32, aligned, kernel)
+    if aligned and dim is not None and fam != "interpret":
+        # aligned rows have D % 16 == 0: BLOCK_D = 16 when the table's does not divide D, so
+        # the masked D tail (a second dot in the loop, which spills at the big tile) never
+        # compiles (128x128x32 spilled 2 registers under triton 3.6; x16 does not)
+        if dim % cfg.BLOCK_D:
+            cfg = replace(cfg, BLOCK_D=16)
+    if override:
+        cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 operands use TF32 only where torch itself would (its matmul flag); else exact IEEE."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def kernel_operand(x: torch.Tensor) -> torch.Tensor:
+    # triton 3.9's interpreter returns garbage from tl.dot on bfloat16 operands (fp16/fp32 are
+    # fine), so when interpreting, bf16 operands are upcast; compiled kernels read bf16 directly.
+    if x.dtype == torch.bfloat16 and interpreting():
+        return x.float()
+    return x
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,300 @@
+"""Backward of the vocabulary-streaming op: gradients into hidden, weight and bias.
+
+Exact computation (CONTRACT.md)::
+
+    z  = (hidden.float() @ weight.float().T + bias) / temperature;  p = exp(z - lse)
+    dz = g_logp * (onehot(y - vocab_start) - p) + g_ent * (-p * (z - lse + entropy))   (0 at ignored rows)
+    dl = dz / temperature
+    grad_hidden = dl @ weight;  grad_weight = dl.T @ hidden;  grad_bias = dl.sum(0)
+
+Design: chunked recompute + cuBLAS. The chunk grid walks [tokens x vocabulary] in chunks of at
+most ``chunk_elems`` elements; for each chunk a Triton kernel recomputes the logits tile by tile
+(the same tl.dot tiling as the forward), forms dl in the input dtype and writes it to one reused
+buffer, and two cuBLAS GEMMs consume it::
+
+    for token chunk n, vocab chunk v:
+        dl[n, v]       = _linear_logprobs_bwd_kernel(...)      # 2 N V D flops, one write of the chunk
+        grad_hidden[n] += dl @ W[v]                            # only if hidden needs a gradient
+        grad_weight[v] += dl.T @ h[n]                          # only if weight needs a gradient
+        grad_bias[v]   += dl.sum(0)                            # only if bias needs a gradient
+
+The chunk shape is chosen so that the gradient that needs no cross-chunk sum is written straight
+by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
+Extra memory: one dl chunk (default 2^28 elements) plus, when both gradients are needed and the
+vocabulary is split, an fp32 [N, D] accumulator for grad_hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+import triton
+import triton.language as tl
+
+from ._config import dot_precision, kernel_operand, pick_config, rows_aligned
+
+DEFAULT_CHUNK_ELEMS = 1 << 28
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_GRAD_LOGP": lambda args: args["grad_logp_ptr"] is not None,
+        "HAS_GRAD_ENT": lambda args: args["grad_ent_ptr"] is not None,
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+    }
+)
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    # pointers
+    hidden_ptr,  # [N, D] fp32/fp16/bf16 (this token chunk)
+    weight_ptr,  # [V, D] same dtype (this vocabulary chunk)
+    bias_ptr,  # [V] same dtype, or None
+    targets_ptr,  # [N] int64, global ids
+    lse_ptr,  # [N] fp32, global log-sum-exp
+    ent_ptr,  # [N] fp32, global entropy (read only with HAS_GRAD_ENT)
+    grad_logp_ptr,  # [N] fp32 upstream gradient of logp, or None
+    grad_ent_ptr,  # [N] fp32 upstream gradient of the entropy, or None
+    dl_ptr,  # [N, V] out, input dtype: d loss / d raw logits for this chunk
+    # shapes
+    N,
+    V,
+    D,
+    # strides
+    stride_hidden_n,
+    stride_hidden_d,
+    stride_weight_v,
+    stride_weight_d,
+    stride_bias_v,
+    stride_targets_n,
+    stride_dl_n,
+    # runtime scalars
+    temperature,
+    ignore_index,
+    col_start,  # global id of this chunk's first weight row
+    # meta-parameters
+    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """dlogits of one [N, V] chunk: recompute z, then dz / temperature in the input dtype.
+
+    hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype, this chunk's rows);
+    targets_ptr [N] int (global ids); lse_ptr, ent_ptr [N] fp32 (global); grad_logp_ptr,
+    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride.
+    """
+    # grouped ordering (Triton's matmul tutorial) for L2 reuse of both operands
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_n = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_v = (pid % per_group) // group_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    offs_n64 = offs_n.to(tl.int64)
+    offs_v64 = offs_v.to(tl.int64)
+
+    h_ptrs = hidden_ptr + offs_n64[:, None] * stride_hidden_n + offs_d[None, :].to(tl.int64) * stride_hidden_d
+    w_ptrs = weight_ptr + offs_v64[:, None] * stride_weight_v + offs_d[None, :].to(tl.int64) * stride_weight_d
+    h_step = tl.full([], BLOCK_D, tl.int64) * stride_hidden_d
+    w_step = tl.full([], BLOCK_D, tl.int64) * stride_weight_d
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
+    for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
+        h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+        # we accumulate into fp32 whatever the operand dtype
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += h_step
+        w_ptrs += w_step
+    if not EVEN_D:
+        mask_d = (D - D % BLOCK_D + offs_d) < D
+        h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    z = acc / temperature
+
+    tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
+    valid = tgt != ignore_index
+    lse = tl.load(lse_ptr + offs_n64, mask=mask_n, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if HAS_GRAD_LOGP:
+        g = tl.load(grad_logp_ptr + offs_n64, mask=mask_n, other=0.0)
+        g = tl.where(valid, g, 0.0)
+        hit = offs_v[None, :] == (tgt - col_start)[:, None]
+        dz += g[:, None] * (tl.where(hit, 1.0, 0.0) - p)
+    if HAS_GRAD_ENT:
+        ge = tl.load(grad_ent_ptr + offs_n64, mask=mask_n, other=0.0)
+        ge = tl.where(valid, ge, 0.0)
+        ent = tl.load(ent_ptr + offs_n64, mask=mask_n, other=0.0)
+        dz -= ge[:, None] * (p * (logp + ent[:, None]))
+    dl = dz / temperature
+    dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dl_n + offs_v64[None, :]
+    tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
+
+
+_MM_OUT_DTYPE_OK = {}
+
+
+def _mm_accumulate(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc32 += a @ b with an fp32 result from half-precision operands where the platform allows."""
+    if a.dtype == torch.float32:
+        acc32.addmm_(a, b)
+        return
+    if a.is_cuda:
+        if _MM_OUT_DTYPE_OK.get(a.dtype, True):
+            try:
+                acc32.add_(torch.mm(a, b, out_dtype=torch.float32))
+                _MM_OUT_DTYPE_OK[a.dtype] = True
+                return
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE_OK[a.dtype] = False
+        # older torch: product rounded to the input dtype once per chunk, then summed in fp32
+        acc32.add_(torch.mm(a, b))
+        return
+    acc32.addmm_(a.float(), b.float())  # CPU (interpreter tests): upcast is cheap at test sizes
+
+
+def _plan_chunks(n_tokens, n_vocab, need_vocab_side, budget, cfg):
+    """(token chunk, vocab chunk) within ``budget`` elements; see the module docstring."""
+    if not need_vocab_side:
+        # only grad_hidden: whole vocabulary per chunk so grad_hidden rows need no fp32 sum
+        cv = n_vocab
+        cn = min(n_tokens, max(budget // max(cv, 1), cfg.BLOCK_N))
+        if cn < n_tokens:
+            cn = max(cfg.BLOCK_N, cn // cfg.BLOCK_N * cfg.BLOCK_N)
+        return cn, cv
+    # a vocabulary-side gradient: all tokens per chunk so grad_weight rows need no fp32 sum
+    cn = n_tokens
+    cv = min(n_vocab, budget // max(cn, 1))
+    if cv < 4 * cfg.BLOCK_V and n_vocab > cv:
+        cv = min(n_vocab, 4 * cfg.BLOCK_V)
+        cn = min(n_tokens, max(cfg.BLOCK_N, budget // cv // cfg.BLOCK_N * cfg.BLOCK_N))
+    elif cv < n_vocab:
+        cv = max(cfg.BLOCK_V, cv // cfg.BLOCK_V * cfg.BLOCK_V)
+    return cn, cv
+
+
+def linear_logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    *,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int = 0,
+    needs_grad=(True, True, True),
+    config: Optional[dict] = None,
+    chunk_elems: Optional[int] = None,
+):
+    """CONTRACT.md backward: (grad_hidden | None, grad_weight | None, grad_bias | None), input dtype.
+
+    ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^28
+    elements, env ``RLPLUS_CHUNK_ELEMS``).
+    """
+    need_h, need_w, need_b = (bool(x) for x in needs_grad)
+    need_b = need_b and bias is not None
+    n_tokens, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    dtype, device = hidden.dtype, hidden.device
+    if dtype == torch.float64:
+        raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16, not float64")
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("entropy: needed when grad_entropy is given")
+    gh = torch.empty((n_tokens, dim), device=device, dtype=dtype) if need_h else None
+    gw = torch.empty((n_vocab, dim), device=device, dtype=dtype) if need_w else None
+    gb32 = torch.zeros((n_vocab,), device=device, dtype=torch.float32) if need_b else None
+    if not (need_h or need_w or need_b):
+        return None, None, None
+    if (grad_logp is None and grad_entropy is None) or n_tokens == 0:
+        for g in (gh, gw, gb32):
+            if g is not None:
+                g.zero_()
+        return gh, gw, (gb32.to(dtype) if need_b else None)
+
+    h_k = kernel_operand(hidden)
+    w_k = kernel_operand(weight)
+    cfg = pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd")
+    budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
+    cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
+    n_tok_chunks = triton.cdiv(n_tokens, cn)
+    n_voc_chunks = triton.cdiv(n_vocab, cv)
+
+    b_k = kernel_operand(bias) if bias is not None else None
+    f32 = lambda x: None if x is None else x.to(torch.float32)  # noqa: E731  ([N] tensors only)
+    lse, entropy, grad_logp, grad_entropy = f32(lse), f32(entropy), f32(grad_logp), f32(grad_entropy)
+    lse, grad_logp = lse.contiguous(), (grad_logp.contiguous() if grad_logp is not None else None)
+    if grad_entropy is not None:
+        entropy, grad_entropy = entropy.contiguous(), grad_entropy.contiguous()
+    ent_arg = entropy if grad_entropy is not None else lse  # placeholder pointer when unused
+
+    buf = torch.empty(min(cn, n_tokens) * min(cv, n_vocab), device=device, dtype=dtype)
+    gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
+    precision = dot_precision(dtype, device)
+
+    for n0 in range(0, n_tokens, cn):
+        n1 = min(n0 + cn, n_tokens)
+        gh32 = torch.zeros((n1 - n0, dim), device=device, dtype=torch.float32) if (need_h and n_voc_chunks > 1) else None
+        for v0 in range(0, n_vocab, cv):
+            v1 = min(v0 + cv, n_vocab)
+            rows, cols = n1 - n0, v1 - v0
+            dl = buf[: rows * cols].view(rows, cols)
+            hk, wk = h_k[n0:n1], w_k[v0:v1]
+            bk = b_k[v0:v1] if b_k is not None else None
+            grid = (triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V),)
+            _linear_logprobs_bwd_kernel[grid](
+                hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
+                grad_logp[n0:n1] if grad_logp is not None else None,
+                grad_entropy[n0:n1] if grad_entropy is not None else None,
+                dl,
+                rows, cols, dim,
+                hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
+                bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0),
+                float(temperature), int(ignore_index), int(vocab_start) + v0,
+                DOT_PRECISION=precision,
+                BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if need_h:
+                if gh32 is None:
+                    torch.mm(dl, weight[v0:v1], out=gh[n0:n1])
+                else:
+                    _mm_accumulate(gh32, dl, weight[v0:v1])
+            if need_w:
+                if gw32 is None:
+                    torch.mm(dl.t(), hidden[n0:n1], out=gw[v0:v1])
+                else:
+                    _mm_accumulate(gw32[v0:v1], dl.t(), hidden[n0:n1])
+            if need_b:
+                gb32[v0:v1] += dl.sum(0, dtype=torch.float32)
+        if gh32 is not None:
+            gh[n0:n1].copy_(gh32)
+    if gw32 is not None:
+        gw.copy_(gw32)
+    return gh, gw, (gb32.to(dtype) if need_b else None)

@@ -1,0 +1,312 @@
+"""Forward of the vocabulary-streaming op: log-sum-exp, target logit and sum p*z per token.
+
+Exact computation (CONTRACT.md), never materialising ``z`` for all tokens::
+
+    z            = (hidden.float() @ weight.float().T + bias) / temperature
+    lse          = z.logsumexp(-1)
+    target_logit = z[n, targets[n] - vocab_start] if that is inside this shard, else 0 (0 if ignored)
+    sum_pz       = (z.softmax(-1) * z).sum(-1)
+
+Blocked algorithm (one program = BLOCK_N tokens x one vocabulary split)::
+
+    m, s, t, tz = -inf, 0, 0, 0                     # running max, sum e^(z-m), sum e^(z-m)(z-m), z_y
+    for v0 in split, step BLOCK_V:
+        acc = sum_d  h[n, d-block] @ W[v-block, d-block]^T          (tl.dot, fp32 accumulate)
+        z = (acc + b) / T;  m' = max(m, rowmax z);  a = e^(m - m')
+        t = a (t + s (m - m')) + sum e^(z-m')(z-m');  s = a s + sum e^(z-m');  m = m'
+        tz += z[target]
+    write partials (m, s, t, tz)[split, n]
+
+Splits are merged in torch on [splits, N] tensors (``merge_partials``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import triton
+import triton.language as tl
+
+from ._config import (
+    autotune_enabled,
+    dot_precision,
+    interpreting,
+    kernel_operand,
+    pick_config,
+    rows_aligned,
+    sm_count,
+)
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+    }
+)
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    # pointers
+    hidden_ptr,  # [N, D] fp32/fp16/bf16
+    weight_ptr,  # [V, D] same dtype (this shard's rows)
+    bias_ptr,  # [V] same dtype, or None
+    targets_ptr,  # [N] int64, global ids
+    part_m_ptr,  # [SPLITS, N] fp32 out: running max
+    part_s_ptr,  # [SPLITS, N] fp32 out: sum exp(z - m)
+    part_t_ptr,  # [SPLITS, N] fp32 out: sum exp(z - m) * (z - m)   (WITH_ENTROPY only)
+    part_tz_ptr,  # [SPLITS, N] fp32 out: target logit if inside this split, else 0
+    # shapes
+    N,
+    V,
+    D,
+    V_PER_SPLIT,
+    SPLITS,
+    # strides
+    stride_hidden_n,
+    stride_hidden_d,
+    stride_weight_v,
+    stride_weight_d,
+    stride_bias_v,
+    stride_targets_n,
+    # runtime scalars (never constexpr: a constexpr recompiles per value)
+    temperature,
+    ignore_index,
+    vocab_start,
+    # meta-parameters
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """Per-(token, split) partials of the online softmax over one vocabulary split.
+
+    hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype); targets_ptr [N]
+    int (global ids); part_m_ptr / part_s_ptr / part_t_ptr / part_tz_ptr [SPLITS, N] fp32 outputs
+    (running max, sum e^(z-m), sum e^(z-m)(z-m), target logit). Program p covers BLOCK_N tokens
+    and columns [k V_PER_SPLIT, (k+1) V_PER_SPLIT) of this shard.
+    """
+    # Grouped order: consecutive programs cover GROUP_N token blocks x all splits, so that the
+    # hidden blocks of the programs in flight stay in L2 while the weight tiles stream through.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * SPLITS
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_n = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_n
+    pid_s = (pid % per_group) // group_n
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
+    # local column of the target; -1 (never matched) when ignored or outside this shard
+    tgt_local = tl.where(tgt == ignore_index, -1, tgt - vocab_start)
+
+    v_begin = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
+
+    h_ptrs0 = hidden_ptr + offs_n64[:, None] * stride_hidden_n + offs_d[None, :].to(tl.int64) * stride_hidden_d
+    h_step = tl.full([], BLOCK_D, tl.int64) * stride_hidden_d
+    w_step = tl.full([], BLOCK_D, tl.int64) * stride_weight_d
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_i = tl.zeros([BLOCK_N], tl.float32)
+    t_i = tl.zeros([BLOCK_N], tl.float32)
+    tz_i = tl.zeros([BLOCK_N], tl.float32)
+
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        h_ptrs = h_ptrs0
+        w_ptrs = weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight_v + offs_d[None, :].to(tl.int64) * stride_weight_d
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
+        for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
+            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+            # we accumulate into fp32 whatever the operand dtype
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            h_ptrs += h_step
+            w_ptrs += w_step
+        if not EVEN_D:
+            mask_d = (D - D % BLOCK_D + offs_d) < D
+            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_v.to(tl.int64) * stride_bias_v, mask=mask_v, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+        z = acc / temperature
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+        zc = z - m_new[:, None]
+        p = tl.exp(zc)  # 0 at masked columns
+        if WITH_ENTROPY:
+            # shift the running sum of e^(z-m)(z-m) to the new max; guarded where s_i is still 0
+            delta = tl.where(s_i > 0, m_i - m_new, 0.0)
+            t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
+        s_i = s_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
+        tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
+
+    out = pid_s.to(tl.int64) * N + offs_n64
+    tl.store(part_m_ptr + out, m_i, mask=mask_n)
+    tl.store(part_s_ptr + out, s_i, mask=mask_n)
+    tl.store(part_tz_ptr + out, tz_i, mask=mask_n)
+    if WITH_ENTROPY:
+        tl.store(part_t_ptr + out, t_i, mask=mask_n)
+
+
+_AUTOTUNED = None
+
+
+def _autotuned_kernel():
+    """``RLPLUS_AUTOTUNE=1`` only: a small search around the fixed table (keyed on shapes)."""
+    global _AUTOTUNED
+    if _AUTOTUNED is None:
+        configs = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8}, num_warps=w, num_stages=s)
+            for bn, bv, bd, w, s in [
+                (128, 128, 64, 8, 3),
+                (128, 128, 64, 8, 4),
+                (128, 256, 64, 8, 3),
+                (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+            ]
+        ]
+        _AUTOTUNED = triton.autotune(configs=configs, key=["N", "V", "D", "WITH_ENTROPY"])(
+            _linear_logprobs_fwd_kernel
+        )
+    return _AUTOTUNED
+
+
+def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, device: torch.device) -> tuple[int, int]:
+    """Vocabulary splits so that a few thousand tokens still fill every SM several times over.
+
+    Returns (splits, vocab columns per split); every split holds at least one column, so each
+    partial max is finite. Extra splits cost only [splits, N] floats (the hidden block is
+    re-read per vocabulary tile anyway).
+    """
+    n_blocks = triton.cdiv(n_tokens, block_n)
+    v_tiles = triton.cdiv(n_vocab, block_v)
+    want = max(16, triton.cdiv(8 * sm_count(device), n_blocks))
+    splits = max(1, min(v_tiles, want))
+    per_split = triton.cdiv(v_tiles, splits) * block_v
+    return triton.cdiv(n_vocab, per_split), per_split
+
+
+def merge_partials(m, s, t, tz, with_entropy: bool):
+    """Merge [splits, N] partials: lse = M + log sum_k s_k e^(m_k - M), and likewise for t.
+
+    Returns (lse, target_logit, sum_pz | None, entropy | None). ``entropy`` is
+    log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
+    """
+    big = m.max(0).values
+    scale = torch.exp(m - big)
+    s_tot = (s * scale).sum(0)
+    lse = big + torch.log(s_tot)
+    target_logit = tz.sum(0)
+    if not with_entropy:
+        return lse, target_logit, None, None
+    t_tot = ((t + s * (m - big)) * scale).sum(0)
+    mean_zc = t_tot / s_tot
+    return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
+
+
+def linear_logprobs_forward_parts(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int = 0,
+    with_entropy: bool,
+    config: Optional[dict] = None,
+):
+    """Launch the kernel and merge the splits; returns (lse, target_logit, sum_pz, entropy)."""
+    n_tokens, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    device = hidden.device
+    if hidden.dtype == torch.float64:
+        raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16, not float64")
+    out_shape = (n_tokens,)
+    if n_tokens == 0:
+        z = torch.zeros(out_shape, device=device, dtype=torch.float32)
+        return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
+    h = kernel_operand(hidden)
+    w = kernel_operand(weight)
+    cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim)
+    b = kernel_operand(bias) if bias is not None else None
+    if config and "splits" in config:
+        splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
+        per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
+        splits = triton.cdiv(n_vocab, per_split)
+    else:
+        # with autotuning BLOCK_V may change: a split length that is a multiple of 256 fits all
+        splits, per_split = choose_splits(n_tokens, n_vocab, cfg.BLOCK_N, 256 if autotune_enabled() else cfg.BLOCK_V, device)
+    parts = torch.empty((4 if with_entropy else 3, splits, n_tokens), device=device, dtype=torch.float32)
+    part_t = parts[3] if with_entropy else parts[0]  # placeholder pointer, never written
+    args = (
+        h, w, b, targets, parts[0], parts[1], part_t, parts[2],
+        n_tokens, n_vocab, dim, per_split, splits,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+        b.stride(0) if b is not None else 0, targets.stride(0),
+        float(temperature), int(ignore_index), int(vocab_start),
+    )
+    precision = dot_precision(hidden.dtype, device)
+    if autotune_enabled() and not interpreting():
+        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
+        _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
+    else:
+        grid = (triton.cdiv(n_tokens, cfg.BLOCK_N) * splits,)
+        _linear_logprobs_fwd_kernel[grid](
+            *args,
+            WITH_ENTROPY=with_entropy,
+            DOT_PRECISION=precision,
+            BLOCK_N=cfg.BLOCK_N,
+            BLOCK_V=cfg.BLOCK_V,
+            BLOCK_D=cfg.BLOCK_D,
+            GROUP_N=cfg.GROUP_N,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return merge_partials(parts[0], parts[1], parts[3] if with_entropy else None, parts[2], with_entropy)
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    ignore_index: int,
+    vocab_start: int = 0,
+    with_entropy: bool,
+    config: Optional[dict] = None,
+):
+    """CONTRACT.md forward: (lse [N], target_logit [N], sum_pz [N] | None), float32.
+
+    ``config`` overrides the launch table (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages,
+    GROUP_N, splits); tests use it to run small tiles under the interpreter.
+    """
+    lse, target_logit, sum_pz, _ = linear_logprobs_forward_parts(
+        hidden, weight, bias, targets,
+        temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
+        with_entropy=with_entropy, config=config,
+    )
+    return lse, target_logit, sum_pz

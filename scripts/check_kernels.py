@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Static check of every Triton kernel, no GPU needed.
+
+Compiles each kernel ahead of time for sm_80 and sm_90 at every configuration its launcher can
+pick (the fixed table of rlplus_kernels/kernels/_config.py, every dtype, every constexpr flag
+combination that can launch), then reads the cubin with the cuobjdump shipped in the triton
+wheel: registers and stack (-res-usage), spill stores/loads (STL/LDL in -sass), HGMMA/HMMA.
+Shared memory is Triton's dynamic allocation (metadata.shared).
+
+Exit status: 1 on any compile error or any spill (or a sm_90 half-precision kernel without HGMMA).
+
+    python scripts/check_kernels.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
+
+--quick keeps the flag combinations that bound register pressure (all flags on, all off, and
+the bias-free / odd-D variants of the heaviest kernel) instead of the full cross product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.pop("TRITON_INTERPRET", None)  # compiling, not interpreting
+
+TORCH_TO_TT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def _cuobjdump():
+    import triton
+
+    import shutil
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else (shutil.which("cuobjdump") or path)
+
+
+def _cases(targets, dtypes, quick):
+    """Yield (kernel, target, dtype, flags dict) for every launchable configuration."""
+    for target, dtype in itertools.product(targets, dtypes):
+        precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
+        for prec in precisions:
+            # aligned rows (D % 16 == 0): the launcher takes BLOCK_D = 16 when the table's does
+            # not divide D, so EVEN_D always holds (BD_DIV = 4: 64 -> 16); rows that are not
+            # 16-element aligned take the table's unaligned config, EVEN_D either way
+            dims = [dict(EVEN_D=True, ALIGNED=True, BD_DIV=k) for k in ([1] if dtype == "fp32" else [1, 4])]
+            dims += [dict(EVEN_D=True, ALIGNED=False), dict(EVEN_D=False, ALIGNED=False)]
+            fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
+            bwd = [
+                dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, **dd)
+                for b, gl, ge, dd in itertools.product([True, False], [True, False], [True, False], dims)
+                if gl or ge  # no upstream gradient: the launcher returns zeros without a launch
+            ]
+            if quick:
+                fwd = [f for f in fwd if f["HAS_BIAS"] and f["WITH_ENTROPY"] and f.get("BD_DIV", 1) == 1]
+                bwd = [f for f in bwd if f["HAS_BIAS"] and f["HAS_GRAD_LOGP"] and f["HAS_GRAD_ENT"] and f.get("BD_DIV", 1) == 1]
+            for flags in fwd:
+                yield ("fwd", target, dtype, dict(flags, DOT_PRECISION=prec))
+            for flags in bwd:
+                yield ("bwd", target, dtype, dict(flags, DOT_PRECISION=prec))
+
+
+def _signature(kernel, dtype, flags, cfg):
+    """Types and constants the JIT would specialise on for a typical launch (D=4096 or odd D)."""
+    even = flags["EVEN_D"] and flags.get("ALIGNED", True)
+    aligned = flags.get("ALIGNED", True)
+    ptr = TORCH_TO_TT[dtype]
+    sig, const, div = {}, {}, []
+
+    def p(name, ty, aligned=True):
+        sig[name] = ty
+        if aligned:
+            div.append(name)
+
+    def i(name, divisible=False):
+        sig[name] = "i32"
+        if divisible:
+            div.append(name)
+
+    def c(name, value):
+        sig[name] = "constexpr"
+        const[name] = value
+
+    if kernel == "fwd":
+        p("hidden_ptr", ptr), p("weight_ptr", ptr)
+        p("bias_ptr", ptr) if flags["HAS_BIAS"] else c("bias_ptr", None)
+        p("targets_ptr", "*i64")
+        for name in ("part_m_ptr", "part_s_ptr", "part_t_ptr", "part_tz_ptr"):
+            p(name, "*fp32")
+        i("N"), i("V"), i("D", aligned), i("V_PER_SPLIT", True), i("SPLITS")
+        i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
+        c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
+        c("stride_targets_n", 1)
+        sig["temperature"] = "fp32"
+        i("ignore_index"), i("vocab_start")
+        c("WITH_ENTROPY", flags["WITH_ENTROPY"])
+    else:
+        p("hidden_ptr", ptr), p("weight_ptr", ptr)
+        p("bias_ptr", ptr) if flags["HAS_BIAS"] else c("bias_ptr", None)
+        p("targets_ptr", "*i64"), p("lse_ptr", "*fp32"), p("ent_ptr", "*fp32")
+        p("grad_logp_ptr", "*fp32") if flags["HAS_GRAD_LOGP"] else c("grad_logp_ptr", None)
+        p("grad_ent_ptr", "*fp32") if flags["HAS_GRAD_ENT"] else c("grad_ent_ptr", None)
+        p("dl_ptr", ptr)
+        i("N"), i("V"), i("D", aligned)
+        i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
+        c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
+        c("stride_targets_n", 1)
+        i("stride_dl_n", True)
+        sig["temperature"] = "fp32"
+        i("ignore_index"), i("col_start")
+        c("HAS_GRAD_LOGP", flags["HAS_GRAD_LOGP"]), c("HAS_GRAD_ENT", flags["HAS_GRAD_ENT"])
+    c("DOT_PRECISION", flags["DOT_PRECISION"])
+    c("HAS_BIAS", flags["HAS_BIAS"]), c("EVEN_D", flags["EVEN_D"])
+    c("BLOCK_N", cfg.BLOCK_N), c("BLOCK_V", cfg.BLOCK_V), c("BLOCK_D", cfg.BLOCK_D), c("GROUP_N", cfg.GROUP_N)
+    return sig, const, div
+
+
+def compile_one(case):
+    kernel, target, dtype, flags = case
+    row = dict(kernel=kernel, target=f"sm_{target}", dtype=dtype, flags=_flag_str(flags), error=None)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        from rlplus_kernels.kernels import _config
+        from rlplus_kernels.kernels.linear_logprobs_bwd import _linear_logprobs_bwd_kernel
+        from rlplus_kernels.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
+
+        fam = "sm90" if target == 90 else "sm80"
+        cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
+        if flags.get("BD_DIV", 1) > 1:
+            from dataclasses import replace as _replace
+
+            cfg = _replace(cfg, BLOCK_D=cfg.BLOCK_D // flags["BD_DIV"])
+        if os.environ.get("CHECK_CFG"):
+            from dataclasses import replace
+            cfg = replace(cfg, **json.loads(os.environ["CHECK_CFG"]))
+        jit = (_linear_logprobs_fwd_kernel if kernel == "fwd" else _linear_logprobs_bwd_kernel).fn
+        sig, const, div = _signature(kernel, dtype, flags, cfg)
+        assert sorted(sig) == sorted(jit.arg_names), (sorted(sig), sorted(jit.arg_names))
+        sig = {n: sig[n] for n in jit.arg_names}
+        attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+        src = triton.compiler.ASTSource(jit, sig, const, attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", target, 32),
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        row.update(config=f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}",
+                   shared=int(ck.metadata.shared))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(ck.asm["cubin"])
+            res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)", res)
+        row.update(
+            regs=int(m.group(1)), stack=int(m.group(2)),
+            spill_st=len(re.findall(r"\bSTL(\.\w+)*\b", sass)), spill_ld=len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
+            hgmma="HGMMA" in sass, hmma="HMMA" in sass,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported in the table, turns the exit status to 1
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return row
+
+
+def _flag_str(flags):
+    parts = [k for k, v in flags.items() if v is True and k != "ALIGNED"] + ([] if flags.get("ALIGNED", True) else ["unaligned"])
+    prec = flags.get("DOT_PRECISION")
+    return ",".join(parts + ([prec] if prec and prec != "ieee" else [])) or "-"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="80,90")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+    ap.add_argument("--quick", action="store_true", help="fewer flag combinations (see module docstring)")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    targets = [int(t) for t in args.targets.split(",")]
+    cases = list(_cases(targets, args.dtypes.split(","), args.quick))
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(compile_one, cases))
+
+    hdr = f"{'kernel':6} {'target':6} {'dtype':5} {'config':20} {'flags':44} {'regs':>4} {'smem':>6} {'stl':>4} {'ldl':>4} {'stack':>5} {'mma':6}"
+    print(hdr)
+    print("-" * len(hdr))
+    bad = 0
+    for r in rows:
+        if r["error"]:
+            bad += 1
+            print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {'':20} {r['flags']:44} ERROR {r['error']}")
+            continue
+        mma = "HGMMA" if r["hgmma"] else ("HMMA" if r["hmma"] else "FFMA")
+        flag = ""
+        if r["spill_st"] or r["spill_ld"]:
+            flag, bad = "  <-- SPILL", bad + 1
+        elif r["target"] == "sm_90" and r["dtype"] != "fp32" and not r["hgmma"]:
+            flag, bad = "  <-- no HGMMA", bad + 1
+        print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {r['config']:20} {r['flags']:44} {r['regs']:>4} "
+              f"{r['shared']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['stack']:>5} {mma:6}{flag}")
+    print(f"\n{len(rows)} kernels compiled, {bad} problem(s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

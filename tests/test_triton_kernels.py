@@ -1,0 +1,330 @@
+"""Triton launchers and custom ops against a float64 torch computation of CONTRACT.md.
+
+Runs under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py sets it); on a CUDA machine
+without the interpreter the same tests run compiled on the GPU.
+
+Tolerances: error measured elementwise as |got - ref| <= tol * max|ref| (+1e-6 absolute),
+ref in float64 on the same (already rounded) inputs. Forward outputs are float32 from exact
+products with fp32 accumulation whatever the input dtype, hence 2e-5 everywhere. Backward: dlogits
+and the gradients are rounded to the input dtype (unit roundoff 2^-11 fp16, 2^-8 bf16), each once
+or twice, plus fp32 accumulation:
+
+    dtype      forward   backward
+    float32    2e-5      2e-5
+    float16    2e-5      4e-3
+    bfloat16   2e-5      3e-2
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
+
+IGN = -100
+FWD_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+BWD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SHAPES = [(1, 1, 2), (7, 5, 37), (33, 40, 300), (7, 40, 2), (1, 5, 300), (33, 1, 37)]
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    DEVICE = "cpu"
+else:  # pragma: no cover
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def make_inputs(n, d, v, dtype, *, bias=True, ignored=(0,), scale=1.0, n_targets=None):
+    h = (torch.randn(n, d) * scale / max(d, 1) ** 0.5).to(dtype).to(DEVICE)
+    w = torch.randn(v, d).to(dtype).to(DEVICE)
+    b = torch.randn(v).to(dtype).to(DEVICE) if bias else None
+    t = torch.randint(0, n_targets or v, (n,))
+    for i in ignored:
+        if i < n:
+            t[i] = IGN
+    return h, w, b, t.to(DEVICE)
+
+
+def ref_logits(h, w, b, temperature):
+    z = h.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    return z / temperature
+
+
+def ref_forward(h, w, b, t, *, temperature, vocab_start=0):
+    z = ref_logits(h, w, b, temperature)
+    v = w.shape[0]
+    local = t - vocab_start
+    inside = (t != IGN) & (local >= 0) & (local < v)
+    tl = torch.where(inside, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
+    return z.logsumexp(-1), tl, (z.softmax(-1) * z).sum(-1)
+
+
+def ref_backward(h, w, b, t, lse, ent, gl, ge, *, temperature, vocab_start=0):
+    """CONTRACT.md's dz, with the GLOBAL lse/entropy given (float64)."""
+    z = ref_logits(h, w, b, temperature)
+    lse, valid = lse.double()[:, None], (t != IGN)[:, None]
+    p = torch.exp(z - lse)
+    dz = torch.zeros_like(z)
+    if gl is not None:
+        onehot = torch.arange(w.shape[0], device=t.device)[None, :] == (t - vocab_start)[:, None]
+        dz = dz + gl.double()[:, None] * (onehot.double() - p)
+    if ge is not None:
+        dz = dz - ge.double()[:, None] * p * (z - lse + ent.double()[:, None])
+    dl = torch.where(valid, dz, 0.0) / temperature
+    return dl @ w.double(), dl.T @ h.double(), dl.sum(0)
+
+
+def check(name, got, ref, tol):
+    assert got is not None, f"{name}: missing"
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got64 = got.double().cpu()
+    ref = ref.cpu()
+    assert torch.isfinite(got64).all(), f"{name}: non-finite output"
+    bound = tol * ref.abs().max().clamp_min(1.0 if ref.numel() == 0 else 1e-30) + 1e-6
+    err = (got64 - ref).abs()
+    if (err > bound).any():
+        i = int(torch.argmax(err - bound))
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), err.shape))
+        raise AssertionError(
+            f"{name}: worst element {idx}: got {got64.flatten()[i].item():.8g}, "
+            f"ref {ref.flatten()[i].item():.8g}, |err| {err.flatten()[i].item():.3g} > {bound.item():.3g}"
+        )
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward(shape, dtype, bias):
+    n, d, v = shape
+    h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True)
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
+        assert got.dtype == torch.float32
+        check(name, got, ref, FWD_TOL[dtype])
+    assert tl[0].item() == 0.0  # ignored row
+    lse2, tl2, none = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=False)
+    assert none is None
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_backward(shape, dtype, bias):
+    n, d, v = shape
+    h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
+    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.3)
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    gh, gw, gb = linear_logprobs_backward(
+        h, w, b, t, lse, ent, gl, ge, temperature=1.3, ignore_index=IGN, needs_grad=(True, True, True)
+    )
+    rh, rw, rb = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.3)
+    check("grad_hidden", gh, rh, BWD_TOL[dtype])
+    check("grad_weight", gw, rw, BWD_TOL[dtype])
+    assert gh.dtype == dtype and gw.dtype == dtype
+    if bias:
+        check("grad_bias", gb, rb, BWD_TOL[dtype])
+        assert gb.dtype == dtype
+    else:
+        assert gb is None
+
+
+@pytest.mark.parametrize(
+    "needs", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (0, 0, 0)], ids=str
+)
+@pytest.mark.parametrize("grads", ["logp", "entropy"])
+def test_needs_grad_subsets(needs, grads):
+    n, d, v = 7, 40, 300
+    h, w, b, t = make_inputs(n, d, v, torch.float32)
+    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl = torch.randn(n, device=DEVICE) if grads == "logp" else None
+    ge = torch.randn(n, device=DEVICE) if grads == "entropy" else None
+    out = linear_logprobs_backward(
+        h, w, b, t, lse, ent if ge is not None else None, gl, ge,
+        temperature=1.0, ignore_index=IGN, needs_grad=tuple(bool(x) for x in needs),
+    )
+    refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)
+    for name, need, got, ref in zip(("hidden", "weight", "bias"), needs, out, refs):
+        if need:
+            check(f"grad_{name}", got, ref, BWD_TOL[torch.float32])
+        else:
+            assert got is None, f"grad_{name} computed though not needed"
+
+
+def test_vocab_shard():
+    """vocab_start != 0: targets outside the shard give target_logit 0 and no one-hot term."""
+    n, d, v_total, v0, v1 = 33, 5, 300, 100, 237
+    h, w_full, b_full, t = make_inputs(n, d, v_total, torch.float32, ignored=(0, 5))
+    w, b = w_full[v0:v1], b_full[v0:v1]
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0, with_entropy=True)
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.9, vocab_start=v0)
+    check("lse", lse, r_lse, 2e-5)
+    check("target_logit", tl, r_tl, 2e-5)
+    check("sum_pz", spz, r_spz, 2e-5)
+    inside = ((t >= v0) & (t < v1)).sum().item()
+    assert 0 < inside < n - 2, "test needs targets both inside and outside the shard"
+    # backward with the global (all-shard) lse / entropy
+    g_lse, _, g_spz = ref_forward(h, w_full, b_full, t, temperature=0.9)
+    glse, gent = g_lse.float(), (g_lse - g_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, ignore_index=IGN, vocab_start=v0)
+    refs = ref_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, vocab_start=v0)
+    for name, got, ref in zip(("hidden", "weight", "bias"), out, refs):
+        check(f"grad_{name}", got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_chunks(needs, dtype):
+    """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result."""
+    n, d, v = 33, 40, 300
+    h, w, b, t = make_inputs(n, d, v, dtype)
+    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    # 16 x 256 elements: several token chunks x several vocab chunks
+    out = linear_logprobs_backward(
+        h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
+        needs_grad=tuple(bool(x) for x in needs), chunk_elems=16 * 256,
+    )
+    refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)
+    for name, need, got, ref in zip(("hidden", "weight", "bias"), needs, out, refs):
+        if need:
+            check(f"grad_{name}", got, ref, BWD_TOL[dtype])
+        else:
+            assert got is None
+
+
+def test_noncontiguous_inputs():
+    n, d, v = 33, 40, 300
+    h = torch.randn(d, n, device=DEVICE).T / d**0.5  # column-major hidden
+    w = torch.randn(v, 2 * d, device=DEVICE)[:, ::2]  # strided weight
+    b = torch.randn(2 * v, device=DEVICE)[::2]
+    t = torch.randint(0, v, (2 * n,), device=DEVICE)[::2]
+    t[3] = IGN
+    assert not (h.is_contiguous() or w.is_contiguous() or b.is_contiguous() or t.is_contiguous())
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+    check("lse", lse, r_lse, 2e-5)
+    check("target_logit", tl, r_tl, 2e-5)
+    check("sum_pz", spz, r_spz, 2e-5)
+    ent = (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN)
+    for name, got, ref in zip(("hidden", "weight", "bias"),
+                              out, ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)):
+        check(f"grad_{name}", got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_huge_logits_finite(dtype):
+    n, d, v = 7, 5, 37
+    h, w, b, t = make_inputs(n, d, v, dtype, scale=1e3 if dtype == torch.float16 else 1e5)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True)
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.5)
+    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
+        check(name, got, ref, 2e-5)
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    ent = (r_lse - r_spz).float()
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.5, ignore_index=IGN)
+    for g in out:
+        assert torch.isfinite(g.float()).all()
+
+
+def test_all_ignored():
+    n, d, v = 7, 5, 37
+    h, w, b, t = make_inputs(n, d, v, torch.float32, ignored=range(7))
+    lse, tl, _ = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
+    assert (tl == 0).all() and torch.isfinite(lse).all()
+    gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, None, torch.randn(n, device=DEVICE), None,
+                                          temperature=1.0, ignore_index=IGN)
+    assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
+
+
+# ----------------------------------------------------------------------------- custom op
+def _ref_logp_entropy(h, w, b, t, temperature):
+    z = ref_logits(h, w, b, temperature)
+    lse = z.logsumexp(-1)
+    valid = t != IGN
+    logp = torch.where(valid, z.gather(1, t.clamp(min=0)[:, None])[:, 0] - lse, 0.0)
+    ent = torch.where(valid, lse - (z.softmax(-1) * z).sum(-1), 0.0)
+    return logp, ent
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_custom_op_autograd(compiled):
+    from rlplus_kernels.backends.triton_op import triton_linear_logprobs
+
+    n, d, v = 7, 5, 37
+    h0, w0, b0, t = make_inputs(n, d, v, torch.float32, ignored=(2,))
+    h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+
+    def loss(h, w, b, t):
+        logp, ent = triton_linear_logprobs(h, w, b, t, temperature=0.8, ignore_index=IGN, with_entropy=True)
+        return (logp * gl).sum() + (ent * ge).sum(), logp, ent
+
+    fn = torch.compile(loss, fullgraph=True) if compiled else loss
+    val, logp, ent = fn(h, w, b, t)
+    val.backward()
+    hd, wd, bd = (x.double().clone().requires_grad_() for x in (h0, w0, b0))
+    r_logp, r_ent = _ref_logp_entropy(hd, wd, bd, t, 0.8)
+    ((r_logp * gl.double()).sum() + (r_ent * ge.double()).sum()).backward()
+    check("logp", logp, r_logp.detach(), 2e-5)
+    check("entropy", ent, r_ent.detach(), 2e-5)
+    assert logp[2].item() == 0.0 and ent[2].item() == 0.0
+    for name, x, r in (("hidden", h, hd), ("weight", w, wd), ("bias", b, bd)):
+        check(f"grad_{name}", x.grad, r.grad, 2e-5)
+
+
+def test_custom_op_frozen_head_and_no_entropy():
+    from rlplus_kernels.backends.triton_op import triton_linear_logprobs
+
+    n, d, v = 7, 5, 37
+    h0, w, _, t = make_inputs(n, d, v, torch.float32, bias=False)
+    h = h0.clone().requires_grad_()
+    logp, ent = triton_linear_logprobs(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
+    assert ent is None
+    logp.sum().backward()
+    hd = h0.double().clone().requires_grad_()
+    r_logp, _ = _ref_logp_entropy(hd, w, None, t, 1.0)
+    r_logp.sum().backward()
+    check("grad_hidden", h.grad, hd.grad, 2e-5)
+    assert w.grad is None
+
+
+def test_raw_op_pair_matches_launchers():
+    from rlplus_kernels.backends import triton_op
+
+    n, d, v = 7, 5, 37
+    h, w, b, t = make_inputs(n, d, v, torch.float32)
+    lse, tl, spz = triton_op.forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True)
+    r = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True)
+    for a, c in zip((lse, tl, spz), r):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    gl = torch.randn(n, device=DEVICE)
+    out = triton_op.backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
+                             vocab_start=3, needs_grad=(True, False, True))
+    assert out[1] is None
+    r = linear_logprobs_backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
+                                 vocab_start=3, needs_grad=(True, False, True))
+    torch.testing.assert_close(out[0], r[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[2], r[2], rtol=0, atol=0)
