@@ -44,7 +44,11 @@ def linear_logprobs_op(backend: str, group=None):
     if backend == "triton" and group is None:
         from .triton_op import triton_linear_logprobs  # a custom op: opaque to torch.compile
 
-        return triton_linear_logprobs
+        def triton_op(hidden, weight, bias, targets, options):
+            return triton_linear_logprobs(hidden, weight, bias, targets, temperature=options.temperature,
+                                          ignore_index=options.ignore_index, with_entropy=options.with_entropy)
+
+        return triton_op
     from .autograd import LinearLogprobsFunction
 
     def op(hidden, weight, bias, targets, options):
