@@ -20,7 +20,7 @@ buffer, and two cuBLAS GEMMs consume it::
 
 The chunk shape is chosen so that the gradient that needs no cross-chunk sum is written straight
 by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
-Extra memory: one dl chunk (default 2^28 elements) plus, when both gradients are needed and the
+Extra memory: one dl chunk (default 2^26 elements) plus, when both gradients are needed and the
 vocabulary is split, an fp32 [N, D] accumulator for grad_hidden.
 """
 
@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._config import dot_precision, kernel_operand, pick_config, rows_aligned
 
-DEFAULT_CHUNK_ELEMS = 1 << 28
+DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
 
 
 @triton.heuristics(
@@ -155,6 +155,7 @@ def _linear_logprobs_bwd_kernel(
 
 
 _MM_OUT_DTYPE_OK = {}
+_ACCUMULATE_ROWS = 2048
 
 
 def _mm_accumulate(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -165,7 +166,11 @@ def _mm_accumulate(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
     if a.is_cuda:
         if _MM_OUT_DTYPE_OK.get(a.dtype, True):
             try:
-                acc32.add_(torch.mm(a, b, out_dtype=torch.float32))
+                # row blocks bound the fp32 product that out_dtype allocates (an [N, D] one is 256 MiB
+                # at 16k x 4096, twice what the dl chunk itself costs)
+                for r0 in range(0, a.shape[0], _ACCUMULATE_ROWS):
+                    rows = slice(r0, r0 + _ACCUMULATE_ROWS)
+                    acc32[rows].add_(torch.mm(a[rows], b, out_dtype=torch.float32))
                 _MM_OUT_DTYPE_OK[a.dtype] = True
                 return
             except (RuntimeError, TypeError, NotImplementedError):
