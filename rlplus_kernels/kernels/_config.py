@@ -34,20 +34,21 @@ class KernelConfig:
 
 
 # (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).
-# half precision: 128x128x64 tiles, a ring of (128 + 128) x 64 x 2 B = 32 KiB per stage (4 stages
-# on sm_90: measured 3-5% faster than 3 on H100; 3 on sm_80); 8 warps because the 128x128 fp32
-# accumulator plus the online-softmax epilogue spills at 4 (856-byte stack seen at 4 warps).
-# 128x256 and 256x128 tiles ran ~8% faster on H100 but spill (hundreds of STL): not used.
-# fp32 (IEEE FFMA or TF32 mma): 32x64x16 at 4 warps; the FFMA dot layout is register-hungry
-# (64x64 spills at 8 warps under triton 3.6's 128-register cap, 64x64x32 at 4 warps).
+# half precision: 128x128x64 tiles, 3 stages of (128 + 128) x 64 x 2 B = 32 KiB; 8 warps because
+# the 128x128 fp32 accumulator plus the online-softmax epilogue spills at 4 (856-byte stack
+# seen). Measured on H100: 4 stages is 3-5% faster but the forward spills 4 registers in some
+# flag combinations; 128x256 / 256x128 tiles ~8% faster but spill hundreds: neither is used.
+# fp32 (IEEE FFMA or TF32 mma): 32x32x16, 4 warps, no software pipeline; the FFMA dot layout
+# is register-hungry (64x64 spills at 8 warps, and at 3 stages ptxas caps 32x64 at 128
+# registers and spills on sm_80, 32x64 spills at 96 on sm_80). fp32 LM heads are rare.
 _TABLE = {
-    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
-    ("sm90", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=3),
+    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm90", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    ("sm80", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=3),
+    ("sm80", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
-    ("other", True): KernelConfig(32, 64, 16, num_warps=4, num_stages=2),
+    ("other", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
     ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
