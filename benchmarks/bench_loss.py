@@ -83,6 +83,8 @@ def build_configs(device: str, quick: bool, args) -> list[tuple[list[str], Probl
         problems[key] = Problem(tokens=n, hidden=d, vocab=v, dtype=args.dtype or dtype, device=device,
                                 seq_len=min(seq, n), external_frac=args.external_frac)
 
+    if args.shape:  # explicit shapes replace the sweeps
+        vocab_sweep, token_sweep, models = [], [], [("shape", d, v, n) for n, d, v in args.shape]
     for v in vocab_sweep:
         add("vocab", vocab_n, D, v)
     for n in token_sweep:
@@ -501,6 +503,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, help="hidden size D of the sweeps (not of the model shapes)")
     p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes of the vocabulary sweep")
     p.add_argument("--tokens", type=int, nargs="+", help="token counts of the token sweep")
+    p.add_argument("--shape", type=int, nargs=3, action="append", metavar=("N", "D", "V"),
+                   help="measure exactly this tokens x hidden x vocab shape instead of the sweeps (repeatable)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (256 CPU, 1024 CUDA)")
     p.add_argument("--external-frac", type=float, default=0.0,
                    help="fraction of sequences that are external demonstrations (RL-PLUS MIS branch; "
