@@ -220,7 +220,7 @@ def linear_logprobs_backward(
 ):
     """CONTRACT.md backward: (grad_hidden | None, grad_weight | None, grad_bias | None), input dtype.
 
-    ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^28
+    ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^26
     elements, env ``RLPLUS_CHUNK_ELEMS``).
     """
     need_h, need_w, need_b = (bool(x) for x in needs_grad)
