@@ -75,10 +75,14 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
 def assert_grad_close(actual, expected, *, rtol, name, allowance=None):
     """||actual - expected|| <= rtol ||expected|| + ||allowance|| (+ a floor for zero gradients)."""
     assert actual is not None, f"{name}: gradient missing"
+    # a half-precision gradient cannot resolve values below its smallest subnormal (6e-8 in float16)
+    resolution = (torch.finfo(actual.dtype).tiny * torch.finfo(actual.dtype).eps * actual.numel() ** 0.5
+                  if actual.dtype in (torch.float16, torch.bfloat16) else 0.0)
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert torch.isfinite(actual).all(), f"{name}: non-finite gradient"
     error = (actual - expected).norm().item()
-    bound = rtol * expected.norm().item() + (0 if allowance is None else allowance.norm().item()) + 1e-12
+    bound = (rtol * expected.norm().item() + (0 if allowance is None else allowance.norm().item())
+             + resolution + 1e-12)
     if error > bound:
         i = int((actual - expected).abs().flatten().argmax())
         raise AssertionError(
