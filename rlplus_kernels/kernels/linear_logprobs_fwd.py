@@ -38,6 +38,7 @@ from ._config import (
     rows_aligned,
     sm_count,
 )
+from .tl_utils import logits_tile
 
 
 @triton.heuristics(
@@ -105,7 +106,6 @@ def _linear_logprobs_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_n64 = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
 
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     # local column of the target; -1 (never matched) when ignored or outside this shard
@@ -114,9 +114,6 @@ def _linear_logprobs_fwd_kernel(
     v_begin = pid_s * V_PER_SPLIT
     v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
 
-    h_ptrs0 = hidden_ptr + offs_n64[:, None] * stride_hidden_n + offs_d[None, :].to(tl.int64) * stride_hidden_d
-    h_step = tl.full([], BLOCK_D, tl.int64) * stride_hidden_d
-    w_step = tl.full([], BLOCK_D, tl.int64) * stride_weight_d
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s_i = tl.zeros([BLOCK_N], tl.float32)
@@ -126,26 +123,9 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        h_ptrs = h_ptrs0
-        w_ptrs = weight_ptr + offs_v[:, None].to(tl.int64) * stride_weight_v + offs_d[None, :].to(tl.int64) * stride_weight_d
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
-        for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
-            h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-            # we accumulate into fp32 whatever the operand dtype
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-            h_ptrs += h_step
-            w_ptrs += w_step
-        if not EVEN_D:
-            mask_d = (D - D % BLOCK_D + offs_d) < D
-            h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_v.to(tl.int64) * stride_bias_v, mask=mask_v, other=0.0)
-            acc += b.to(tl.float32)[None, :]
-        z = acc / temperature
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
+                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(mask_v[None, :], z, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(z, 1))

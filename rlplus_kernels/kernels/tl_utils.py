@@ -1,0 +1,39 @@
+"""Small @triton.jit helpers shared by the forward and backward kernels (inlined by Triton)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr,  # [N, D], [V, D], [V] or None (input dtype)
+    offs_n64, offs_v64, mask_n, mask_v,  # this tile's token rows and vocabulary columns
+    D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+    temperature,
+    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """z = (hidden[offs_n] @ weight[offs_v]^T + bias[offs_v]) / temperature, [BLOCK_N, BLOCK_V] fp32."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = hidden_ptr + offs_n64[:, None] * stride_hidden_n + offs_d[None, :].to(tl.int64) * stride_hidden_d
+    w_ptrs = weight_ptr + offs_v64[:, None] * stride_weight_v + offs_d[None, :].to(tl.int64) * stride_weight_d
+    h_step = tl.full([], BLOCK_D, tl.int64) * stride_hidden_d
+    w_step = tl.full([], BLOCK_D, tl.int64) * stride_weight_d
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    # full BLOCK_D steps unmasked along D (keeps the loop software-pipelined), then one masked tail
+    for d0 in range(0, D - D % BLOCK_D, BLOCK_D):
+        h = tl.load(h_ptrs, mask=mask_n[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+        # we accumulate into fp32 whatever the operand dtype
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        h_ptrs += h_step
+        w_ptrs += w_step
+    if not EVEN_D:
+        mask_d = (D - D % BLOCK_D + offs_d) < D
+        h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    return acc / temperature
