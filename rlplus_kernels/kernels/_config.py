@@ -14,9 +14,7 @@ from typing import Optional
 
 import torch
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..backends import triton_interpreting as interpreting  # noqa: F401  (re-exported to the launchers)
 
 
 def autotune_enabled() -> bool:
