@@ -118,7 +118,7 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
     op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
     logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, vocab_parallel_group)
-    loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer)
+    loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
     return RLPlusOutput(
         loss=loss,
         logprobs=logp.detach().view(targets.shape),

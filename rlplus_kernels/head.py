@@ -64,29 +64,42 @@ def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return (total / where.sum().clamp(min=1)).detach()
 
 
-def aggregate(x: torch.Tensor, batch: TokenBatch, mode: str,
-              normalizer: Union[None, float, torch.Tensor]) -> torch.Tensor:
-    """`loss_agg` of SPEC.md over the valid tokens of x."""
-    x = torch.where(batch.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+def aggregation_weights(batch: TokenBatch, mode: str, normalizer: Union[None, float, torch.Tensor]) -> torch.Tensor:
+    """[N] weights a with `loss_agg`(x) = sum_t a_t x_t (SPEC.md): every mode is linear in x; 0 outside the loss."""
+    valid = batch.valid
+    ones = valid.to(batch.advantages.dtype)
     if mode == "token-mean":
-        denominator = batch.valid.sum().clamp(min=1) if normalizer is None else normalizer
-        return x.sum() / denominator
+        return ones / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
     if mode == "sum":
-        return x.sum() if normalizer is None else x.sum() / normalizer
-    per_sequence_sum = segment_sum(x, batch.sequence_ids, batch.num_sequences)
+        return ones if normalizer is None else ones / normalizer
     if mode == "seq-mean-token-sum":
-        return per_sequence_sum.sum() / (batch.num_sequences if normalizer is None else normalizer)
+        return ones / (batch.num_sequences if normalizer is None else normalizer)
     # seq-mean-token-mean: sequences without a valid token are left out
-    per_sequence_count = segment_sum(batch.valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
-    per_sequence_mean = per_sequence_sum / per_sequence_count.clamp(min=1)
+    per_sequence_count = segment_sum(valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
     if normalizer is None:
         normalizer = (per_sequence_count > 0).sum().clamp(min=1)
-    return per_sequence_mean.sum() / normalizer
+    return ones / (per_sequence_count.clamp(min=1)[batch.sequence_ids].to(ones.dtype) * normalizer)
 
 
-def rlplus_head(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,
-                config: RLPlusConfig, normalizer=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """(loss, metrics) from differentiable per-token log-probs (and entropies)."""
+def aggregate(x: torch.Tensor, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t a_t x_t over the valid tokens (a from `aggregation_weights`)."""
+    return (torch.where(batch.valid, x, torch.zeros((), dtype=x.dtype, device=x.device)) * weights).sum()
+
+
+@dataclass
+class PerTokenTerms:
+    """The loss term l_t of every token (differentiable in log p) and the statistics the metrics average."""
+
+    loss: Optional[torch.Tensor]
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+    mis_weight: Optional[torch.Tensor] = None
+    explore: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+
+
+def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig) -> PerTokenTerms:
+    """SPEC.md section 1 per token, in torch (the Triton head, kernels/rlplus_head.py, is its twin)."""
     A = batch.advantages
     o = logp.detach() if batch.old_logprobs is None else batch.old_logprobs
 
@@ -98,50 +111,72 @@ def rlplus_head(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Toke
         low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
         high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
         loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, low, high))
-    clipped = loss_on > loss_unclipped
+    terms = PerTokenTerms(loss=loss_on, ratio=ratio, clipped=loss_on > loss_unclipped)
     if config.dual_clip is not None:
-        loss_on = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)
-    per_token = loss_on
+        terms.loss = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)
 
     # External tokens: MIS weight w = p / (p_old/2 + p_omega/2) in log space, times the
     # exploration coefficient (1 - p)^gamma (RL-PLUS, arXiv 2508.00222, eqs. for MIS and EBA).
-    external = batch.external
-    if external is not None:
+    if batch.external is not None:
         if batch.behavior_logprobs is not None:
             log_pw = batch.behavior_logprobs
         else:  # pi_omega unknown: the official estimator (p_old + 1) / 2
             log_pw = torch.logaddexp(o, torch.zeros_like(o)) - LOG_2
         log_w = logp - torch.logaddexp(o, log_pw) + LOG_2
-        mis_weight = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
+        terms.mis_weight = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
         if config.mis_clip_max is not None:
-            mis_weight = torch.clamp(mis_weight, max=config.mis_clip_max)
-        explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
-        per_token = torch.where(external, -mis_weight * A * explore, per_token)
+            terms.mis_weight = torch.clamp(terms.mis_weight, max=config.mis_clip_max)
+        terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
+        terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 
     if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)
         log_ratio_ref = torch.clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
-        per_token = per_token + config.kl_coef * kl
+        terms.kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        terms.loss = terms.loss + config.kl_coef * terms.kl
+    return terms
 
-    loss = aggregate(per_token, batch, config.loss_agg, normalizer)
-    if config.entropy_coef != 0:
-        loss = loss - config.entropy_coef * aggregate(entropy, batch, config.loss_agg, normalizer)
 
+def head_metrics(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,
+                 terms: PerTokenTerms) -> Dict[str, torch.Tensor]:
+    """SPEC.md's metrics: detached means over the valid (on-policy / external) tokens, no host sync."""
     valid = batch.valid
+    external = batch.external
     on_policy = valid if external is None else valid & ~external
     off_policy = torch.zeros_like(valid) if external is None else valid & external
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     metrics = {
-        "clip_frac": _masked_mean(clipped.to(logp.dtype), on_policy),
-        "ratio_mean": _masked_mean(ratio, on_policy),
-        "mis_ratio_mean": zero if external is None else _masked_mean(mis_weight, off_policy),
-        "explore_coef_mean": zero if external is None else _masked_mean(explore, off_policy),
-        "logprob_mean": _masked_mean(logp, valid),
+        "clip_frac": _masked_mean(terms.clipped.to(logp.dtype), on_policy),
+        "ratio_mean": _masked_mean(terms.ratio.detach(), on_policy),
+        "mis_ratio_mean": zero if external is None else _masked_mean(terms.mis_weight.detach(), off_policy),
+        "explore_coef_mean": zero if external is None else _masked_mean(terms.explore, off_policy),
+        "logprob_mean": _masked_mean(logp.detach(), valid),
         "num_tokens": valid.sum(),
         "num_external_tokens": off_policy.sum(),
     }
     if entropy is not None:
-        metrics["entropy_mean"] = _masked_mean(entropy, valid)
-    if config.kl_coef > 0:
-        metrics["kl_mean"] = _masked_mean(kl, valid)
-    return loss, metrics
+        metrics["entropy_mean"] = _masked_mean(entropy.detach(), valid)
+    if terms.kl is not None:
+        metrics["kl_mean"] = _masked_mean(terms.kl.detach(), valid)
+    return metrics
+
+
+def rlplus_head(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,
+                config: RLPlusConfig, normalizer=None, backend: str = "torch"
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """(loss, metrics) from differentiable per-token log-probs (and entropies).
+
+    `backend="triton"` computes the per-token terms and their derivatives in one Triton kernel
+    (backends/triton_head.py); the aggregation weights and the metrics are shared.
+    """
+    weights = aggregation_weights(batch, config.loss_agg, normalizer)
+    if backend == "triton":
+        from .backends.triton_head import triton_head_terms
+
+        weighted_loss, terms = triton_head_terms(logp, entropy, batch, config, weights)
+        loss = weighted_loss.sum()
+    else:
+        terms = per_token_terms(logp, batch, config)
+        loss = aggregate(terms.loss, batch, weights)
+        if config.entropy_coef != 0:
+            loss = loss - config.entropy_coef * aggregate(entropy, batch, weights)
+    return loss, head_metrics(logp, entropy, batch, terms)

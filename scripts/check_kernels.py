@@ -43,8 +43,18 @@ def _cuobjdump():
     return path if os.path.exists(path) else (shutil.which("cuobjdump") or path)
 
 
+HEAD_FLAGS = ("HAS_ENTROPY", "HAS_OLD", "HAS_EXTERNAL", "HAS_BEHAVIOR", "HAS_KL")
+
+
 def _cases(targets, dtypes, quick):
     """Yield (kernel, target, dtype, flags dict) for every launchable configuration."""
+    # the per-token RL head runs in float32 whatever the input dtype; each flag also says whether
+    # its optional pointer is passed
+    head = [dict(zip(HEAD_FLAGS, bits)) for bits in itertools.product([True, False], repeat=len(HEAD_FLAGS))]
+    if quick:
+        head = [f for f in head if len(set(f.values())) == 1]
+    for target, flags in itertools.product(targets, head):
+        yield ("head", target, "fp32", flags)
     for target, dtype in itertools.product(targets, dtypes):
         precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
         for prec in precisions:
@@ -70,7 +80,6 @@ def _cases(targets, dtypes, quick):
 
 def _signature(kernel, dtype, flags, cfg):
     """Types and constants the JIT would specialise on for a typical launch (D=4096 or odd D)."""
-    even = flags["EVEN_D"] and flags.get("ALIGNED", True)
     aligned = flags.get("ALIGNED", True)
     ptr = TORCH_TO_TT[dtype]
     sig, const, div = {}, {}, []
@@ -89,6 +98,22 @@ def _signature(kernel, dtype, flags, cfg):
         sig[name] = "constexpr"
         const[name] = value
 
+    if kernel == "head":
+        optional = dict(entropy_ptr="HAS_ENTROPY", old_ptr="HAS_OLD", external_ptr="HAS_EXTERNAL",
+                        behavior_ptr="HAS_BEHAVIOR", ref_ptr="HAS_KL")
+        for name in ("logp_ptr", "entropy_ptr", "advantages_ptr", "old_ptr", "external_ptr", "behavior_ptr",
+                     "ref_ptr", "agg_weight_ptr", "weighted_loss_ptr", "dloss_dlogp_ptr", "stats_ptr"):
+            if name in optional and not flags[optional[name]]:
+                c(name, None)
+            else:
+                p(name, "*i1" if name == "external_ptr" else "*fp32")
+        i("N")
+        for name in ("ratio_low", "ratio_high", "dual_clip", "gamma", "mis_clip_max", "kl_coef", "entropy_coef"):
+            sig[name] = "fp32"
+        for name in HEAD_FLAGS:
+            c(name, flags[name])
+        c("BLOCK", cfg.BLOCK)
+        return sig, const, div
     if kernel == "fwd":
         p("hidden_ptr", ptr), p("weight_ptr", ptr)
         p("bias_ptr", ptr) if flags["HAS_BIAS"] else c("bias_ptr", None)
@@ -130,12 +155,17 @@ def compile_one(case):
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from rlplus_kernels.kernels import _config
+        from rlplus_kernels.kernels import _config, rlplus_head
         from rlplus_kernels.kernels.linear_logprobs_bwd import _linear_logprobs_bwd_kernel
         from rlplus_kernels.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
 
         fam = "sm90" if target == 90 else "sm80"
-        cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
+        if kernel == "head":  # launched with Triton's defaults: 4 warps, 3 stages
+            from types import SimpleNamespace
+
+            cfg = SimpleNamespace(BLOCK=rlplus_head.BLOCK, num_warps=4, num_stages=3)
+        else:
+            cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
         if flags.get("BD_DIV", 1) > 1:
             from dataclasses import replace as _replace
 
@@ -143,7 +173,8 @@ def compile_one(case):
         if os.environ.get("CHECK_CFG"):
             from dataclasses import replace
             cfg = replace(cfg, **json.loads(os.environ["CHECK_CFG"]))
-        jit = (_linear_logprobs_fwd_kernel if kernel == "fwd" else _linear_logprobs_bwd_kernel).fn
+        jit = {"fwd": _linear_logprobs_fwd_kernel.fn, "bwd": _linear_logprobs_bwd_kernel.fn,
+               "head": rlplus_head._rlplus_head_fwd_kernel}[kernel]
         sig, const, div = _signature(kernel, dtype, flags, cfg)
         assert sorted(sig) == sorted(jit.arg_names), (sorted(sig), sorted(jit.arg_names))
         sig = {n: sig[n] for n in jit.arg_names}
@@ -151,7 +182,8 @@ def compile_one(case):
         src = triton.compiler.ASTSource(jit, sig, const, attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", target, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        row.update(config=f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D} w{cfg.num_warps} s{cfg.num_stages}",
+        shape = f"{cfg.BLOCK}" if kernel == "head" else f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D}"
+        row.update(config=f"{shape} w{cfg.num_warps} s{cfg.num_stages}",
                    shared=int(ck.metadata.shared))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")

@@ -1,0 +1,94 @@
+"""The Triton per-token RL head as a PyTorch custom op, ``rlplus::rlplus_head`` (opaque to torch.compile).
+
+Forward: one kernel (kernels/rlplus_head.py) gives each token's weighted loss a (l - entropy_coef H),
+its derivative a dl/dlogp and the statistics of the metrics. Backward: grad_logp = g dloss_dlogp and
+grad_entropy = -entropy_coef a g, where g is the upstream gradient of the weighted losses.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config import RLPlusConfig
+from ..head import PerTokenTerms, TokenBatch
+
+
+@torch.library.custom_op("rlplus::rlplus_head", mutates_args=())
+def _rlplus_head_op(
+    logp: Tensor,
+    entropy: Optional[Tensor],
+    advantages: Tensor,
+    old_logprobs: Optional[Tensor],
+    external: Optional[Tensor],
+    behavior_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    agg_weight: Tensor,
+    clip_low: Optional[float],
+    clip_high: Optional[float],
+    dual_clip: Optional[float],
+    gamma: float,
+    mis_clip_max: Optional[float],
+    kl_coef: float,
+    entropy_coef: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from rlplus_kernels.kernels.rlplus_head import rlplus_head_forward  # lazy: imports triton
+
+    return rlplus_head_forward(
+        logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max,
+        kl_coef=kl_coef, entropy_coef=entropy_coef,
+    )
+
+
+@_rlplus_head_op.register_fake
+def _(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight,
+      clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
+    n = logp.shape[0]
+    return logp.new_empty(n), logp.new_empty(n), logp.new_empty(5, n)
+
+
+def _setup_context(ctx, inputs, output):
+    entropy, agg_weight, entropy_coef = inputs[1], inputs[7], inputs[14]
+    _, dloss_dlogp, stats = output
+    ctx.save_for_backward(dloss_dlogp, agg_weight)
+    ctx.entropy_coef = entropy_coef
+    ctx.has_entropy = entropy is not None
+    ctx.mark_non_differentiable(dloss_dlogp, stats)
+
+
+def _backward(ctx, grad_weighted_loss, _grad_dloss_dlogp, _grad_stats):
+    dloss_dlogp, agg_weight = ctx.saved_tensors
+    grad_logp = grad_weighted_loss * dloss_dlogp
+    grad_entropy = None
+    if ctx.has_entropy and ctx.needs_input_grad[1]:
+        grad_entropy = grad_weighted_loss * agg_weight * -ctx.entropy_coef
+    return (grad_logp, grad_entropy) + (None,) * 13
+
+
+torch.library.register_autograd("rlplus::rlplus_head", _backward, setup_context=_setup_context)
+
+
+def triton_head_terms(logp: Tensor, entropy: Optional[Tensor], batch: TokenBatch, config: RLPlusConfig,
+                      agg_weight: Tensor):
+    """(weighted_loss [N], PerTokenTerms without `loss`) through the Triton head, in logp's dtype.
+
+    `weighted_loss.sum()` is the loss; its gradient reaches `logp` and `entropy` through the op.
+    """
+    as_logp = lambda x: None if x is None else x.to(logp.dtype)  # noqa: E731  (float32, or float64 in tests)
+    optional_float = lambda x: None if x is None else float(x)  # noqa: E731
+    weighted_loss, _, stats = torch.ops.rlplus.rlplus_head(
+        logp, as_logp(entropy) if config.entropy_coef != 0 else None, as_logp(batch.advantages),
+        as_logp(batch.old_logprobs), batch.external, as_logp(batch.behavior_logprobs),
+        as_logp(batch.ref_logprobs) if config.kl_coef > 0 else None, as_logp(agg_weight),
+        optional_float(config.clip_eps_low), optional_float(config.clip_eps_high), optional_float(config.dual_clip),
+        float(config.gamma), optional_float(config.mis_clip_max), float(config.kl_coef), float(config.entropy_coef),
+    )
+    ratio, clipped, mis_weight, explore, kl = stats.unbind(0)
+    external = batch.external is not None
+    terms = PerTokenTerms(loss=None, ratio=ratio, clipped=clipped != 0,
+                          mis_weight=mis_weight if external else None, explore=explore if external else None,
+                          kl=kl if config.kl_coef > 0 else None)
+    return weighted_loss, terms

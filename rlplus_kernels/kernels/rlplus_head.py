@@ -1,0 +1,182 @@
+"""The per-token RL-PLUS head (SPEC.md section 1) in one Triton kernel: loss terms and d loss / d logp.
+
+Exact computation, per token t with aggregation weight a_t (0 outside the loss, see
+``head.aggregation_weights``), o_t = old_logprobs or logp (detached)::
+
+    on-policy  r = exp(clamp(logp - o, -20, 20));  l = -A r
+               l = max(l, -A clamp(r, 1 - eps_low, 1 + eps_high))        (a None bound is not applied)
+               l = min(l, -A c)  where A < 0                              (dual clip c)
+    external   log w = logp - logaddexp(o, log pw) + log 2,  pw = b or (e^o + 1) / 2
+               w = min(exp(min(log w, 20)), mis_clip_max);  C = max(0, 1 - e^logp)^gamma (detached)
+               l = -w A C
+    all        l += kl_coef (e^(q - logp) - (q - logp) - 1)     with q - logp clamped to [-20, 20]
+    outputs    weighted_loss = a (l - entropy_coef H),   dloss_dlogp = a dl/dlogp
+
+The loss is ``weighted_loss.sum()``; d loss / d H = -entropy_coef a needs no kernel. Derivatives
+follow torch's conventions where the function has a kink, so that this kernel and the torch head
+(``head.per_token_terms``) agree exactly: a clamp passes the gradient at its bounds, and
+``torch.minimum`` splits it between equal arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import triton
+import triton.language as tl
+
+from .. import head
+
+# globals a @triton.jit function reads must be constexpr
+LOG_RATIO_CLAMP = tl.constexpr(head.LOG_RATIO_CLAMP)
+LOG_2 = tl.constexpr(head.LOG_2)
+BLOCK = 1024
+# Rows of the per-token statistics that the metrics average (order of `stats`).
+STAT_NAMES = ("ratio", "clipped", "mis_weight", "explore", "kl")
+
+
+@triton.jit
+def _logaddexp(a, b):
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    # log(e^a + e^b) without overflow; -inf for two -inf arguments (as torch.logaddexp)
+    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _rlplus_head_fwd_kernel(
+    # pointers ([N] unless said)
+    # (float tensors share one dtype, float32 or float64, in which the kernel computes)
+    logp_ptr,  # log p of the target
+    entropy_ptr,  # entropy, or None
+    advantages_ptr,  # advantages, 0 outside the loss
+    old_ptr,  # old log-probs, or None (then o = logp)
+    external_ptr,  # bool, or None (no external token)
+    behavior_ptr,  # log pw, or None (then the estimator (e^o + 1) / 2)
+    ref_ptr,  # reference log-probs, or None (only read with HAS_KL)
+    agg_weight_ptr,  # aggregation weights, exactly 0 outside the loss
+    weighted_loss_ptr,  # out: a (l - entropy_coef H)
+    dloss_dlogp_ptr,  # out: a dl/dlogp
+    stats_ptr,  # [5, N] out: ratio, clipped (0/1), mis_weight, explore, kl
+    # shapes
+    N,
+    # runtime scalars (never constexpr: a constexpr recompiles per value); an option that is off
+    # is an infinite bound, which leaves the loss and its derivative as if it were not applied
+    ratio_low,  # 1 - clip_eps_low, or -inf
+    ratio_high,  # 1 + clip_eps_high, or +inf
+    dual_clip,  # or +inf
+    gamma,
+    mis_clip_max,  # or +inf
+    kl_coef,
+    entropy_coef,
+    # meta-parameters: which optional inputs are present
+    HAS_ENTROPY: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_EXTERNAL: tl.constexpr,
+    HAS_BEHAVIOR: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program = BLOCK tokens. Pointers as listed; every [N] tensor is contiguous."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    logp = tl.load(logp_ptr + offs, mask=mask, other=0.0)
+    adv = tl.load(advantages_ptr + offs, mask=mask, other=0.0)
+    agg = tl.load(agg_weight_ptr + offs, mask=mask, other=0.0)
+    valid = agg != 0.0
+    if HAS_OLD:
+        old = tl.load(old_ptr + offs, mask=mask, other=0.0)
+    else:
+        old = logp
+
+    # On-policy: clipped PPO/GRPO surrogate and its derivative (r' = r inside the log-ratio clamp).
+    log_ratio = logp - old
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
+    d_ratio = tl.where((log_ratio >= -LOG_RATIO_CLAMP) & (log_ratio <= LOG_RATIO_CLAMP), ratio, 0.0)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    # where the clipped term is larger its derivative is 0 (ratio outside the bounds); ties give
+    # equal derivatives (inside the bounds, or A = 0)
+    clipped = loss_clipped > loss_unclipped
+    loss = tl.maximum(loss_unclipped, loss_clipped)
+    d_loss = tl.where(clipped, 0.0, -adv * d_ratio)
+    # dual clip, A < 0 only; torch.minimum gives each of two equal arguments half the gradient
+    floor = tl.where(adv < 0, -adv * dual_clip, float("inf"))
+    d_loss = tl.where(loss < floor, d_loss, tl.where(loss == floor, 0.5 * d_loss, 0.0))
+    loss = tl.minimum(loss, floor)
+
+    # External: MIS weight times the exploration coefficient (RL-PLUS eqs. for MIS and EBA).
+    mis_weight = tl.zeros_like(logp)
+    explore = tl.zeros_like(logp)
+    if HAS_EXTERNAL:
+        external = tl.load(external_ptr + offs, mask=mask, other=0) != 0
+        if HAS_BEHAVIOR:
+            log_pw = tl.load(behavior_ptr + offs, mask=mask, other=0.0)
+        else:
+            log_pw = _logaddexp(old, tl.zeros_like(logp)) - LOG_2
+        log_w = logp - _logaddexp(old, log_pw) + LOG_2
+        mis_weight = tl.exp(tl.minimum(log_w, LOG_RATIO_CLAMP))
+        d_mis_weight = tl.where((log_w <= LOG_RATIO_CLAMP) & (mis_weight <= mis_clip_max), mis_weight, 0.0)
+        mis_weight = tl.minimum(mis_weight, mis_clip_max)
+        base = tl.maximum(1.0 - tl.exp(logp), 0.0)
+        # base ** gamma with torch.pow's 0 ** 0 = 1
+        explore = tl.where(base > 0.0, tl.exp(gamma * tl.log(tl.where(base > 0.0, base, 1.0))),
+                           tl.where(gamma == 0.0, 1.0, 0.0))
+        loss = tl.where(external, -mis_weight * adv * explore, loss)
+        d_loss = tl.where(external, -d_mis_weight * adv * explore, d_loss)
+
+    kl = tl.zeros_like(logp)
+    if HAS_KL:  # k3 estimator of KL(pi_theta || pi_ref)
+        ref = tl.load(ref_ptr + offs, mask=mask, other=0.0)
+        raw = ref - logp
+        log_ratio_ref = tl.minimum(tl.maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+        ratio_ref = tl.exp(log_ratio_ref)
+        kl = ratio_ref - log_ratio_ref - 1.0
+        inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
+        loss += kl_coef * kl
+        d_loss += tl.where(inside, -kl_coef * (ratio_ref - 1.0), 0.0)
+
+    if HAS_ENTROPY:
+        loss -= entropy_coef * tl.load(entropy_ptr + offs, mask=mask, other=0.0)
+    # tokens outside the loss contribute exactly 0, whatever their (unused) inputs hold
+    tl.store(weighted_loss_ptr + offs, tl.where(valid, agg * loss, 0.0), mask=mask)
+    tl.store(dloss_dlogp_ptr + offs, tl.where(valid, agg * d_loss, 0.0), mask=mask)
+    tl.store(stats_ptr + offs, ratio, mask=mask)
+    tl.store(stats_ptr + N + offs, clipped.to(logp.dtype), mask=mask)
+    tl.store(stats_ptr + 2 * N + offs, mis_weight, mask=mask)
+    tl.store(stats_ptr + 3 * N + offs, explore, mask=mask)
+    tl.store(stats_ptr + 4 * N + offs, kl, mask=mask)
+
+
+def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
+                        agg_weight, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
+    """(weighted_loss [N], dloss_dlogp [N], stats [5, N]) of the kernel, in logp's dtype (float32 or float64).
+
+    Float inputs are [N] tensors of logp's dtype; optional ones may be None. `clip_low`, `clip_high`,
+    `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. Triton passes the float
+    hyper-parameters as float32 scalars.
+    """
+    n = logp.shape[0]
+    weighted_loss = torch.empty_like(logp)
+    dloss_dlogp = torch.empty_like(weighted_loss)
+    stats = logp.new_empty(len(STAT_NAMES), n)
+    if n == 0:
+        return weighted_loss, dloss_dlogp, stats
+    contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    bound = lambda x, off: off if x is None else float(x)  # noqa: E731
+    inf = float("inf")
+    _rlplus_head_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+        logp.contiguous(), contiguous(entropy), advantages.contiguous(), contiguous(old_logprobs),
+        contiguous(external), contiguous(behavior_logprobs), contiguous(ref_logprobs), agg_weight.contiguous(),
+        weighted_loss, dloss_dlogp, stats,
+        n,
+        -inf if clip_low is None else 1.0 - clip_low, inf if clip_high is None else 1.0 + clip_high,
+        bound(dual_clip, inf), float(gamma), bound(mis_clip_max, inf), float(kl_coef), float(entropy_coef),
+        HAS_ENTROPY=entropy is not None and entropy_coef != 0,
+        HAS_OLD=old_logprobs is not None,
+        HAS_EXTERNAL=external is not None,
+        HAS_BEHAVIOR=behavior_logprobs is not None,
+        HAS_KL=kl_coef > 0,
+        BLOCK=BLOCK,
+    )
+    return weighted_loss, dloss_dlogp, stats

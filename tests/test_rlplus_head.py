@@ -1,0 +1,174 @@
+"""The Triton per-token RL head (kernels/rlplus_head.py) against the shared torch head (head.py).
+
+Both run in float64 on the same inputs, so they must compute the same function to float64 rounding,
+also at the extremes (log-ratios of +-100, p = 1, gamma = 0, KL ratios of e^20) and at the kinks.
+The float32 path, as the Triton backend uses it, is checked end to end against the reference in
+test_backends.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from helpers import assert_close
+from rlplus_kernels.config import RLPlusConfig
+from rlplus_kernels.head import TokenBatch, rlplus_head, sequence_layout
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
+# Triton passes float hyper-parameters as float32 scalars: clip bounds, gamma and the coefficients carry
+# float32 rounding (relative 6e-8 each) into an otherwise float64 computation.
+RTOL = 1e-7
+
+
+@st.composite
+def head_cases(draw):
+    batch, length = draw(st.integers(1, 4)), draw(st.integers(1, 24))
+    seed = draw(st.integers(0, 2**31 - 1))
+    config = RLPlusConfig(
+        clip_eps_low=draw(st.sampled_from([0.2, None, 0.0])),
+        clip_eps_high=draw(st.sampled_from([0.2, None, 0.28])),
+        dual_clip=draw(st.sampled_from([None, 3.0])),
+        gamma=draw(st.sampled_from([0.5, 0.0, 1.0, 2.0])),
+        mis_clip_max=draw(st.sampled_from([None, 2.0])),
+        kl_coef=draw(st.sampled_from([0.0, 0.05])),
+        entropy_coef=draw(st.sampled_from([0.0, 0.01, -0.02])),
+        loss_agg=draw(st.sampled_from(["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])),
+    )
+    options = dict(with_old=draw(st.booleans()), with_external=draw(st.booleans()),
+                   with_behavior=draw(st.booleans()), normalizer=draw(st.sampled_from([None, 7.0, "tensor"])))
+    return (batch, length), seed, config, options
+
+
+def _draw_log_probs(shape, g):
+    """log p in (-30, 0] with exact extremes mixed in: 0 (p = 1), -1e-8 (p rounds to 1), -100."""
+    logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 30
+    special = torch.tensor([0.0, -1e-8, -1e-3, -100.0], dtype=torch.float64)
+    pick = torch.rand(shape, generator=g) < 0.3
+    return torch.where(pick, special[torch.randint(0, 4, shape, generator=g)], logp)
+
+
+def build_head_case(shape, seed, config, options):
+    """(logp, entropy, TokenBatch, normalizer), float64 on DEVICE; log-ratios from -100 to +100."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0] * shape[1]
+    logp = _draw_log_probs((n,), g)
+    shifts = torch.tensor([100.0, -100.0, 25.0, -25.0, 0.0], dtype=torch.float64)
+    shift = torch.where(torch.rand(n, generator=g) < 0.3, shifts[torch.randint(0, 5, (n,), generator=g)],
+                        0.5 * torch.randn(n, generator=g, dtype=torch.float64))
+    valid = torch.rand(n, generator=g) < 0.8
+    sequence_ids, num_sequences = sequence_layout(torch.zeros(shape, dtype=torch.long), None)
+    batch = TokenBatch(
+        valid=valid,
+        advantages=torch.where(valid, torch.randn(n, generator=g, dtype=torch.float64) * 2, 0.0),
+        external=(torch.rand(n, generator=g) < 0.5) if options["with_external"] else None,
+        old_logprobs=(logp - shift).clamp(max=0) if options["with_old"] else None,
+        behavior_logprobs=_draw_log_probs((n,), g) if options["with_behavior"] else None,
+        ref_logprobs=(logp + shift.flip(0)).clamp(max=0) if config.kl_coef > 0 else None,
+        sequence_ids=sequence_ids, num_sequences=num_sequences,
+    )
+    entropy = torch.rand(n, generator=g, dtype=torch.float64) * 5
+    normalizer = torch.tensor(11.0, dtype=torch.float64) if options["normalizer"] == "tensor" else options["normalizer"]
+    return logp.to(DEVICE), entropy.to(DEVICE), on_device(batch), normalizer
+
+
+def on_device(batch: TokenBatch) -> TokenBatch:
+    return TokenBatch(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
+
+
+def run_head(backend, logp, entropy, batch, config, normalizer, upstream):
+    logp = logp.clone().requires_grad_()
+    entropy = entropy.clone().requires_grad_()
+    loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
+    grad_logp, grad_entropy = torch.autograd.grad(upstream * loss, (logp, entropy), allow_unused=True)
+    zeros = torch.zeros_like(logp)
+    return loss.detach(), metrics, (zeros if grad_logp is None else grad_logp), (
+        zeros if grad_entropy is None else grad_entropy)
+
+
+def check_heads_agree(shape, seed, config, options):
+    logp, entropy, batch, normalizer = build_head_case(shape, seed, config, options)
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(seed)).item()
+    loss, metrics, grad_logp, grad_entropy = run_head("triton", logp, entropy, batch, config, normalizer, upstream)
+    t_loss, t_metrics, t_grad_logp, t_grad_entropy = run_head("torch", logp, entropy, batch, config, normalizer,
+                                                              upstream)
+    assert_close(loss, t_loss, rtol=RTOL, atol=0.0, name="loss")
+    assert metrics.keys() == t_metrics.keys()
+    for key in t_metrics:
+        assert_close(metrics[key], t_metrics[key], rtol=RTOL, atol=0.0, name=f"metrics[{key}]")
+    assert_close(grad_logp, t_grad_logp, rtol=RTOL, atol=0.0, name="grad_logp")
+    assert_close(grad_entropy, t_grad_entropy, rtol=RTOL, atol=0.0, name="grad_entropy")
+
+
+OFFICIAL_LIKE = ((2, 8), 3, RLPlusConfig(clip_eps_low=None, clip_eps_high=None, gamma=0.5, entropy_coef=0.001,
+                                          loss_agg="sum"),
+                 dict(with_old=True, with_external=True, with_behavior=False, normalizer=8192.0))
+EVERY_OPTION = ((1, 5), 0, RLPlusConfig(dual_clip=3.0, kl_coef=0.05, gamma=0.0, mis_clip_max=2.0),
+                dict(with_old=False, with_external=True, with_behavior=True, normalizer=None))
+
+
+@example(case=OFFICIAL_LIKE)
+@example(case=EVERY_OPTION)
+@given(case=head_cases())
+def test_triton_head_matches_torch_head(case):
+    check_heads_agree(*case)
+
+
+# Kinks hit exactly in float64 (log r = log 2, log 0.5, +-20 are exact here, and float32 holds the bounds):
+# (config, old log-probs, log-probs, advantages).
+KINKS = {
+    # ratio 2 at the upper bound 1 + 1.0, ratio 0.5 at the lower bound 1 - 0.5, dual-clip tie -A r = -A c
+    "clip bounds": (RLPlusConfig(clip_eps_low=0.5, clip_eps_high=1.0, dual_clip=2.0),
+                    [0.0, 0.0, 0.0, 0.0], [math.log(2.0), math.log(0.5), math.log(2.0), math.log(4.0)],
+                    [1.0, -1.0, -1.0, -2.0]),
+    # log-ratios exactly at +-20 (clamp bounds) and beyond, for the ratio and the KL term
+    "log-ratio clamps": (RLPlusConfig(clip_eps_low=None, clip_eps_high=None, kl_coef=0.125),
+                         [-21.0, -21.0, -41.0, -50.0], [-1.0, -41.0, -21.0, -1.0], [1.0, -1.0, 1.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("kink", list(KINKS))
+def test_triton_head_derivatives_at_the_kinks(kink):
+    """At a kink both heads follow torch: a clamp passes the gradient at its bounds, minimum splits a tie."""
+    config, old, logp, advantages = KINKS[kink]
+    f64 = lambda values: torch.tensor(values, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    logp, n = f64(logp), len(logp)
+    # ref - logp = +-20 exactly on the first two tokens
+    batch = TokenBatch(valid=torch.ones(n, dtype=torch.bool, device=DEVICE), advantages=f64(advantages),
+                       old_logprobs=f64(old), ref_logprobs=logp + f64([20.0, -20.0, 30.0, 0.0]))
+    entropy = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    loss, metrics, grad_logp, _ = run_head("triton", logp, entropy, batch, config, None, 1.0)
+    t_loss, t_metrics, t_grad_logp, _ = run_head("torch", logp, entropy, batch, config, None, 1.0)
+    assert_close(loss, t_loss, rtol=RTOL, atol=0.0, name="loss")
+    assert_close(grad_logp, t_grad_logp, rtol=RTOL, atol=0.0, name="grad_logp")
+    assert_close(metrics["clip_frac"], t_metrics["clip_frac"], rtol=0.0, atol=0.0, name="clip_frac")
+
+
+def test_tokens_outside_the_loss_contribute_nothing_even_when_their_inputs_are_not_finite():
+    config = RLPlusConfig(kl_coef=0.1, entropy_coef=0.01)
+    n = 4
+    valid = torch.tensor([True, False, True, False])
+    nan = float("nan")
+    batch = on_device(TokenBatch(valid=valid, advantages=torch.tensor([1.0, 0.0, -1.0, 0.0]),
+                                 old_logprobs=torch.tensor([-1.0, nan, -2.0, float("inf")]),
+                                 external=torch.tensor([True, True, False, False]),
+                                 ref_logprobs=torch.tensor([-1.0, nan, -1.0, nan])))
+    logp = torch.tensor([-0.5, 0.0, -1.5, 0.0], device=DEVICE)
+    entropy = torch.tensor([1.0, nan, 1.0, nan], device=DEVICE)
+    loss, _, grad_logp, grad_entropy = run_head("triton", logp, entropy, batch, config, None, 1.0)
+    assert torch.isfinite(loss)
+    valid = valid.to(DEVICE)
+    assert not grad_logp[~valid].any() and not grad_entropy[~valid].any()
+    assert torch.isfinite(grad_logp).all() and torch.isfinite(grad_entropy).all()
+    t_loss, _, t_grad_logp, _ = run_head("torch", logp, torch.nan_to_num(entropy), batch, config, None, 1.0)
+    # float32 here, as the Triton backend runs it: a few ulps of the head's own arithmetic
+    assert_close(loss, t_loss, rtol=1e-6, atol=0.0, name="loss")
+    assert_close(grad_logp[valid], t_grad_logp[valid], rtol=1e-6, atol=0.0, name="grad_logp")
