@@ -132,6 +132,9 @@ KINKS = {
     # log-ratios exactly at +-20 (clamp bounds) and beyond, for the ratio and the KL term
     "log-ratio clamps": (RLPlusConfig(clip_eps_low=None, clip_eps_high=None, kl_coef=0.125),
                          [-21.0, -21.0, -41.0, -50.0], [-1.0, -41.0, -21.0, -1.0], [1.0, -1.0, 1.0, 1.0]),
+    # external tokens with old = behaviour = 0: w = p / 1 hits mis_clip_max = 2 exactly on the first
+    "MIS clip": (RLPlusConfig(mis_clip_max=2.0),
+                 [0.0, 0.0, 0.0, 0.0], [math.log(2.0), math.log(4.0), math.log(0.5), -1.0], [1.0, 1.0, -1.0, 1.0]),
 }
 
 
@@ -142,8 +145,10 @@ def test_triton_head_derivatives_at_the_kinks(kink):
     f64 = lambda values: torch.tensor(values, dtype=torch.float64, device=DEVICE)  # noqa: E731
     logp, n = f64(logp), len(logp)
     # ref - logp = +-20 exactly on the first two tokens
+    external = torch.full((n,), kink == "MIS clip", device=DEVICE)
     batch = TokenBatch(valid=torch.ones(n, dtype=torch.bool, device=DEVICE), advantages=f64(advantages),
-                       old_logprobs=f64(old), ref_logprobs=logp + f64([20.0, -20.0, 30.0, 0.0]))
+                       old_logprobs=f64(old), ref_logprobs=logp + f64([20.0, -20.0, 30.0, 0.0]),
+                       external=external, behavior_logprobs=f64(old))
     entropy = torch.zeros(n, dtype=torch.float64, device=DEVICE)
     loss, metrics, grad_logp, _ = run_head("triton", logp, entropy, batch, config, None, 1.0)
     t_loss, t_metrics, t_grad_logp, _ = run_head("torch", logp, entropy, batch, config, None, 1.0)
