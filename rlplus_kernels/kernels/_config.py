@@ -59,9 +59,13 @@ _TABLE_BWD: dict = {}
 # Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
 # neither async copies nor wide loads: every element carries its own 64-bit address and the big
 # tile spills. These shapes are rare (tests, toy models): a small tile.
+# Keyed (is_fp32, kernel); the fp32 FFMA path spills at 64 rows, and the forward (running softmax
+# state) also at 32 x 64 on sm_80 without entropy, while the backward spills at 32 x 32 on sm_90.
 _UNALIGNED = {
-    False: KernelConfig(64, 64, 16, num_warps=4, num_stages=1),  # 64 rows: one warpgroup wgmma
-    True: KernelConfig(32, 64, 16, num_warps=4, num_stages=1),  # FFMA path spills at 64 rows
+    (False, "fwd"): KernelConfig(64, 64, 16, num_warps=4, num_stages=1),  # 64 rows: one warpgroup wgmma
+    (False, "bwd"): KernelConfig(64, 64, 16, num_warps=4, num_stages=1),
+    (True, "fwd"): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
+    (True, "bwd"): KernelConfig(32, 64, 16, num_warps=4, num_stages=1),
 }
 
 FAMILIES = ("sm80", "sm90")
@@ -69,7 +73,7 @@ FAMILIES = ("sm80", "sm90")
 
 def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
     if not aligned and family != "interpret":
-        return _UNALIGNED[is_fp32]
+        return _UNALIGNED[(is_fp32, kernel)]
     if kernel == "bwd" and (family, is_fp32) in _TABLE_BWD:
         return _TABLE_BWD[(family, is_fp32)]
     return _TABLE[(family, is_fp32)]
