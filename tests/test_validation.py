@@ -113,6 +113,17 @@ def test_triton_on_cpu_without_the_interpreter_says_how(monkeypatch):
     assert os.environ["TRITON_INTERPRET"] == "0"
 
 
+def test_auto_without_triton_falls_back_to_torch_and_triton_says_what_is_missing(monkeypatch):
+    from rlplus_kernels import backends
+
+    assert backends.resolve_backend("auto", torch.device("cuda")) == (
+        "triton" if backends.triton_installed() else "torch")
+    monkeypatch.setattr(backends, "triton_installed", lambda: False)
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="backend='triton' needs the triton package"):
+        rlplus_loss(**good(backend="triton"))
+
+
 def test_ignore_index_out_of_range_is_allowed():
     out = rlplus_loss(**good(targets=torch.tensor([0, -100, 3, -100, 10, 1])))
     assert out.metrics["num_tokens"].item() == 4

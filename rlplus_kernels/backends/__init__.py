@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,9 +26,17 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        # e.g. CUDA builds of torch without triton (Windows): the torch backend computes the same function
+        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+    if backend == "triton" and not triton_installed():
+        raise ValueError("backend='triton' needs the triton package (pip install triton); "
+                         "backend='torch' computes the same function without it")
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors, got tensors on {device}; on the CPU the Triton "
