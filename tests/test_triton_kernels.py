@@ -104,21 +104,33 @@ def check(name, got, ref, tol):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Logits sources (kernels/_config.py): tl.dot inside the kernels, or a cuBLAS fp32 product the kernels
+# read. For cuBLAS the forward's product chunk is 64 columns per token here, so vocabularies of 300
+# take several chunks; the backward's products are 1/8 slices of each dl chunk.
+LOGITS = ["fused", "cublas"]
+
+
+def source_options(logits, n_tokens):
+    return dict(logits=logits, chunk_elems=n_tokens * 64 if logits == "cublas" else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_forward(shape, dtype, bias):
+@pytest.mark.parametrize("logits", LOGITS)
+def test_forward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True)
+    options = source_options(logits, n)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
+                                           **options)
     r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
     for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
         assert got.dtype == torch.float32
         check(name, got, ref, FWD_TOL[dtype])
     assert tl[0].item() == 0.0  # ignored row
-    lse2, tl2, none = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=False)
+    lse2, tl2, none = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=False,
+                                              **options)
     assert none is None
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
 
@@ -126,14 +138,16 @@ def test_forward(shape, dtype, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_backward(shape, dtype, bias):
+@pytest.mark.parametrize("logits", LOGITS)
+def test_backward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
     r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.3)
     lse, ent = r_lse.float(), (r_lse - r_spz).float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     gh, gw, gb = linear_logprobs_backward(
-        h, w, b, t, lse, ent, gl, ge, temperature=1.3, ignore_index=IGN, needs_grad=(True, True, True)
+        h, w, b, t, lse, ent, gl, ge, temperature=1.3, ignore_index=IGN, needs_grad=(True, True, True),
+        logits=logits,
     )
     rh, rw, rb = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.3)
     check("grad_hidden", gh, rh, BWD_TOL[dtype])
@@ -169,12 +183,14 @@ def test_needs_grad_subsets(needs, grads):
             assert got is None, f"grad_{name} computed though not needed"
 
 
-def test_vocab_shard():
+@pytest.mark.parametrize("logits", LOGITS)
+def test_vocab_shard(logits):
     """vocab_start != 0: targets outside the shard give target_logit 0 and no one-hot term."""
     n, d, v_total, v0, v1 = 33, 5, 300, 100, 237
     h, w_full, b_full, t = make_inputs(n, d, v_total, torch.float32, ignored=(0, 5))
     w, b = w_full[v0:v1], b_full[v0:v1]
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0, with_entropy=True)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0,
+                                           with_entropy=True, **source_options(logits, n))
     r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.9, vocab_start=v0)
     check("lse", lse, r_lse, 2e-5)
     check("target_logit", tl, r_tl, 2e-5)
@@ -185,7 +201,8 @@ def test_vocab_shard():
     g_lse, _, g_spz = ref_forward(h, w_full, b_full, t, temperature=0.9)
     glse, gent = g_lse.float(), (g_lse - g_spz).float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    out = linear_logprobs_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, ignore_index=IGN, vocab_start=v0)
+    out = linear_logprobs_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, ignore_index=IGN, vocab_start=v0,
+                                   logits=logits)
     refs = ref_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, vocab_start=v0)
     for name, got, ref in zip(("hidden", "weight", "bias"), out, refs):
         check(f"grad_{name}", got, ref, 2e-5)
@@ -193,7 +210,8 @@ def test_vocab_shard():
 
 @pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_chunks(needs, dtype):
+@pytest.mark.parametrize("logits", LOGITS)
+def test_backward_chunks(needs, dtype, logits):
     """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result."""
     n, d, v = 33, 40, 300
     h, w, b, t = make_inputs(n, d, v, dtype)
@@ -203,7 +221,7 @@ def test_backward_chunks(needs, dtype):
     # 16 x 256 elements: several token chunks x several vocab chunks
     out = linear_logprobs_backward(
         h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
-        needs_grad=tuple(bool(x) for x in needs), chunk_elems=16 * 256,
+        needs_grad=tuple(bool(x) for x in needs), chunk_elems=16 * 256, logits=logits,
     )
     refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)
     for name, need, got, ref in zip(("hidden", "weight", "bias"), needs, out, refs):
@@ -328,3 +346,37 @@ def test_raw_op_pair_matches_launchers():
                                  vocab_start=3, needs_grad=(True, False, True))
     torch.testing.assert_close(out[0], r[0], rtol=0, atol=0)
     torch.testing.assert_close(out[2], r[2], rtol=0, atol=0)
+
+
+def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch):
+    """RLPLUS_LOGITS=cublas reaches the kernels through rlplus_loss (custom ops) and changes nothing
+    but where the products come from; an unknown value is refused with the variable's name."""
+    from rlplus_kernels import rlplus_loss
+    from rlplus_kernels.kernels import cublas, linear_logprobs_bwd, linear_logprobs_fwd
+
+    n, d, v = 33, 40, 300
+    h, w, b, t = make_inputs(n, d, v, torch.float32)
+    adv = torch.randn(n, device=DEVICE)
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+        out = rlplus_loss(leaves[0], leaves[1], t, adv, bias=leaves[2], entropy_coef=0.01, backend="triton")
+        return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))
+
+    fused = run()
+    calls = []
+
+    def counting_mm_fp32(a, b_, out):
+        calls.append(out.shape)
+        return cublas.mm_fp32(a, b_, out)
+
+    for module in (linear_logprobs_fwd, linear_logprobs_bwd):
+        monkeypatch.setattr(module, "mm_fp32", counting_mm_fp32)
+    monkeypatch.setenv("RLPLUS_LOGITS", "cublas")
+    from_products = run()
+    assert calls, "RLPLUS_LOGITS=cublas did not use the cuBLAS products"
+    for name, got, ref in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), from_products, fused):
+        check(name, got, ref.double(), 2e-5)
+    monkeypatch.setenv("RLPLUS_LOGITS", "cuBLAS ")
+    with pytest.raises(ValueError, match="RLPLUS_LOGITS"):
+        run()

@@ -21,6 +21,20 @@ def autotune_enabled() -> bool:
     return os.environ.get("RLPLUS_AUTOTUNE", "0") not in ("", "0")
 
 
+# Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels) or
+# "cublas" (torch.mm writes an fp32 product per chunk, then the same kernels read it: GEMM speed for
+# the matmul, one extra fp32 pass over memory). Fused stays the default until the cuBLAS path is
+# measured on a GPU (kernels/README.md, "The 1.5x bar"); RLPLUS_LOGITS=cublas selects it.
+LOGITS_SOURCES = ("fused", "cublas")
+
+
+def logits_source(choice: Optional[str] = None) -> str:
+    source = choice or os.environ.get("RLPLUS_LOGITS", "fused")
+    if source not in LOGITS_SOURCES:
+        raise ValueError(f"RLPLUS_LOGITS (logits source) must be one of {LOGITS_SOURCES}, got {source!r}")
+    return source
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     BLOCK_N: int
@@ -118,6 +132,18 @@ def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dic
         # compiles (128x128x32 spilled 2 registers under triton 3.6; x16 does not)
         if dim % cfg.BLOCK_D:
             cfg = replace(cfg, BLOCK_D=16)
+    if override:
+        cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
+    return cfg
+
+
+# Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).
+_PRODUCT = KernelConfig(64, 128, 16, num_warps=4, num_stages=3)
+
+
+def product_config(device: torch.device, override: Optional[dict] = None) -> KernelConfig:
+    """Launch config of the forward/backward kernels when they read a cuBLAS product (FROM_PRODUCT)."""
+    cfg = _TABLE[("interpret", True)] if family_of(device) == "interpret" else _PRODUCT
     if override:
         cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
     return cfg

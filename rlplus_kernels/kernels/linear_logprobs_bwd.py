@@ -34,10 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, kernel_operand, pick_config, rows_aligned
-from .tl_utils import logits_tile
+from ._config import dot_precision, kernel_operand, logits_source, pick_config, product_config, rows_aligned
+from .cublas import mm_accumulate_fp32, mm_fp32
+from .tl_utils import logits_tile, product_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
+PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
 
 
 @triton.heuristics(
@@ -45,6 +47,7 @@ DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary 
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "HAS_GRAD_LOGP": lambda args: args["grad_logp_ptr"] is not None,
         "HAS_GRAD_ENT": lambda args: args["grad_ent_ptr"] is not None,
+        "FROM_PRODUCT": lambda args: args["prod_ptr"] is not None,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
     }
 )
@@ -60,6 +63,7 @@ def _linear_logprobs_bwd_kernel(
     grad_logp_ptr,  # [N] fp32 upstream gradient of logp, or None
     grad_ent_ptr,  # [N] fp32 upstream gradient of the entropy, or None
     dl_ptr,  # [N, V] out, input dtype: d loss / d raw logits for this chunk
+    prod_ptr,  # [N, V] fp32 hidden @ weight^T from cuBLAS, or None (then tl.dot recomputes it)
     # shapes
     N,
     V,
@@ -72,6 +76,7 @@ def _linear_logprobs_bwd_kernel(
     stride_bias_v,
     stride_targets_n,
     stride_dl_n,
+    stride_prod_n,
     # runtime scalars
     temperature,
     ignore_index,
@@ -81,6 +86,7 @@ def _linear_logprobs_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENT: tl.constexpr,
+    FROM_PRODUCT: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -91,7 +97,8 @@ def _linear_logprobs_bwd_kernel(
 
     hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype, this chunk's rows);
     targets_ptr [N] int (global ids); lse_ptr, ent_ptr [N] fp32 (global); grad_logp_ptr,
-    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride.
+    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride;
+    prod_ptr [N, V] fp32 or None (with it, hidden_ptr/weight_ptr are not read).
     """
     # grouped ordering (Triton's matmul tutorial) for L2 reuse of both operands
     pid = tl.program_id(0)
@@ -110,9 +117,13 @@ def _linear_logprobs_bwd_kernel(
     offs_n64 = offs_n.to(tl.int64)
     offs_v64 = offs_v.to(tl.int64)
 
-    z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
-                    D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                    temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    if FROM_PRODUCT:
+        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
+                         temperature, HAS_BIAS)
+    else:
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
+                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
 
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     valid = tgt != ignore_index
@@ -133,33 +144,6 @@ def _linear_logprobs_bwd_kernel(
     dl = dz / temperature
     dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dl_n + offs_v64[None, :]
     tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
-
-
-_MM_OUT_DTYPE_OK = {}
-_ACCUMULATE_ROWS = 2048
-
-
-def _mm_accumulate(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc32 += a @ b with an fp32 result from half-precision operands where the platform allows."""
-    if a.dtype == torch.float32:
-        acc32.addmm_(a, b)
-        return
-    if a.is_cuda:
-        if _MM_OUT_DTYPE_OK.get(a.dtype, True):
-            try:
-                # row blocks bound the fp32 product that out_dtype allocates (an [N, D] one is 256 MiB
-                # at 16k x 4096, twice what the dl chunk itself costs)
-                for r0 in range(0, a.shape[0], _ACCUMULATE_ROWS):
-                    rows = slice(r0, r0 + _ACCUMULATE_ROWS)
-                    acc32[rows].add_(torch.mm(a[rows], b, out_dtype=torch.float32))
-                _MM_OUT_DTYPE_OK[a.dtype] = True
-                return
-            except (RuntimeError, TypeError, NotImplementedError):
-                _MM_OUT_DTYPE_OK[a.dtype] = False
-        # older torch: product rounded to the input dtype once per chunk, then summed in fp32
-        acc32.add_(torch.mm(a, b))
-        return
-    acc32.addmm_(a.float(), b.float())  # CPU (interpreter tests): upcast is cheap at test sizes
 
 
 def _plan_chunks(n_tokens, n_vocab, need_vocab_side, budget, cfg):
@@ -198,11 +182,15 @@ def linear_logprobs_backward(
     needs_grad=(True, True, True),
     config: Optional[dict] = None,
     chunk_elems: Optional[int] = None,
+    logits: Optional[str] = None,
 ):
     """CONTRACT.md backward: (grad_hidden | None, grad_weight | None, grad_bias | None), input dtype.
 
     ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^26
-    elements, env ``RLPLUS_CHUNK_ELEMS``).
+    elements, env ``RLPLUS_CHUNK_ELEMS``); ``logits`` picks the logits source ("fused" or "cublas",
+    default env ``RLPLUS_LOGITS`` or fused). With cuBLAS each dl chunk is filled in column slices of
+    1/PRODUCT_SLICES of it, each from an fp32 product of that slice (a quarter of the dl chunk's
+    bytes in bf16), so the extra memory grows by that much only.
     """
     need_h, need_w, need_b = (bool(x) for x in needs_grad)
     need_b = need_b and bias is not None
@@ -226,7 +214,9 @@ def linear_logprobs_backward(
 
     h_k = kernel_operand(hidden)
     w_k = kernel_operand(weight)
-    cfg = pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd")
+    from_product = logits_source(logits) == "cublas"
+    cfg = (product_config(device, config) if from_product
+           else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd"))
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)
@@ -244,39 +234,54 @@ def linear_logprobs_backward(
     gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
     precision = dot_precision(dtype, device)
 
+    # the column slices of a dl chunk that one fp32 product covers (the whole chunk when fused)
+    slice_cols = max(cfg.BLOCK_V, cv // PRODUCT_SLICES // cfg.BLOCK_V * cfg.BLOCK_V) if from_product else cv
+    product = torch.empty(min(cn, n_tokens) * min(slice_cols, n_vocab), device=device,
+                          dtype=torch.float32) if from_product else None
+
+    def fill_dl(dl, n0, n1, c0, c1):
+        """dl[:, :] = d loss / d logits of tokens n0:n1 and vocabulary rows c0:c1 of this shard."""
+        rows, cols = n1 - n0, c1 - c0
+        hk, wk = h_k[n0:n1], w_k[c0:c1]
+        bk = b_k[c0:c1] if b_k is not None else None
+        prod = None
+        if from_product:
+            prod = mm_fp32(hk, wk.t(), out=product[: rows * cols].view(rows, cols))
+        grid = (triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V),)
+        _linear_logprobs_bwd_kernel[grid](
+            hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
+            grad_logp[n0:n1] if grad_logp is not None else None,
+            grad_entropy[n0:n1] if grad_entropy is not None else None,
+            dl, prod,
+            rows, cols, dim,
+            hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
+            bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0),
+            prod.stride(0) if prod is not None else 0,
+            float(temperature), int(ignore_index), int(vocab_start) + c0,
+            DOT_PRECISION=precision,
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
     for n0 in range(0, n_tokens, cn):
         n1 = min(n0 + cn, n_tokens)
         gh32 = torch.zeros((n1 - n0, dim), device=device, dtype=torch.float32) if (need_h and n_voc_chunks > 1) else None
         for v0 in range(0, n_vocab, cv):
             v1 = min(v0 + cv, n_vocab)
-            rows, cols = n1 - n0, v1 - v0
-            dl = buf[: rows * cols].view(rows, cols)
-            hk, wk = h_k[n0:n1], w_k[v0:v1]
-            bk = b_k[v0:v1] if b_k is not None else None
-            grid = (triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V),)
-            _linear_logprobs_bwd_kernel[grid](
-                hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
-                grad_logp[n0:n1] if grad_logp is not None else None,
-                grad_entropy[n0:n1] if grad_entropy is not None else None,
-                dl,
-                rows, cols, dim,
-                hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
-                bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0),
-                float(temperature), int(ignore_index), int(vocab_start) + v0,
-                DOT_PRECISION=precision,
-                BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            dl = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+            for c0 in range(v0, v1, slice_cols):
+                c1 = min(c0 + slice_cols, v1)
+                fill_dl(dl[:, c0 - v0:c1 - v0], n0, n1, c0, c1)
             if need_h:
                 if gh32 is None:
                     torch.mm(dl, weight[v0:v1], out=gh[n0:n1])
                 else:
-                    _mm_accumulate(gh32, dl, weight[v0:v1])
+                    mm_accumulate_fp32(gh32, dl, weight[v0:v1])
             if need_w:
                 if gw32 is None:
                     torch.mm(dl.t(), hidden[n0:n1], out=gw[v0:v1])
                 else:
-                    _mm_accumulate(gw32[v0:v1], dl.t(), hidden[n0:n1])
+                    mm_accumulate_fp32(gw32[v0:v1], dl.t(), hidden[n0:n1])
             if need_b:
                 gb32[v0:v1] += dl.sum(0, dtype=torch.float32)
         if gh32 is not None:

@@ -34,16 +34,23 @@ from ._config import (
     dot_precision,
     interpreting,
     kernel_operand,
+    logits_source,
     pick_config,
+    product_config,
     rows_aligned,
     sm_count,
 )
-from .tl_utils import logits_tile
+from .cublas import mm_fp32
+from .tl_utils import logits_tile, product_tile
+
+# fp32 product of one vocabulary chunk on the cuBLAS logits source (256 MiB: 16k tokens x 4k columns)
+DEFAULT_PRODUCT_ELEMS = 1 << 26
 
 
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "FROM_PRODUCT": lambda args: args["prod_ptr"] is not None,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
     }
 )
@@ -58,6 +65,7 @@ def _linear_logprobs_fwd_kernel(
     part_s_ptr,  # [SPLITS, N] fp32 out: sum exp(z - m)
     part_t_ptr,  # [SPLITS, N] fp32 out: sum exp(z - m) * (z - m)   (WITH_ENTROPY only)
     part_tz_ptr,  # [SPLITS, N] fp32 out: target logit if inside this split, else 0
+    prod_ptr,  # [N, V] fp32 hidden @ weight^T from cuBLAS, or None (then tl.dot computes it)
     # shapes
     N,
     V,
@@ -71,6 +79,7 @@ def _linear_logprobs_fwd_kernel(
     stride_weight_d,
     stride_bias_v,
     stride_targets_n,
+    stride_prod_n,
     # runtime scalars (never constexpr: a constexpr recompiles per value)
     temperature,
     ignore_index,
@@ -79,6 +88,7 @@ def _linear_logprobs_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    FROM_PRODUCT: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -123,9 +133,13 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
-                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+        if FROM_PRODUCT:
+            z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v.to(tl.int64),
+                             mask_n, mask_v, temperature, HAS_BIAS)
+        else:
+            z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
+                            D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                            temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(mask_v[None, :], z, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(z, 1))
@@ -172,7 +186,8 @@ def _autotuned_kernel():
     return _AUTOTUNED
 
 
-def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, device: torch.device) -> tuple[int, int]:
+def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, device: torch.device,
+                  min_splits: int = 16, waves: int = 8) -> tuple[int, int]:
     """Vocabulary splits so that a few thousand tokens still fill every SM several times over.
 
     Returns (splits, vocab columns per split); every split holds at least one column, so each
@@ -181,7 +196,7 @@ def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, devic
     """
     n_blocks = triton.cdiv(n_tokens, block_n)
     v_tiles = triton.cdiv(n_vocab, block_v)
-    want = max(16, triton.cdiv(8 * sm_count(device), n_blocks))
+    want = max(min_splits, triton.cdiv(waves * sm_count(device), n_blocks))
     splits = max(1, min(v_tiles, want))
     per_split = triton.cdiv(v_tiles, splits) * block_v
     return triton.cdiv(n_vocab, per_split), per_split
@@ -205,6 +220,60 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
 
 
+def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperature, ignore_index, vocab_start,
+            with_entropy, precision):
+    """One launch over the [N, w.shape[0]] logits (from tl.dot, or read from `prod`) into parts [k, splits, N]."""
+    n_tokens, dim = h.shape
+    part_t = parts[3] if with_entropy else parts[0]  # placeholder pointer when unused, never written
+    args = (
+        h, w, b, targets, parts[0], parts[1], part_t, parts[2], prod,
+        n_tokens, w.shape[0], dim, per_split, splits,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+        b.stride(0) if b is not None else 0, targets.stride(0), prod.stride(0) if prod is not None else 0,
+        float(temperature), int(ignore_index), int(vocab_start),
+    )
+    if autotune_enabled() and not interpreting() and prod is None:
+        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
+        _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
+        return
+    grid = (triton.cdiv(n_tokens, cfg.BLOCK_N) * splits,)
+    _linear_logprobs_fwd_kernel[grid](
+        *args,
+        WITH_ENTROPY=with_entropy,
+        DOT_PRECISION=precision,
+        BLOCK_N=cfg.BLOCK_N,
+        BLOCK_V=cfg.BLOCK_V,
+        BLOCK_D=cfg.BLOCK_D,
+        GROUP_N=cfg.GROUP_N,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _parts(with_entropy, splits, n_tokens, device):
+    return torch.empty((4 if with_entropy else 3, splits, n_tokens), device=device, dtype=torch.float32)
+
+
+def _forward_from_products(h, w, b, targets, cfg, chunk_elems, **launch):
+    """The cuBLAS logits source: per vocabulary chunk an fp32 product h @ W_c^T (at most chunk_elems
+    elements), read by the kernel with FROM_PRODUCT; every chunk's splits go into one set of partials."""
+    n_tokens, n_vocab = h.shape[0], w.shape[0]
+    cols = min(n_vocab, max(cfg.BLOCK_V, chunk_elems // n_tokens // cfg.BLOCK_V * cfg.BLOCK_V))
+    chunks = [(v0, min(v0 + cols, n_vocab)) for v0 in range(0, n_vocab, cols)]
+    # fewer splits than the fused kernel: each chunk is its own launch, and partials cost 16 B per split and token
+    layout = [choose_splits(n_tokens, v1 - v0, cfg.BLOCK_N, cfg.BLOCK_V, h.device, min_splits=1, waves=4)
+              for v0, v1 in chunks]
+    parts = _parts(launch["with_entropy"], sum(splits for splits, _ in layout), n_tokens, h.device)
+    product = torch.empty(n_tokens * cols, device=h.device, dtype=torch.float32)
+    vocab_start, first = launch.pop("vocab_start"), 0
+    for (v0, v1), (splits, per_split) in zip(chunks, layout):
+        prod = mm_fp32(h, w[v0:v1].t(), out=product[: n_tokens * (v1 - v0)].view(n_tokens, v1 - v0))
+        _launch(h, w[v0:v1], None if b is None else b[v0:v1], targets, parts[:, first:first + splits], prod,
+                per_split, splits, cfg, vocab_start=vocab_start + v0, **launch)
+        first += splits
+    return parts
+
+
 def linear_logprobs_forward_parts(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -216,54 +285,44 @@ def linear_logprobs_forward_parts(
     vocab_start: int = 0,
     with_entropy: bool,
     config: Optional[dict] = None,
+    logits: Optional[str] = None,
+    chunk_elems: Optional[int] = None,
 ):
-    """Launch the kernel and merge the splits; returns (lse, target_logit, sum_pz, entropy)."""
+    """Launch the kernel and merge the splits; returns (lse, target_logit, sum_pz, entropy).
+
+    ``logits`` picks the logits source ("fused" or "cublas", default env ``RLPLUS_LOGITS`` or fused);
+    ``chunk_elems`` bounds the cuBLAS path's fp32 product (default 2^26 elements).
+    """
     n_tokens, dim = hidden.shape
     n_vocab = weight.shape[0]
     device = hidden.device
     if hidden.dtype == torch.float64:
         raise TypeError("hidden: the triton backend takes float32, float16 or bfloat16, not float64")
+    source = logits_source(logits)
     out_shape = (n_tokens,)
     if n_tokens == 0:
         z = torch.zeros(out_shape, device=device, dtype=torch.float32)
         return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
     h = kernel_operand(hidden)
     w = kernel_operand(weight)
-    cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim)
     b = kernel_operand(bias) if bias is not None else None
-    if config and "splits" in config:
-        splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
-        per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
-        splits = triton.cdiv(n_vocab, per_split)
+    launch = dict(temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
+                  with_entropy=with_entropy, precision=dot_precision(hidden.dtype, device))
+    if source == "cublas":
+        parts = _forward_from_products(h, w, b, targets, product_config(device, config),
+                                       chunk_elems or DEFAULT_PRODUCT_ELEMS, **launch)
     else:
-        # with autotuning BLOCK_V may change: a split length that is a multiple of 256 fits all
-        splits, per_split = choose_splits(n_tokens, n_vocab, cfg.BLOCK_N, 256 if autotune_enabled() else cfg.BLOCK_V, device)
-    parts = torch.empty((4 if with_entropy else 3, splits, n_tokens), device=device, dtype=torch.float32)
-    part_t = parts[3] if with_entropy else parts[0]  # placeholder pointer, never written
-    args = (
-        h, w, b, targets, parts[0], parts[1], part_t, parts[2],
-        n_tokens, n_vocab, dim, per_split, splits,
-        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
-        b.stride(0) if b is not None else 0, targets.stride(0),
-        float(temperature), int(ignore_index), int(vocab_start),
-    )
-    precision = dot_precision(hidden.dtype, device)
-    if autotune_enabled() and not interpreting():
-        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
-        _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
-    else:
-        grid = (triton.cdiv(n_tokens, cfg.BLOCK_N) * splits,)
-        _linear_logprobs_fwd_kernel[grid](
-            *args,
-            WITH_ENTROPY=with_entropy,
-            DOT_PRECISION=precision,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_V=cfg.BLOCK_V,
-            BLOCK_D=cfg.BLOCK_D,
-            GROUP_N=cfg.GROUP_N,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim)
+        if config and "splits" in config:
+            splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
+            per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
+            splits = triton.cdiv(n_vocab, per_split)
+        else:
+            # with autotuning BLOCK_V may change: a split length that is a multiple of 256 fits all
+            splits, per_split = choose_splits(n_tokens, n_vocab, cfg.BLOCK_N,
+                                              256 if autotune_enabled() else cfg.BLOCK_V, device)
+        parts = _parts(with_entropy, splits, n_tokens, device)
+        _launch(h, w, b, targets, parts, None, per_split, splits, cfg, **launch)
     return merge_partials(parts[0], parts[1], parts[3] if with_entropy else None, parts[2], with_entropy)
 
 
@@ -278,15 +337,18 @@ def linear_logprobs_forward(
     vocab_start: int = 0,
     with_entropy: bool,
     config: Optional[dict] = None,
+    logits: Optional[str] = None,
+    chunk_elems: Optional[int] = None,
 ):
     """CONTRACT.md forward: (lse [N], target_logit [N], sum_pz [N] | None), float32.
 
     ``config`` overrides the launch table (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages,
-    GROUP_N, splits); tests use it to run small tiles under the interpreter.
+    GROUP_N, splits); tests use it to run small tiles under the interpreter. ``logits`` and
+    ``chunk_elems`` as in ``linear_logprobs_forward_parts``.
     """
     lse, target_logit, sum_pz, _ = linear_logprobs_forward_parts(
         hidden, weight, bias, targets,
         temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
-        with_entropy=with_entropy, config=config,
+        with_entropy=with_entropy, config=config, logits=logits, chunk_elems=chunk_elems,
     )
     return lse, target_logit, sum_pz

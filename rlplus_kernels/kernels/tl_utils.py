@@ -37,3 +37,20 @@ def logits_tile(
         b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
         acc += b.to(tl.float32)[None, :]
     return acc / temperature
+
+
+@triton.jit
+def product_tile(
+    prod_ptr, stride_prod_n,  # [rows, cols] fp32: hidden @ weight^T of this chunk, computed by cuBLAS
+    bias_ptr, stride_bias_v,  # [cols] or None (input dtype)
+    offs_n64, offs_v64, mask_n, mask_v,
+    temperature,
+    HAS_BIAS: tl.constexpr,
+):
+    """`logits_tile` when the product is already in memory: (prod[offs_n, offs_v] + bias) / temperature."""
+    acc = tl.load(prod_ptr + offs_n64[:, None] * stride_prod_n + offs_v64[None, :],
+                  mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    return acc / temperature

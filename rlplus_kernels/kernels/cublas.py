@@ -1,0 +1,54 @@
+"""cuBLAS GEMMs with a float32 result from half-precision operands (torch >= 2.8 on CUDA: `out_dtype`).
+
+The product of two bf16/fp16 values is exact in fp32 and cuBLAS accumulates in fp32, so an fp32
+result carries no rounding beyond fp32 accumulation. Where `out_dtype` is unavailable the operands
+are upcast (CPU, the interpreter tests) or, on an older CUDA torch, the product is rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_OUT_DTYPE_OK: dict = {}
+_ACCUMULATE_ROWS = 2048
+
+
+def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor, out=None):
+    """a @ b with an fp32 result on CUDA half operands, or None where this torch cannot."""
+    if not _OUT_DTYPE_OK.get(a.dtype, True):
+        return None
+    try:
+        result = torch.mm(a, b, out_dtype=torch.float32) if out is None else torch.mm(
+            a, b, out_dtype=torch.float32, out=out)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _OUT_DTYPE_OK[a.dtype] = False
+        return None
+    _OUT_DTYPE_OK[a.dtype] = True
+    return result
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (fp32, contiguous) = a @ b."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and _half_mm_fp32(a, b, out) is not None:
+        return out
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def mm_accumulate_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc32 += a @ b with an fp32 result from half-precision operands where the platform allows."""
+    if a.dtype == torch.float32:
+        acc32.addmm_(a, b)
+        return
+    if a.is_cuda:
+        # row blocks bound the fp32 product that out_dtype allocates (an [N, D] one is 256 MiB
+        # at 16k x 4096, twice what the dl chunk itself costs)
+        for r0 in range(0, a.shape[0], _ACCUMULATE_ROWS):
+            rows = slice(r0, r0 + _ACCUMULATE_ROWS)
+            product = _half_mm_fp32(a[rows], b)
+            if product is None:  # older torch: product rounded to the input dtype once per chunk
+                product = torch.mm(a[rows], b)
+            acc32[rows].add_(product)
+        return
+    acc32.addmm_(a.float(), b.float())  # CPU (interpreter tests): upcast is cheap at test sizes
