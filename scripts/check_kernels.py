@@ -76,6 +76,15 @@ def _cases(targets, dtypes, quick):
                 yield ("fwd", target, dtype, dict(flags, DOT_PRECISION=prec))
             for flags in bwd:
                 yield ("bwd", target, dtype, dict(flags, DOT_PRECISION=prec))
+        # the cuBLAS logits source (RLPLUS_LOGITS=cublas): the same kernels read an fp32 product, no tl.dot
+        fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e) for b, e in itertools.product([True, False], [True, False])]
+        bwd = [dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge)
+               for b, gl, ge in itertools.product([True, False], [True, False], [True, False]) if gl or ge]
+        if quick:
+            fwd, bwd = fwd[:1], bwd[:1]
+        for kernel, flag_sets in (("fwd", fwd), ("bwd", bwd)):
+            for flags in flag_sets:
+                yield (kernel, target, dtype, dict(flags, FROM_PRODUCT=True, EVEN_D=True, DOT_PRECISION="ieee"))
 
 
 def _signature(kernel, dtype, flags, cfg):
@@ -120,10 +129,12 @@ def _signature(kernel, dtype, flags, cfg):
         p("targets_ptr", "*i64")
         for name in ("part_m_ptr", "part_s_ptr", "part_t_ptr", "part_tz_ptr"):
             p(name, "*fp32")
+        p("prod_ptr", "*fp32") if flags.get("FROM_PRODUCT") else c("prod_ptr", None)
         i("N"), i("V"), i("D", aligned), i("V_PER_SPLIT", True), i("SPLITS")
         i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
         c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
         c("stride_targets_n", 1)
+        i("stride_prod_n", True)
         sig["temperature"] = "fp32"
         i("ignore_index"), i("vocab_start")
         c("WITH_ENTROPY", flags["WITH_ENTROPY"])
@@ -134,16 +145,17 @@ def _signature(kernel, dtype, flags, cfg):
         p("grad_logp_ptr", "*fp32") if flags["HAS_GRAD_LOGP"] else c("grad_logp_ptr", None)
         p("grad_ent_ptr", "*fp32") if flags["HAS_GRAD_ENT"] else c("grad_ent_ptr", None)
         p("dl_ptr", ptr)
+        p("prod_ptr", "*fp32") if flags.get("FROM_PRODUCT") else c("prod_ptr", None)
         i("N"), i("V"), i("D", aligned)
         i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
         c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
         c("stride_targets_n", 1)
-        i("stride_dl_n", True)
+        i("stride_dl_n", True), i("stride_prod_n", True)
         sig["temperature"] = "fp32"
         i("ignore_index"), i("col_start")
         c("HAS_GRAD_LOGP", flags["HAS_GRAD_LOGP"]), c("HAS_GRAD_ENT", flags["HAS_GRAD_ENT"])
     c("DOT_PRECISION", flags["DOT_PRECISION"])
-    c("HAS_BIAS", flags["HAS_BIAS"]), c("EVEN_D", flags["EVEN_D"])
+    c("HAS_BIAS", flags["HAS_BIAS"]), c("EVEN_D", flags["EVEN_D"]), c("FROM_PRODUCT", flags.get("FROM_PRODUCT", False))
     c("BLOCK_N", cfg.BLOCK_N), c("BLOCK_V", cfg.BLOCK_V), c("BLOCK_D", cfg.BLOCK_D), c("GROUP_N", cfg.GROUP_N)
     return sig, const, div
 
@@ -164,6 +176,8 @@ def compile_one(case):
             from types import SimpleNamespace
 
             cfg = SimpleNamespace(BLOCK=rlplus_head.BLOCK, num_warps=4, num_stages=3)
+        elif flags.get("FROM_PRODUCT"):
+            cfg = _config.PRODUCT_CONFIG
         else:
             cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
         if flags.get("BD_DIV", 1) > 1:
@@ -234,7 +248,7 @@ def main(argv=None):
         flag = ""
         if r["spill_st"] or r["spill_ld"]:
             flag, bad = "  <-- SPILL", bad + 1
-        elif r["target"] == "sm_90" and r["dtype"] != "fp32" and not r["hgmma"]:
+        elif r["target"] == "sm_90" and r["dtype"] != "fp32" and not r["hgmma"] and "FROM_PRODUCT" not in r["flags"]:
             flag, bad = "  <-- no HGMMA", bad + 1
         print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {r['config']:20} {r['flags']:44} {r['regs']:>4} "
               f"{r['shared']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['stack']:>5} {mma:6}{flag}")

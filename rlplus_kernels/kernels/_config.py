@@ -138,12 +138,12 @@ def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dic
 
 
 # Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).
-_PRODUCT = KernelConfig(64, 128, 16, num_warps=4, num_stages=3)
+PRODUCT_CONFIG = KernelConfig(64, 128, 16, num_warps=8, num_stages=3)
 
 
 def product_config(device: torch.device, override: Optional[dict] = None) -> KernelConfig:
     """Launch config of the forward/backward kernels when they read a cuBLAS product (FROM_PRODUCT)."""
-    cfg = _TABLE[("interpret", True)] if family_of(device) == "interpret" else _PRODUCT
+    cfg = _TABLE[("interpret", True)] if family_of(device) == "interpret" else PRODUCT_CONFIG
     if override:
         cfg = replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
     return cfg
