@@ -3,7 +3,7 @@
 
 Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkout on CUDA:
 
-    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive]
+    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,cublas]
 
 (a) forward/backward against a higher-precision torch computation of CONTRACT.md at several
     shapes (float64 for small ones; float32, TF32 off, in token chunks, on the same
@@ -12,6 +12,8 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
     (logits = h @ W^T, grad_hidden = dl @ W, grad_weight = dl^T @ h), and their ratio;
 (c) peak extra memory (torch.cuda.max_memory_allocated above the inputs) of ours vs a naive
     full-logits implementation; one summary table at the end and JSON with --json.
+--logits runs (a)-(c) for each listed logits source (kernels/_config.py: "fused" tl.dot kernels,
+"cublas" fp32 cuBLAS products read by the same kernels), each against GEMMs timed in the same run.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ TOL = {  # relative norm error
 }
 
 
-def check_shape(n, d, v, dtype, bias, temperature=0.8, seed=0):
+def check_shape(n, d, v, dtype, bias, logits="fused", temperature=0.8, seed=0):
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -113,10 +115,11 @@ def check_shape(n, d, v, dtype, bias, temperature=0.8, seed=0):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     # poison: outputs are fresh tensors of the launcher; check them finite and complete
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True,
+                                           logits=logits)
     ent = lse - spz
     gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=temperature,
-                                          ignore_index=IGN, needs_grad=(True, True, bias))
+                                          ignore_index=IGN, needs_grad=(True, True, bias), logits=logits)
     torch.cuda.synchronize()
     out = dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
     rows = []
@@ -126,7 +129,7 @@ def check_shape(n, d, v, dtype, bias, temperature=0.8, seed=0):
         r, m = rel_err(got, ref[k])
         kind = "fwd" if k in ("lse", "target_logit", "sum_pz") else "bwd"
         ok = bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind]
-        rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias,
+        rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias, logits=logits,
                          out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
     del ref, out, gh, gw
     torch.cuda.empty_cache()
@@ -155,7 +158,7 @@ def naive(h, w, b, t, temperature):
     return logp, ent
 
 
-def time_and_memory(n, d, v, dtype, do_naive, rep):
+def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused"):
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     torch.manual_seed(0)
@@ -163,27 +166,27 @@ def time_and_memory(n, d, v, dtype, do_naive, rep):
     w = (torch.randn(v, d, device="cuda") / d**0.25).to(dtype)
     t = torch.randint(0, v, (n,), device="cuda")
     gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""))
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=logits)
 
     def fwd():
-        return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+        return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+                                       logits=logits)
 
     lse, _, spz = fwd()
     ent = lse - spz
 
-    def bwd():
+    def bwd(needs_grad=(True, True, False)):
         return linear_logprobs_backward(h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
-                                        needs_grad=(True, True, False))
+                                        needs_grad=needs_grad, logits=logits)
 
     def fwd_bwd():
         lse_, _, spz_ = fwd()
         return linear_logprobs_backward(h, w, None, t, lse_, lse_ - spz_, gl, ge, temperature=1.0,
-                                        ignore_index=IGN, needs_grad=(True, True, False))
+                                        ignore_index=IGN, needs_grad=(True, True, False), logits=logits)
 
     res["ours_fwd"] = bench(fwd, rep)
     res["ours_bwd"] = bench(bwd, rep)
-    res["ours_bwd_hidden_only"] = bench(lambda: linear_logprobs_backward(
-        h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN, needs_grad=(True, False, False)), rep)
+    res["ours_bwd_hidden_only"] = bench(lambda: bwd(needs_grad=(True, False, False)), rep)
     res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
     # three bare GEMMs in the input dtype, as cuBLAS runs them
     dl = torch.randn(n, v, device="cuda").to(dtype)
@@ -232,6 +235,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the 16384x4096x151936 shape")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,cublas")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     os.environ.pop("TRITON_INTERPRET", None)
@@ -245,33 +249,35 @@ def main():
     ]
     if not args.quick:
         check_cases.append((16384, 4096, 151936, torch.bfloat16, False))
+    sources = args.logits.split(",")
     checks = []
-    for case in check_cases:
+    for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()
-        rows = check_shape(*case)
+        rows = check_shape(*case, logits=logits)
         checks += rows
         worst = max(rows, key=lambda r: r["rel_err"] / r["tol"])
-        print(f"check {rows[0]['shape']:>20} {rows[0]['dtype']:9} bias={case[4]!s:5} "
+        print(f"check {logits:6} {rows[0]['shape']:>20} {rows[0]['dtype']:9} bias={case[4]!s:5} "
               f"{'OK ' if all(r['ok'] for r in rows) else 'FAIL'} worst {worst['out']} rel {worst['rel_err']:.2e} "
               f"(tol {worst['tol']:.0e}, ref {worst['ref']}) [{time.time() - t0:.1f}s]", flush=True)
 
     timing_cases = [(4096, 4096, 151936), (16384, 4096, 151936)] if not args.quick else [(4096, 4096, 151936)]
     timings = []
-    for n, d, v in timing_cases:
-        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep))
+    for (n, d, v), logits in ((shape, logits) for logits in sources for shape in timing_cases):
+        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits))
         print(json.dumps(timings[-1]), flush=True)
 
     print("\n=== summary (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ") ===")
-    print(f"{'correctness':12} {'shape':>20} {'dtype':9} {'worst output':14} {'rel err':>9} {'tol':>7} ok")
-    for shape in dict.fromkeys(r["shape"] + r["dtype"] for r in checks):
-        rows = [r for r in checks if r["shape"] + r["dtype"] == shape]
+    print(f"{'correctness':12} {'logits':6} {'shape':>20} {'dtype':9} {'worst output':14} {'rel err':>9} {'tol':>7} ok")
+    for key in dict.fromkeys((r["logits"], r["shape"], r["dtype"]) for r in checks):
+        rows = [r for r in checks if (r["logits"], r["shape"], r["dtype"]) == key]
         w = max(rows, key=lambda r: r["rel_err"] / r["tol"])
-        print(f"{'':12} {w['shape']:>20} {w['dtype']:9} {w['out']:14} {w['rel_err']:9.2e} {w['tol']:7.0e} {all(r['ok'] for r in rows)}")
-    print(f"\n{'timing (ms p50)':16} {'shape':>18} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'3 GEMMs':>8} {'ratio':>6} "
+        print(f"{'':12} {w['logits']:6} {w['shape']:>20} {w['dtype']:9} {w['out']:14} {w['rel_err']:9.2e} "
+              f"{w['tol']:7.0e} {all(r['ok'] for r in rows)}")
+    print(f"\n{'timing (ms p50)':16} {'logits':6} {'shape':>18} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'3 GEMMs':>8} {'ratio':>6} "
           f"{'TFLOP/s':>8} {'naive':>8} {'peak MB':>9} {'naive MB':>9}")
     for r in timings:
         nv = r.get("naive_fwd_bwd")
-        print(f"{'':16} {r['shape']:>18} {r['ours_fwd']['p50']:7.2f} {r['ours_bwd']['p50']:7.2f} "
+        print(f"{'':16} {r['logits']:6} {r['shape']:>18} {r['ours_fwd']['p50']:7.2f} {r['ours_bwd']['p50']:7.2f} "
               f"{r['ours_fwd_bwd']['p50']:8.2f} {r['gemm_sum_ms']:8.2f} {r['ratio_fwd_bwd_over_gemms']:6.2f} "
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
               f"{r.get('naive_peak_extra_mb', float('nan')):9.0f}")
