@@ -18,6 +18,10 @@ buffer, and two cuBLAS GEMMs consume it::
         grad_weight[v] += dl.T @ h[n]                          # only if weight needs a gradient
         grad_bias[v]   += dl.sum(0)                            # only if bias needs a gradient
 
+With the cuBLAS logits source (``RLPLUS_LOGITS=cublas``) the kernel reads z from fp32 products
+``h[n] @ W[s]^T`` that cuBLAS writes for column slices s of the chunk instead of recomputing them
+with tl.dot (``FROM_PRODUCT``).
+
 The chunk shape is chosen so that the gradient that needs no cross-chunk sum is written straight
 by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
 Extra memory: one dl chunk (default 2^26 elements) plus, when both gradients are needed and the

@@ -17,7 +17,9 @@ Blocked algorithm (one program = BLOCK_N tokens x one vocabulary split)::
         tz += z[target]
     write partials (m, s, t, tz)[split, n]
 
-Splits are merged in torch on [splits, N] tensors (``merge_partials``).
+Splits are merged in torch on [splits, N] tensors (``merge_partials``). With the cuBLAS logits
+source (``RLPLUS_LOGITS=cublas``) ``acc`` is read from an fp32 product ``h @ W[c]^T`` that cuBLAS
+writes per vocabulary chunk c (``FROM_PRODUCT``), one launch per chunk, all splits merged once.
 """
 
 from __future__ import annotations
