@@ -231,7 +231,8 @@ def test_backward_chunks(needs, dtype, logits):
             assert got is None
 
 
-def test_noncontiguous_inputs():
+@pytest.mark.parametrize("logits", LOGITS)
+def test_noncontiguous_inputs(logits):
     n, d, v = 33, 40, 300
     h = torch.randn(d, n, device=DEVICE).T / d**0.5  # column-major hidden
     w = torch.randn(v, 2 * d, device=DEVICE)[:, ::2]  # strided weight
@@ -239,30 +240,33 @@ def test_noncontiguous_inputs():
     t = torch.randint(0, v, (2 * n,), device=DEVICE)[::2]
     t[3] = IGN
     assert not (h.is_contiguous() or w.is_contiguous() or b.is_contiguous() or t.is_contiguous())
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+                                           **source_options(logits, n))
     r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=1.0)
     check("lse", lse, r_lse, 2e-5)
     check("target_logit", tl, r_tl, 2e-5)
     check("sum_pz", spz, r_spz, 2e-5)
     ent = (r_lse - r_spz).float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN, logits=logits)
     for name, got, ref in zip(("hidden", "weight", "bias"),
                               out, ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)):
         check(f"grad_{name}", got, ref, 2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_huge_logits_finite(dtype):
+@pytest.mark.parametrize("logits", LOGITS)
+def test_huge_logits_finite(dtype, logits):
     n, d, v = 7, 5, 37
     h, w, b, t = make_inputs(n, d, v, dtype, scale=1e3 if dtype == torch.float16 else 1e5)
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True)
+    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True,
+                                           **source_options(logits, n))
     r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.5)
     for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
         check(name, got, ref, 2e-5)
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     ent = (r_lse - r_spz).float()
-    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.5, ignore_index=IGN)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.5, ignore_index=IGN, logits=logits)
     for g in out:
         assert torch.isfinite(g.float()).all()
 
