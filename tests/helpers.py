@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
+
+# backend="triton" on CPU tensors runs under Triton's interpreter only (conftest.py turns it on
+# unless TRITON_INTERPRET=0 was set, as on a GPU run of the compiled kernels)
+TRITON_ON_CPU = importlib.util.find_spec("triton") is not None and os.environ.get(
+    "TRITON_INTERPRET", "0") not in ("", "0")
+CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_ON_CPU, reason="triton on CPU tensors needs triton installed and TRITON_INTERPRET=1"))]
 
 # (rtol, atol) of a backend against the float64 reference evaluated on the same (rounded) inputs.
 # Values may also err by the effect of float32 rounding of the log-probs (eps |z| each, see

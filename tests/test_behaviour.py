@@ -3,19 +3,17 @@ frozen heads, memory, the module, the preset and group advantages."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close, assert_grad_close, reference_inputs
+from helpers import CPU_BACKENDS, assert_close, assert_grad_close, reference_inputs
 from reference import rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
+BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
 AGG_MODES = ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"]
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
+from helpers import CPU_BACKENDS
 from rlplus_kernels import rlplus_loss
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
+BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
 
 
 def _loss(hidden, weight, targets, advantages, old, external, backend):
