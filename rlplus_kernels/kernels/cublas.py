@@ -14,16 +14,18 @@ _ACCUMULATE_ROWS = 2048
 
 
 def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor, out=None):
-    """a @ b with an fp32 result on CUDA half operands, or None where this torch cannot."""
-    if not _OUT_DTYPE_OK.get(a.dtype, True):
+    """a @ b with an fp32 result on CUDA half operands (into `out` if given), or None where this
+    torch cannot; whether each form (with or without `out`) works is remembered per dtype."""
+    key = (a.dtype, out is None)
+    if not _OUT_DTYPE_OK.get(key, True):
         return None
     try:
         result = torch.mm(a, b, out_dtype=torch.float32) if out is None else torch.mm(
             a, b, out_dtype=torch.float32, out=out)
     except (RuntimeError, TypeError, NotImplementedError):
-        _OUT_DTYPE_OK[a.dtype] = False
+        _OUT_DTYPE_OK[key] = False
         return None
-    _OUT_DTYPE_OK[a.dtype] = True
+    _OUT_DTYPE_OK[key] = True
     return result
 
 
@@ -31,8 +33,12 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     """out (fp32, contiguous) = a @ b."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.is_cuda and _half_mm_fp32(a, b, out) is not None:
-        return out
+    if a.is_cuda:
+        if _half_mm_fp32(a, b, out) is not None:
+            return out
+        product = _half_mm_fp32(a, b)  # a torch with out_dtype but without its out= form
+        if product is not None:
+            return out.copy_(product)
     return torch.mm(a.float(), b.float(), out=out)
 
 
