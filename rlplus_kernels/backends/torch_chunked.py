@@ -27,7 +27,8 @@ DEFAULT_CHUNK_VOCAB = 4096
 
 
 def _chunks(total: int, size: int):
-    for start in range(0, total, size):
+    # size is min(chunk, total): 0 for an empty batch, which has no chunk at all
+    for start in range(0, total, max(size, 1)):
         yield start, min(start + size, total)
 
 
