@@ -60,7 +60,8 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
 
     Each logit is a float32 dot product, so log p_v = z_v - lse errs by about eps |z|; the gradient of
     the logits, dz_v = g_logp (1[v=y] - p_v) - g_ent p_v (log p_v + H), errs by that times the size of
-    its terms before they cancel, M_v = |g_logp| (1[v=y] + p_v) + |g_ent| p_v (|log p_v| + H); the
+    its terms before they cancel, M_v = |g_logp| (1[v=y] + p_v) + |g_ent| p_v (1 + |log p_v| + H) (the 1:
+    moving log p_v by d moves p_v (log p_v + H) by p_v (1 + log p_v + H) d, which matters where p -> 1); the
     gradients sum K such terms (K = V for hidden, N for weight and bias). Allowance:
     (8 eps (sqrt(K) + max|z|) + 2 eps_input) * (M @ |W|, M^T @ |h|, sum M), M including 1/temperature.
     """
@@ -74,7 +75,7 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1).clamp(min=0), 1.0)
     g1 = grad_logp.detach().double().reshape(-1, 1).abs()
     g2 = 0 if grad_entropy is None else grad_entropy.detach().double().reshape(-1, 1).abs()
-    M = torch.where(active, g1 * (onehot + p) + g2 * p * (log_p.abs() + entropy), 0.0) / temperature
+    M = torch.where(active, g1 * (onehot + p) + g2 * p * (1 + log_p.abs() + entropy), 0.0) / temperature
     input_rounding = 2 * torch.finfo(hidden.dtype).eps if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
     factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item()) + input_rounding  # noqa: E731
     allowances = [factor(w.shape[0]) * (M @ w.abs()).reshape(hidden.shape), factor(h.shape[0]) * (M.T @ h.abs())]
