@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from rlplus_kernels.backends import triton_installed, triton_interpreting
+
 # backend="triton" on CPU tensors runs under Triton's interpreter only (conftest.py turns it on
 # unless TRITON_INTERPRET=0 was set, as on a GPU run of the compiled kernels)
-TRITON_ON_CPU = importlib.util.find_spec("triton") is not None and os.environ.get(
-    "TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_ON_CPU = triton_installed() and triton_interpreting()
 CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_ON_CPU, reason="triton on CPU tensors needs triton installed and TRITON_INTERPRET=1"))]
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from helpers import FLOAT32_EPS, TOLERANCES, assert_close, assert_grad_close, dot_product_allowance, reference_inputs
 from problems import Problem, build, problems
 from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
+from rlplus_kernels.backends import triton_installed
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 # RLPLUS_TEST_DEVICE=cuda runs the same properties on a GPU (there with TRITON_INTERPRET=0).
 DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")

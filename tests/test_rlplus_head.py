@@ -8,7 +8,6 @@ test_backends.py.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -18,10 +17,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from helpers import assert_close
+from rlplus_kernels.backends import triton_installed
 from rlplus_kernels.config import RLPlusConfig
 from rlplus_kernels.head import TokenBatch, rlplus_head, sequence_layout
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
 # Triton passes float hyper-parameters as float32 scalars: clip bounds, gamma and the coefficients carry

@@ -17,13 +17,12 @@ or twice, plus fp32 accumulation:
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from rlplus_kernels.backends import triton_interpreting  # noqa: E402
 from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
 
 IGN = -100
@@ -31,9 +30,9 @@ FWD_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 BWD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 SHAPES = [(1, 1, 2), (7, 5, 37), (33, 40, 300), (7, 40, 2), (1, 5, 300), (33, 1, 37)]
 
-if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if torch.cuda.is_available() and not triton_interpreting():
     DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+elif triton_interpreting():
     DEVICE = "cpu"
 else:  # pragma: no cover
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
