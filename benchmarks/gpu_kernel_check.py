@@ -3,7 +3,7 @@
 
 Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkout on CUDA:
 
-    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,cublas]
+    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,tma,cublas]
 
 (a) forward/backward against a higher-precision torch computation of CONTRACT.md at several
     shapes (float64 for small ones; float32, TF32 off, in token chunks, on the same
@@ -13,7 +13,8 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
 (c) peak extra memory (torch.cuda.max_memory_allocated above the inputs) of ours vs a naive
     full-logits implementation; one summary table at the end and JSON with --json.
 --logits runs (a)-(c) for each listed logits source (kernels/_config.py: "fused" tl.dot kernels,
-"cublas" fp32 cuBLAS products read by the same kernels), each against GEMMs timed in the same run.
+"tma" the same fed by TMA descriptors on sm_90, "cublas" fp32 cuBLAS products read by the same
+kernels), each against GEMMs timed in the same run.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the 16384x4096x151936 shape")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
-    ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,cublas")
+    ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,tma,cublas")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     os.environ.pop("TRITON_INTERPRET", None)

@@ -4,10 +4,12 @@
 Compiles each kernel ahead of time for sm_80 and sm_90 at every configuration its launcher can
 pick (the fixed table of rlplus_kernels/kernels/_config.py, every dtype, every constexpr flag
 combination that can launch), then reads the cubin with the cuobjdump shipped in the triton
-wheel: registers and stack (-res-usage), spill stores/loads (STL/LDL in -sass), HGMMA/HMMA.
+wheel: registers and stack (-res-usage), spill stores/loads (STL/LDL in -sass), HGMMA/HMMA, and for
+the RLPLUS_LOGITS=tma variants the TMA loads (UTMALDG).
 Shared memory is Triton's dynamic allocation (metadata.shared).
 
-Exit status: 1 on any compile error or any spill (or a sm_90 half-precision kernel without HGMMA).
+Exit status: 1 on any compile error or any spill (or a sm_90 half-precision kernel without HGMMA, or
+a TMA variant without UTMALDG).
 
     python scripts/check_kernels.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
 
@@ -63,6 +65,8 @@ def _cases(targets, dtypes, quick):
             # 16-element aligned take the table's unaligned config, EVEN_D either way
             dims = [dict(EVEN_D=True, ALIGNED=True, BD_DIV=k) for k in ([1] if dtype == "fp32" else [1, 4])]
             dims += [dict(EVEN_D=True, ALIGNED=False), dict(EVEN_D=False, ALIGNED=False)]
+            if target == 90:  # RLPLUS_LOGITS=tma: TMA descriptors on aligned rows (a D tail reads as 0)
+                dims.append(dict(EVEN_D=True, ALIGNED=True, USE_TMA=True))
             fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
             bwd = [
                 dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, **dd)
@@ -91,6 +95,13 @@ def _signature(kernel, dtype, flags, cfg):
     """Types and constants the JIT would specialise on for a typical launch (D=4096 or odd D)."""
     aligned = flags.get("ALIGNED", True)
     ptr = TORCH_TO_TT[dtype]
+
+    def descriptors():
+        if flags.get("USE_TMA"):
+            sig["hidden_desc"] = f"tensordesc<{dtype}[{cfg.BLOCK_N},{cfg.BLOCK_D}]>"
+            sig["weight_desc"] = f"tensordesc<{dtype}[{cfg.BLOCK_V},{cfg.BLOCK_D}]>"
+        else:
+            c("hidden_desc", None), c("weight_desc", None)
     sig, const, div = {}, {}, []
 
     def p(name, ty, aligned=True):
@@ -130,6 +141,7 @@ def _signature(kernel, dtype, flags, cfg):
         for name in ("part_m_ptr", "part_s_ptr", "part_t_ptr", "part_tz_ptr"):
             p(name, "*fp32")
         p("prod_ptr", "*fp32") if flags.get("FROM_PRODUCT") else c("prod_ptr", None)
+        descriptors()
         i("N"), i("V"), i("D", aligned), i("V_PER_SPLIT", True), i("SPLITS")
         i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
         c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
@@ -146,6 +158,7 @@ def _signature(kernel, dtype, flags, cfg):
         p("grad_ent_ptr", "*fp32") if flags["HAS_GRAD_ENT"] else c("grad_ent_ptr", None)
         p("dl_ptr", ptr)
         p("prod_ptr", "*fp32") if flags.get("FROM_PRODUCT") else c("prod_ptr", None)
+        descriptors()
         i("N"), i("V"), i("D", aligned)
         i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
         c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
@@ -156,6 +169,7 @@ def _signature(kernel, dtype, flags, cfg):
         c("HAS_GRAD_LOGP", flags["HAS_GRAD_LOGP"]), c("HAS_GRAD_ENT", flags["HAS_GRAD_ENT"])
     c("DOT_PRECISION", flags["DOT_PRECISION"])
     c("HAS_BIAS", flags["HAS_BIAS"]), c("EVEN_D", flags["EVEN_D"]), c("FROM_PRODUCT", flags.get("FROM_PRODUCT", False))
+    c("USE_TMA", flags.get("USE_TMA", False))
     c("BLOCK_N", cfg.BLOCK_N), c("BLOCK_V", cfg.BLOCK_V), c("BLOCK_D", cfg.BLOCK_D), c("GROUP_N", cfg.GROUP_N)
     return sig, const, div
 
@@ -179,7 +193,8 @@ def compile_one(case):
         elif flags.get("FROM_PRODUCT"):
             cfg = _config.PRODUCT_CONFIG
         else:
-            cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
+            cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel,
+                                       descriptors=flags.get("USE_TMA", False))
         if flags.get("BD_DIV", 1) > 1:
             from dataclasses import replace as _replace
 
@@ -209,7 +224,7 @@ def compile_one(case):
         row.update(
             regs=int(m.group(1)), stack=int(m.group(2)),
             spill_st=len(re.findall(r"\bSTL(\.\w+)*\b", sass)), spill_ld=len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
-            hgmma="HGMMA" in sass, hmma="HMMA" in sass,
+            hgmma="HGMMA" in sass, hmma="HMMA" in sass, tma="UTMALDG" in sass,
         )
     except Exception as exc:  # noqa: BLE001 - reported in the table, turns the exit status to 1
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -250,6 +265,8 @@ def main(argv=None):
             flag, bad = "  <-- SPILL", bad + 1
         elif r["target"] == "sm_90" and r["dtype"] != "fp32" and not r["hgmma"] and "FROM_PRODUCT" not in r["flags"]:
             flag, bad = "  <-- no HGMMA", bad + 1
+        elif "USE_TMA" in r["flags"] and not r["tma"]:
+            flag, bad = "  <-- no TMA load (UTMALDG)", bad + 1
         print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {r['config']:20} {r['flags']:44} {r['regs']:>4} "
               f"{r['shared']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['stack']:>5} {mma:6}{flag}")
     print(f"\n{len(rows)} kernels compiled, {bad} problem(s)")

@@ -28,7 +28,8 @@ from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_for
 IGN = -100
 FWD_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 BWD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-SHAPES = [(1, 1, 2), (7, 5, 37), (33, 40, 300), (7, 40, 2), (1, 5, 300), (33, 1, 37)]
+# (33, 48, 300) and (7, 32, 37) have TMA-aligned rows (D % 16 == 0); 48 also leaves a D tail past BLOCK_D = 32
+SHAPES = [(1, 1, 2), (7, 5, 37), (33, 40, 300), (7, 40, 2), (1, 5, 300), (33, 1, 37), (33, 48, 300), (7, 32, 37)]
 
 if torch.cuda.is_available() and not triton_interpreting():
     DEVICE = "cuda"
@@ -103,10 +104,14 @@ def check(name, got, ref, tol):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Logits sources (kernels/_config.py): tl.dot inside the kernels, or a cuBLAS fp32 product the kernels
-# read. For cuBLAS the forward's product chunk is 64 columns per token here, so vocabularies of 300
-# take several chunks; the backward's products are 1/8 slices of each dl chunk.
-LOGITS = ["fused", "cublas"]
+# Logits sources (kernels/_config.py): tl.dot inside the kernels, the same tl.dot fed by TMA
+# descriptors, or a cuBLAS fp32 product the kernels read. For cuBLAS the forward's product chunk is 64
+# columns per token here, so vocabularies of 300 take several chunks; the backward's products are 1/8
+# slices of each dl chunk. "tma" takes descriptors only on TMA-aligned rows (elsewhere it is "fused",
+# test_tma_only_on_aligned_rows), so it runs on the aligned shapes.
+LOGITS = ["fused", "tma", "cublas"]
+SOURCE_SHAPES = [pytest.param(src, shape, id=f"{src}-{'x'.join(map(str, shape))}")
+                 for src in LOGITS for shape in SHAPES if src != "tma" or shape[1] % 16 == 0]
 
 
 def source_options(logits, n_tokens):
@@ -114,9 +119,8 @@ def source_options(logits, n_tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("logits", LOGITS)
+@pytest.mark.parametrize("logits,shape", SOURCE_SHAPES)
 def test_forward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
@@ -135,9 +139,8 @@ def test_forward(shape, dtype, bias, logits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("logits", LOGITS)
+@pytest.mark.parametrize("logits,shape", SOURCE_SHAPES)
 def test_backward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
@@ -185,7 +188,7 @@ def test_needs_grad_subsets(needs, grads):
 @pytest.mark.parametrize("logits", LOGITS)
 def test_vocab_shard(logits):
     """vocab_start != 0: targets outside the shard give target_logit 0 and no one-hot term."""
-    n, d, v_total, v0, v1 = 33, 5, 300, 100, 237
+    n, d, v_total, v0, v1 = 33, 16, 300, 100, 237
     h, w_full, b_full, t = make_inputs(n, d, v_total, torch.float32, ignored=(0, 5))
     w, b = w_full[v0:v1], b_full[v0:v1]
     lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0,
@@ -212,7 +215,7 @@ def test_vocab_shard(logits):
 @pytest.mark.parametrize("logits", LOGITS)
 def test_backward_chunks(needs, dtype, logits):
     """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result."""
-    n, d, v = 33, 40, 300
+    n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, dtype)
     r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
     lse, ent = r_lse.float(), (r_lse - r_spz).float()
@@ -256,7 +259,7 @@ def test_noncontiguous_inputs(logits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("logits", LOGITS)
 def test_huge_logits_finite(dtype, logits):
-    n, d, v = 7, 5, 37
+    n, d, v = 7, 16, 37
     h, w, b, t = make_inputs(n, d, v, dtype, scale=1e3 if dtype == torch.float16 else 1e5)
     lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True,
                                            **source_options(logits, n))
@@ -351,13 +354,15 @@ def test_raw_op_pair_matches_launchers():
     torch.testing.assert_close(out[2], r[2], rtol=0, atol=0)
 
 
-def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch):
-    """RLPLUS_LOGITS=cublas reaches the kernels through rlplus_loss (custom ops) and changes nothing
-    but where the products come from; an unknown value is refused with the variable's name."""
+@pytest.mark.parametrize("source,entry", [("cublas", "mm_fp32"), ("tma", "operand_descriptors")])
+def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, entry):
+    """RLPLUS_LOGITS reaches the kernels through rlplus_loss (custom ops) and changes nothing but where
+    the logits come from (`entry` is the launcher helper only that source calls); an unknown value
+    is refused with the variable's name."""
     from rlplus_kernels import rlplus_loss
-    from rlplus_kernels.kernels import cublas, linear_logprobs_bwd, linear_logprobs_fwd
+    from rlplus_kernels.kernels import linear_logprobs_bwd, linear_logprobs_fwd
 
-    n, d, v = 33, 40, 300
+    n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, torch.float32)
     adv = torch.randn(n, device=DEVICE)
 
@@ -367,19 +372,56 @@ def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch):
         return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))
 
     fused = run()
-    calls = []
+    calls = {module.__name__: 0 for module in (linear_logprobs_fwd, linear_logprobs_bwd)}
 
-    def counting_mm_fp32(a, b_, out):
-        calls.append(out.shape)
-        return cublas.mm_fp32(a, b_, out)
+    def counting(module):
+        original = getattr(module, entry)
+
+        def wrapper(*args, **kwargs):
+            calls[module.__name__] += 1
+            return original(*args, **kwargs)
+        return wrapper
 
     for module in (linear_logprobs_fwd, linear_logprobs_bwd):
-        monkeypatch.setattr(module, "mm_fp32", counting_mm_fp32)
-    monkeypatch.setenv("RLPLUS_LOGITS", "cublas")
-    from_products = run()
-    assert calls, "RLPLUS_LOGITS=cublas did not use the cuBLAS products"
-    for name, got, ref in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), from_products, fused):
+        monkeypatch.setattr(module, entry, counting(module))
+    monkeypatch.setenv("RLPLUS_LOGITS", source)
+    other = run()
+    assert all(calls.values()), f"RLPLUS_LOGITS={source} did not reach {entry} in both directions: {calls}"
+    for name, got, ref in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), other, fused):
         check(name, got, ref.double(), 2e-5)
-    monkeypatch.setenv("RLPLUS_LOGITS", "cuBLAS ")
+    monkeypatch.setenv("RLPLUS_LOGITS", source.upper() + " ")
     with pytest.raises(ValueError, match="RLPLUS_LOGITS"):
         run()
+
+
+def test_tma_only_on_aligned_rows(monkeypatch):
+    """The "tma" source builds descriptors exactly when rows meet TMA's alignment (16-element row
+    stride and width, unit inner stride); other rows take the pointer loads and the same result."""
+    from rlplus_kernels.kernels import _config, linear_logprobs_bwd, linear_logprobs_fwd
+
+    built = []
+
+    def recording(hidden, weight, cfg):
+        built.append((tuple(hidden.shape), tuple(weight.shape)))
+        return _config.operand_descriptors(hidden, weight, cfg)
+
+    for module in (linear_logprobs_fwd, linear_logprobs_bwd):
+        monkeypatch.setattr(module, "operand_descriptors", recording)
+    n, v = 9, 70
+    for d, strided, expect in ((32, False, True), (40, False, False), (32, True, False)):
+        h, w, b, t = make_inputs(n, d, v, torch.float32)
+        if strided:  # a column slice: unit inner stride, but a row stride (d + 8) that TMA cannot take
+            w = torch.randn(v, d + 8, device=DEVICE)[:, :d]
+        built.clear()
+        lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+                                               logits="tma")
+        gl = torch.randn(n, device=DEVICE)
+        gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
+                                              logits="tma")
+        assert bool(built) == expect, (d, strided, built)
+        r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+        check("lse", lse, r_lse, 2e-5)
+        ent = (r_lse - r_spz).float()
+        for name, got, ref in zip(("hidden", "weight", "bias"), (gh, gw, gb),
+                                  ref_backward(h, w, b, t, lse, ent, gl, None, temperature=1.0)):
+            check(f"grad_{name}", got, ref, 2e-5)

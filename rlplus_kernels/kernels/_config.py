@@ -21,11 +21,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("RLPLUS_AUTOTUNE", "0") not in ("", "0")
 
 
-# Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels) or
-# "cublas" (torch.mm writes an fp32 product per chunk, then the same kernels read it: GEMM speed for
-# the matmul, one extra fp32 pass over memory). Fused stays the default until the cuBLAS path is
-# measured on a GPU (kernels/README.md, "The 1.5x bar"); RLPLUS_LOGITS=cublas selects it.
-LOGITS_SOURCES = ("fused", "cublas")
+# Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels),
+# "tma" (the same tl.dot with its operands fetched by TMA descriptors on sm_90: no per-element
+# addresses, a deeper pipeline without spills; elsewhere it is "fused")
+# or "cublas" (torch.mm writes an fp32 product per chunk, then the same kernels read it: GEMM speed
+# for the matmul, one extra fp32 pass over memory). Fused stays the default until the others are
+# measured on a GPU (kernels/README.md, "The 1.5x bar"); RLPLUS_LOGITS selects one.
+LOGITS_SOURCES = ("fused", "tma", "cublas")
 
 
 def logits_source(choice: Optional[str] = None) -> str:
@@ -66,6 +68,13 @@ _TABLE = {
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
 }
 
+# The "tma" source on sm_90, half precision: 4 stages (128 KiB of shared memory), which spill in the
+# pointer form and not with descriptors. Wider tiles still spill: the online-softmax epilogue, not
+# the addresses, fills the registers (128 x 256 at 8 warps: ~190 spilled stores with entropy).
+_TABLE_TMA = {
+    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+}
+
 # The backward's dlogits kernel is a plain GEMM tile with an elementwise epilogue (no running
 # softmax state), so it may take a wider tile than the forward; entries here override _TABLE.
 _TABLE_BWD: dict = {}
@@ -85,9 +94,12 @@ _UNALIGNED = {
 FAMILIES = ("sm80", "sm90")
 
 
-def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
+def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd",
+                 descriptors: bool = False) -> KernelConfig:
     if not aligned and family != "interpret":
         return _UNALIGNED[(is_fp32, kernel)]
+    if descriptors and (family, is_fp32) in _TABLE_TMA:
+        return _TABLE_TMA[(family, is_fp32)]
     if kernel == "bwd" and (family, is_fp32) in _TABLE_BWD:
         return _TABLE_BWD[(family, is_fp32)]
     return _TABLE[(family, is_fp32)]
@@ -130,16 +142,33 @@ def _with_override(cfg: KernelConfig, override: Optional[dict]) -> KernelConfig:
 
 
 def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dict] = None,
-                aligned: bool = True, dim: Optional[int] = None, kernel: str = "fwd") -> KernelConfig:
+                aligned: bool = True, dim: Optional[int] = None, kernel: str = "fwd",
+                descriptors: bool = False) -> KernelConfig:
     fam = family_of(device)
-    cfg = table_config(fam, dtype == torch.float32, aligned, kernel)
-    if aligned and dim is not None and fam != "interpret":
+    cfg = table_config(fam, dtype == torch.float32, aligned, kernel, descriptors)
+    if aligned and not descriptors and dim is not None and fam != "interpret":
         # aligned rows have D % 16 == 0: BLOCK_D = 16 when the table's does not divide D, so
         # the masked D tail (a second dot in the loop, which spills at the big tile) never
-        # compiles (128x128x32 spilled 2 registers under triton 3.6; x16 does not)
+        # compiles (128x128x32 spilled 2 registers under triton 3.6; x16 does not). A TMA load
+        # reads the tail as zeros, so descriptors need no such fallback.
         if dim % cfg.BLOCK_D:
             cfg = replace(cfg, BLOCK_D=16)
     return _with_override(cfg, override)
+
+
+def uses_descriptors(source: str, device: torch.device, aligned: bool) -> bool:
+    """Whether the "tma" logits source fetches operands by TMA descriptors here: sm_90 (on sm_80
+    a descriptor load lowers to plain loads that spill), and the interpreter, which tests it; rows
+    must satisfy TMA's alignment (16-byte base and row stride, unit inner stride: `rows_aligned`)."""
+    return source == "tma" and aligned and family_of(device) in ("sm90", "interpret")
+
+
+def operand_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: KernelConfig):
+    """Host-side TMA descriptors of the [N, D] and [V, D] operands, blocks as the kernels load them."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor.from_tensor(hidden, [cfg.BLOCK_N, cfg.BLOCK_D]),
+            TensorDescriptor.from_tensor(weight, [cfg.BLOCK_V, cfg.BLOCK_D]))
 
 
 # Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).

@@ -38,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, kernel_operand, logits_source, pick_config, product_config, rows_aligned
+from ._config import (dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config, product_config,
+                      rows_aligned, uses_descriptors)
 from .cublas import mm_accumulate_fp32, mm_fp32
-from .tl_utils import logits_tile, product_tile
+from .tl_utils import descriptor_logits_tile, logits_tile, product_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
@@ -52,6 +53,7 @@ PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (
         "HAS_GRAD_LOGP": lambda args: args["grad_logp_ptr"] is not None,
         "HAS_GRAD_ENT": lambda args: args["grad_ent_ptr"] is not None,
         "FROM_PRODUCT": lambda args: args["prod_ptr"] is not None,
+        "USE_TMA": lambda args: args["hidden_desc"] is not None,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
     }
 )
@@ -68,6 +70,8 @@ def _linear_logprobs_bwd_kernel(
     grad_ent_ptr,  # [N] fp32 upstream gradient of the entropy, or None
     dl_ptr,  # [N, V] out, input dtype: d loss / d raw logits for this chunk
     prod_ptr,  # [N, V] fp32 hidden @ weight^T from cuBLAS, or None (then tl.dot recomputes it)
+    hidden_desc,  # TMA descriptor of hidden, blocks [BLOCK_N, BLOCK_D], or None (then pointer loads)
+    weight_desc,  # TMA descriptor of weight, blocks [BLOCK_V, BLOCK_D], or None
     # shapes
     N,
     V,
@@ -91,6 +95,7 @@ def _linear_logprobs_bwd_kernel(
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENT: tl.constexpr,
     FROM_PRODUCT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -102,7 +107,8 @@ def _linear_logprobs_bwd_kernel(
     hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype, this chunk's rows);
     targets_ptr [N] int (global ids); lse_ptr, ent_ptr [N] fp32 (global); grad_logp_ptr,
     grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride;
-    prod_ptr [N, V] fp32 or None (with it, hidden_ptr/weight_ptr are not read).
+    prod_ptr [N, V] fp32 or None (with it, hidden_ptr/weight_ptr are not read); hidden_desc /
+    weight_desc TMA descriptors of hidden_ptr / weight_ptr or None (with them, the pointers are not read).
     """
     # grouped ordering (Triton's matmul tutorial) for L2 reuse of both operands
     pid = tl.program_id(0)
@@ -121,7 +127,11 @@ def _linear_logprobs_bwd_kernel(
     offs_n64 = offs_n.to(tl.int64)
     offs_v64 = offs_v.to(tl.int64)
 
-    if FROM_PRODUCT:
+    if USE_TMA:
+        z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_v64,
+                                   mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
+                                   BLOCK_N, BLOCK_V, BLOCK_D)
+    elif FROM_PRODUCT:
         z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
                          temperature, HAS_BIAS)
     else:
@@ -191,7 +201,7 @@ def linear_logprobs_backward(
     """CONTRACT.md backward: (grad_hidden | None, grad_weight | None, grad_bias | None), input dtype.
 
     ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^26
-    elements, env ``RLPLUS_CHUNK_ELEMS``); ``logits`` picks the logits source ("fused" or "cublas",
+    elements, env ``RLPLUS_CHUNK_ELEMS``); ``logits`` picks the logits source ("fused", "tma" or "cublas",
     default env ``RLPLUS_LOGITS`` or fused). With cuBLAS each dl chunk is filled in column slices of
     1/PRODUCT_SLICES of it, each from an fp32 product of that slice (a quarter of the dl chunk's
     bytes in bf16), so the extra memory grows by that much only.
@@ -218,9 +228,12 @@ def linear_logprobs_backward(
 
     h_k = kernel_operand(hidden)
     w_k = kernel_operand(weight)
-    from_product = logits_source(logits) == "cublas"
+    source = logits_source(logits)
+    from_product = source == "cublas"
+    aligned = rows_aligned(h_k, w_k)
+    descriptors = uses_descriptors(source, device, aligned)
     cfg = (product_config(device, config) if from_product
-           else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd"))
+           else pick_config(device, dtype, config, aligned=aligned, dim=dim, kernel="bwd", descriptors=descriptors))
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)
@@ -251,12 +264,13 @@ def linear_logprobs_backward(
         prod = None
         if from_product:
             prod = mm_fp32(hk, wk.t(), out=product[: rows * cols].view(rows, cols))
+        h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
         grid = (triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V),)
         _linear_logprobs_bwd_kernel[grid](
             hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
             grad_logp[n0:n1] if grad_logp is not None else None,
             grad_entropy[n0:n1] if grad_entropy is not None else None,
-            dl, prod,
+            dl, prod, h_desc, w_desc,
             rows, cols, dim,
             hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
             bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0),

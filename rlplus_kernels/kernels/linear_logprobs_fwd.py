@@ -37,13 +37,15 @@ from ._config import (
     interpreting,
     kernel_operand,
     logits_source,
+    operand_descriptors,
     pick_config,
     product_config,
     rows_aligned,
     sm_count,
+    uses_descriptors,
 )
 from .cublas import mm_fp32
-from .tl_utils import logits_tile, product_tile
+from .tl_utils import descriptor_logits_tile, logits_tile, product_tile
 
 # fp32 product of one vocabulary chunk on the cuBLAS logits source (256 MiB: 16k tokens x 4k columns)
 DEFAULT_PRODUCT_ELEMS = 1 << 26
@@ -53,6 +55,7 @@ DEFAULT_PRODUCT_ELEMS = 1 << 26
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
         "FROM_PRODUCT": lambda args: args["prod_ptr"] is not None,
+        "USE_TMA": lambda args: args["hidden_desc"] is not None,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
     }
 )
@@ -68,6 +71,8 @@ def _linear_logprobs_fwd_kernel(
     part_t_ptr,  # [SPLITS, N] fp32 out: sum exp(z - m) * (z - m)   (WITH_ENTROPY only)
     part_tz_ptr,  # [SPLITS, N] fp32 out: target logit if inside this split, else 0
     prod_ptr,  # [N, V] fp32 hidden @ weight^T from cuBLAS, or None (then tl.dot computes it)
+    hidden_desc,  # TMA descriptor of hidden, blocks [BLOCK_N, BLOCK_D], or None (then pointer loads)
+    weight_desc,  # TMA descriptor of weight, blocks [BLOCK_V, BLOCK_D], or None
     # shapes
     N,
     V,
@@ -91,6 +96,7 @@ def _linear_logprobs_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FROM_PRODUCT: tl.constexpr,
+    USE_TMA: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -101,7 +107,8 @@ def _linear_logprobs_fwd_kernel(
 
     hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype); targets_ptr [N]
     int (global ids); part_m_ptr / part_s_ptr / part_t_ptr / part_tz_ptr [SPLITS, N] fp32 outputs
-    (running max, sum e^(z-m), sum e^(z-m)(z-m), target logit). Program p covers BLOCK_N tokens
+    (running max, sum e^(z-m), sum e^(z-m)(z-m), target logit); prod_ptr [N, V] fp32 or None;
+    hidden_desc / weight_desc TMA descriptors of hidden_ptr / weight_ptr or None. Program p covers BLOCK_N tokens
     and columns [k V_PER_SPLIT, (k+1) V_PER_SPLIT) of this shard.
     """
     # Grouped order: consecutive programs cover GROUP_N token blocks x all splits, so that the
@@ -135,7 +142,11 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        if FROM_PRODUCT:
+        if USE_TMA:
+            z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, pid_n * BLOCK_N, v0, offs_v.to(tl.int64),
+                                       mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
+                                       BLOCK_N, BLOCK_V, BLOCK_D)
+        elif FROM_PRODUCT:
             z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v.to(tl.int64),
                              mask_n, mask_v, temperature, HAS_BIAS)
         else:
@@ -223,18 +234,19 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
 
 
 def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperature, ignore_index, vocab_start,
-            with_entropy, precision):
+            with_entropy, precision, descriptors=False):
     """One launch over the [N, w.shape[0]] logits (from tl.dot, or read from `prod`) into parts [k, splits, N]."""
     n_tokens, dim = h.shape
     part_t = parts[3] if with_entropy else parts[0]  # placeholder pointer when unused, never written
+    h_desc, w_desc = operand_descriptors(h, w, cfg) if descriptors else (None, None)
     args = (
-        h, w, b, targets, parts[0], parts[1], part_t, parts[2], prod,
+        h, w, b, targets, parts[0], parts[1], part_t, parts[2], prod, h_desc, w_desc,
         n_tokens, w.shape[0], dim, per_split, splits,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         b.stride(0) if b is not None else 0, targets.stride(0), prod.stride(0) if prod is not None else 0,
         float(temperature), int(ignore_index), int(vocab_start),
     )
-    if autotune_enabled() and not interpreting() and prod is None:
+    if autotune_enabled() and not interpreting() and prod is None and not descriptors:  # descriptors fix the blocks
         grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
         _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
         return
@@ -292,7 +304,7 @@ def linear_logprobs_forward_parts(
 ):
     """Launch the kernel and merge the splits; returns (lse, target_logit, sum_pz, entropy).
 
-    ``logits`` picks the logits source ("fused" or "cublas", default env ``RLPLUS_LOGITS`` or fused);
+    ``logits`` picks the logits source ("fused", "tma" or "cublas", default env ``RLPLUS_LOGITS`` or fused);
     ``chunk_elems`` bounds the cuBLAS path's fp32 product (default 2^26 elements).
     """
     n_tokens, dim = hidden.shape
@@ -314,7 +326,9 @@ def linear_logprobs_forward_parts(
         parts = _forward_from_products(h, w, b, targets, product_config(device, config),
                                        chunk_elems or DEFAULT_PRODUCT_ELEMS, **launch)
     else:
-        cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim)
+        aligned = rows_aligned(h, w)
+        descriptors = uses_descriptors(source, device, aligned)
+        cfg = pick_config(device, hidden.dtype, config, aligned=aligned, dim=dim, descriptors=descriptors)
         if config and "splits" in config:
             splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
             per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
@@ -324,7 +338,7 @@ def linear_logprobs_forward_parts(
             splits, per_split = choose_splits(n_tokens, n_vocab, cfg.BLOCK_N,
                                               256 if autotune_enabled() else cfg.BLOCK_V, device)
         parts = _parts(with_entropy, splits, n_tokens, device)
-        _launch(h, w, b, targets, parts, None, per_split, splits, cfg, **launch)
+        _launch(h, w, b, targets, parts, None, per_split, splits, cfg, descriptors=descriptors, **launch)
     return merge_partials(parts[0], parts[1], parts[3] if with_entropy else None, parts[2], with_entropy)
 
 

@@ -33,10 +33,28 @@ def logits_tile(
         h = tl.load(h_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
-        acc += b.to(tl.float32)[None, :]
-    return acc / temperature
+    return _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS)
+
+
+@triton.jit
+def descriptor_logits_tile(
+    hidden_desc, weight_desc, bias_ptr,  # TMA descriptors of [N, D] / [V, D] with blocks [BLOCK_N, BLOCK_D] /
+    # [BLOCK_V, BLOCK_D]; [V] or None (input dtype)
+    row0, col0, offs_v64, mask_v,  # this tile's first token row and vocabulary column
+    D, stride_bias_v,
+    temperature,
+    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """`logits_tile` with the operands fetched by TMA (sm_90): no per-element addresses, which in the
+    pointer form hold a quarter of the registers, and no masks: rows and columns past the end of a
+    descriptor read as 0, the D tail included."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        h = hidden_desc.load([row0, d0])
+        w = weight_desc.load([col0, d0])
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS)
 
 
 @triton.jit
@@ -50,6 +68,12 @@ def product_tile(
     """`logits_tile` when the product is already in memory: (prod[offs_n, offs_v] + bias) / temperature."""
     acc = tl.load(prod_ptr + offs_n64[:, None] * stride_prod_n + offs_v64[None, :],
                   mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+    return _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS)
+
+
+@triton.jit
+def _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS: tl.constexpr):
+    """(acc + bias[offs_v]) / temperature: the end of every logits tile, whatever computed acc."""
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_v64 * stride_bias_v, mask=mask_v, other=0.0)
         acc += b.to(tl.float32)[None, :]
