@@ -181,6 +181,8 @@ def compile_one(case):
         import triton
         from triton.backends.compiler import GPUTarget
 
+        row["triton"] = triton.__version__
+
         from rlplus_kernels.kernels import _config, rlplus_head
         from rlplus_kernels.kernels.linear_logprobs_bwd import _linear_logprobs_bwd_kernel
         from rlplus_kernels.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
@@ -238,6 +240,8 @@ def _flag_str(flags):
 
 
 def main(argv=None):
+    import triton
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default="80,90")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
@@ -269,7 +273,7 @@ def main(argv=None):
             flag, bad = "  <-- no TMA load (UTMALDG)", bad + 1
         print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {r['config']:20} {r['flags']:44} {r['regs']:>4} "
               f"{r['shared']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['stack']:>5} {mma:6}{flag}")
-    print(f"\n{len(rows)} kernels compiled, {bad} problem(s)")
+    print(f"\n{len(rows)} kernels compiled with triton {triton.__version__}, {bad} problem(s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,8 +1,9 @@
 """scripts/check_kernels.py: every kernel compiles ahead of time for sm_80/sm_90 without spills.
 
 Needs triton's CUDA backend (ptxas and cuobjdump ship in the wheel), no GPU. The test runs the
-check TRIMMED with `--quick`: 64 kernels (sm_80 and sm_90; bf16, fp16, fp32 IEEE and TF32;
-aligned, unaligned and odd-D variants, and the kernels reading cuBLAS products) with every flag
+check TRIMMED with `--quick`: 72 kernels (sm_80 and sm_90; bf16, fp16, fp32 IEEE and TF32;
+aligned, unaligned and odd-D variants, the sm_90 TMA-descriptor variants, which must show UTMALDG,
+and the kernels reading cuBLAS products) with every flag
 on, the heaviest combination for registers, and the RL head kernel with every optional input
 present and absent; ~75 s on 2 cores with a cold Triton cache. The full cross product (every flag
 combination and the BLOCK_D=16 fallback) is `python scripts/check_kernels.py`:
@@ -47,3 +48,4 @@ def test_static_check_quick():
     rc, out = _run("--quick", "-j", str(os.cpu_count() or 1))
     assert rc == 0, out
     assert "HGMMA" in out
+    assert "USE_TMA" in out, "the RLPLUS_LOGITS=tma variants were not compiled"

@@ -154,6 +154,9 @@ def _linear_logprobs_fwd_kernel(
                             D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
                             temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(mask_v[None, :], z, float("-inf"))
+        # the target logit first: z is then dead once z - m is formed (one tile fewer live in registers)
+        hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
+        tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
 
         m_new = tl.maximum(m_i, tl.max(z, 1))
         alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
@@ -165,8 +168,6 @@ def _linear_logprobs_fwd_kernel(
             t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
         s_i = s_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
-        tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
 
     out = pid_s.to(tl.int64) * N + offs_n64
     tl.store(part_m_ptr + out, m_i, mask=mask_n)
