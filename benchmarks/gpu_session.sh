@@ -7,11 +7,12 @@
 #   bash benchmarks/gpu_session.sh static   # static check on this triton (the GPU image's 3.6)
 #   bash benchmarks/gpu_session.sh kernels  # issue-3 bar: the three logits sources vs the GEMMs of the same run
 #   bash benchmarks/gpu_session.sh sweep    # bench_loss.py sweep, all providers (bf16)
+#   bash benchmarks/gpu_session.sh configs  # launch-config sweep of the fused and tma kernels (bf16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-    tests|static|kernels|sweep) ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh tests|static|kernels|sweep" >&2; exit 2 ;;
+    tests|static|kernels|sweep|configs) ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh tests|static|kernels|sweep|configs" >&2; exit 2 ;;
 esac
 OUT=${OUT:-benchmarks/results/gpu_session}
 mkdir -p "$OUT"
@@ -31,6 +32,11 @@ case "${1:-}" in
     kernels)
         python benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive --rep 100 \
             --json "$OUT/gpu_kernel_check.json" 2>&1 | tee "$OUT/gpu_kernel_check.txt" ;;
+    configs)
+        for source in fused tma; do
+            python benchmarks/sweep_configs.py --time --logits "$source" --rep 100 2>&1 \
+                | tee "$OUT/sweep_configs_$source.txt"
+        done ;;
     sweep)
         python benchmarks/bench_loss.py --device cuda --json "$OUT/bench_loss.json" 2>&1 | tail -80 \
             | tee "$OUT/bench_loss.txt" ;;

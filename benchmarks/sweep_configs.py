@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Launch-config sweep for the lead's GPU sessions (not part of the test suite).
 
-    python benchmarks/sweep_configs.py --time [--shape 16384,4096,151936]   # CUDA: ms per config
+    python benchmarks/sweep_configs.py --time [--shape 16384,4096,151936] [--logits tma]   # CUDA: ms per config
     python benchmarks/sweep_configs.py --compile                            # no GPU: regs/spills
 
 --time runs the forward launcher and the hidden-only backward (dlogits kernel + one cuBLAS
-GEMM, the GEMM being the same for every config) with each candidate config as an override.
+GEMM, the GEMM being the same for every config) with each candidate config as an override, for
+the logits source named by --logits (fused or tma; kernels/_config.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 HALF = [
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=8),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4, GROUP_N=8),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=5, GROUP_N=8),  # tma: no spill
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=16),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=4),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=2, GROUP_N=8),
@@ -38,7 +40,7 @@ UNALIGNED = [
 ]
 
 
-def do_time(shape, rep):
+def do_time(shape, rep, logits):
     import torch
     import triton
 
@@ -65,10 +67,11 @@ def do_time(shape, rep):
         row = dict(cfg=cfg)
         try:
             row["fwd"] = triton.testing.do_bench(lambda: linear_logprobs_forward(
-                h, w, None, t, temperature=1.0, ignore_index=-100, with_entropy=True, config=cfg), rep=rep)
+                h, w, None, t, temperature=1.0, ignore_index=-100, with_entropy=True, config=cfg,
+                logits=logits), rep=rep)
             row["bwd_h"] = triton.testing.do_bench(lambda: linear_logprobs_backward(
                 h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=-100,
-                needs_grad=(True, False, False), config=cfg), rep=rep)
+                needs_grad=(True, False, False), config=cfg, logits=logits), rep=rep)
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         rows.append(row)
@@ -109,8 +112,9 @@ if __name__ == "__main__":
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--shape", default="16384,4096,151936")
     ap.add_argument("--rep", type=int, default=400)
+    ap.add_argument("--logits", default="fused", choices=["fused", "tma"])
     a = ap.parse_args()
     if a.compile:
         do_compile()
     if a.time:
-        do_time(tuple(int(x) for x in a.shape.split(",")), a.rep)
+        do_time(tuple(int(x) for x in a.shape.split(",")), a.rep, a.logits)

@@ -156,19 +156,35 @@ def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dic
     return _with_override(cfg, override)
 
 
-def uses_descriptors(source: str, device: torch.device, aligned: bool) -> bool:
-    """Whether the "tma" logits source fetches operands by TMA descriptors here: sm_90 (on sm_80
-    a descriptor load lowers to plain loads that spill), and the interpreter, which tests it; rows
-    must satisfy TMA's alignment (16-byte base and row stride, unit inner stride: `rows_aligned`)."""
-    return source == "tma" and aligned and family_of(device) in ("sm90", "interpret")
+@functools.lru_cache(maxsize=None)
+def tensor_descriptor_class():
+    """triton's host-side TMA descriptor, or None on a triton too old to have one."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def descriptors_supported(device: torch.device) -> bool:
+    """sm_90 (on sm_80 a descriptor load lowers to plain loads that spill) and the interpreter,
+    which tests the path, with a triton that has host-side descriptors."""
+    return family_of(device) in ("sm90", "interpret") and tensor_descriptor_class() is not None
+
+
+def uses_descriptors(source: str, device: torch.device, *operands: torch.Tensor) -> bool:
+    """Whether the "tma" logits source fetches these [rows, D] operands by TMA descriptors here:
+    where supported, on rows that pass `rows_aligned` (16-element row stride and width: stricter
+    than TMA's 16 bytes) and do not overlap (no stride-0 broadcast rows, D > 0)."""
+    return (source == "tma" and descriptors_supported(device) and rows_aligned(*operands)
+            and all(t.shape[1] > 0 and t.stride(0) >= t.shape[1] for t in operands))
 
 
 def operand_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: KernelConfig):
     """Host-side TMA descriptors of the [N, D] and [V, D] operands, blocks as the kernels load them."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return (TensorDescriptor.from_tensor(hidden, [cfg.BLOCK_N, cfg.BLOCK_D]),
-            TensorDescriptor.from_tensor(weight, [cfg.BLOCK_V, cfg.BLOCK_D]))
+    descriptor = tensor_descriptor_class()
+    return (descriptor.from_tensor(hidden, [cfg.BLOCK_N, cfg.BLOCK_D]),
+            descriptor.from_tensor(weight, [cfg.BLOCK_V, cfg.BLOCK_D]))
 
 
 # Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).

@@ -230,10 +230,10 @@ def linear_logprobs_backward(
     w_k = kernel_operand(weight)
     source = logits_source(logits)
     from_product = source == "cublas"
-    aligned = rows_aligned(h_k, w_k)
-    descriptors = uses_descriptors(source, device, aligned)
+    descriptors = uses_descriptors(source, device, h_k, w_k)
     cfg = (product_config(device, config) if from_product
-           else pick_config(device, dtype, config, aligned=aligned, dim=dim, kernel="bwd", descriptors=descriptors))
+           else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd",
+                            descriptors=descriptors))
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)

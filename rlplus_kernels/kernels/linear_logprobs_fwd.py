@@ -327,9 +327,8 @@ def linear_logprobs_forward_parts(
         parts = _forward_from_products(h, w, b, targets, product_config(device, config),
                                        chunk_elems or DEFAULT_PRODUCT_ELEMS, **launch)
     else:
-        aligned = rows_aligned(h, w)
-        descriptors = uses_descriptors(source, device, aligned)
-        cfg = pick_config(device, hidden.dtype, config, aligned=aligned, dim=dim, descriptors=descriptors)
+        descriptors = uses_descriptors(source, device, h, w)
+        cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim, descriptors=descriptors)
         if config and "splits" in config:
             splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
             per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
