@@ -52,8 +52,9 @@ FLOAT32_EPS = 2.0**-24
 
 
 def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature, ignore_index=-100):
-    # (the input dtype's rounding of dz is allowed too: a backend may round the logits' gradient to
-    # the input dtype to feed half-precision GEMMs, as autograd through a half nn.Linear does)
+    # (the input dtype's rounding of dz is allowed too, relative and, below the smallest normal,
+    # absolute: a backend may round the logits' gradient to the input dtype to feed half-precision
+    # GEMMs, as autograd through a half nn.Linear does)
     """Rounding allowance of float32 gradients, from float32 error analysis of z -> dz -> grads.
 
     Each logit is a float32 dot product, so log p_v = z_v - lse errs by about eps |z|; the gradient of
@@ -74,11 +75,16 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     g1 = grad_logp.detach().double().reshape(-1, 1).abs()
     g2 = 0 if grad_entropy is None else grad_entropy.detach().double().reshape(-1, 1).abs()
     M = torch.where(active, g1 * (onehot + p) + g2 * p * (1 + log_p.abs() + entropy), 0.0) / temperature
-    input_rounding = 2 * torch.finfo(hidden.dtype).eps if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
+    half = hidden.dtype in (torch.float16, torch.bfloat16)
+    input_rounding = 2 * torch.finfo(hidden.dtype).eps if half else 0.0
     factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item()) + input_rounding  # noqa: E731
-    allowances = [factor(w.shape[0]) * (M @ w.abs()).reshape(hidden.shape), factor(h.shape[0]) * (M.T @ h.abs())]
+    # below the input dtype's smallest normal, rounding dz/T is absolute: half a subnormal spacing each
+    # (2^-25 in float16), summed against |W| or |h| like any other per-element error of dz
+    floor = active.double() * (torch.finfo(hidden.dtype).tiny * torch.finfo(hidden.dtype).eps / 2 if half else 0.0)
+    allowances = [(factor(w.shape[0]) * M + floor) @ w.abs(), (factor(h.shape[0]) * M + floor).T @ h.abs()]
+    allowances[0] = allowances[0].reshape(hidden.shape)
     if bias is not None:
-        allowances.append(factor(h.shape[0]) * M.sum(0))
+        allowances.append((factor(h.shape[0]) * M + floor).sum(0))
     return allowances
 
 
