@@ -195,8 +195,7 @@ def compile_one(case):
         elif flags.get("FROM_PRODUCT"):
             cfg = _config.PRODUCT_CONFIG
         else:
-            cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel,
-                                       descriptors=flags.get("USE_TMA", False))
+            cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
         if flags.get("BD_DIV", 1) > 1:
             from dataclasses import replace as _replace
 

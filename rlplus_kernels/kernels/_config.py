@@ -23,7 +23,7 @@ def autotune_enabled() -> bool:
 
 # Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels),
 # "tma" (the same tl.dot with its operands fetched by TMA descriptors on sm_90: no per-element
-# addresses, a deeper pipeline without spills; elsewhere it is "fused")
+# addresses or masks, ~50 registers fewer in the forward; elsewhere it is "fused")
 # or "cublas" (torch.mm writes an fp32 product per chunk, then the same kernels read it: GEMM speed
 # for the matmul, one extra fp32 pass over memory). Fused stays the default until the others are
 # measured on a GPU (kernels/README.md, "The 1.5x bar"); RLPLUS_LOGITS selects one.
@@ -48,15 +48,17 @@ class KernelConfig:
 
 
 # (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).
-# half precision: 128x128x64 tiles, 3 stages of (128 + 128) x 64 x 2 B = 32 KiB; 8 warps because
+# half precision: 128x128x64 tiles, stages of (128 + 128) x 64 x 2 B = 32 KiB; 8 warps because
 # the 128x128 fp32 accumulator plus the online-softmax epilogue spills at 4 (856-byte stack
-# seen). Measured on H100: 4 stages is 3-5% faster but the forward spills 4 registers in some
-# flag combinations; 128x256 / 256x128 tiles ~8% faster but spill hundreds: neither is used.
+# seen). Measured on H100: 4 stages 3-5% faster than 3 (then with 4 spilled registers in some
+# forward flag sets; none since the forward takes the target logit first), so sm_90 takes 4 (128
+# KiB, also the "tma" source's); sm_80 keeps 3 (not timed there). 128x256 / 256x128 tiles ~8%
+# faster but spill hundreds, with descriptors too: not used.
 # fp32 (IEEE FFMA or TF32 mma): 32x32x16, 4 warps, no software pipeline; the FFMA dot layout
 # is register-hungry (64x64 spills at 8 warps, and at 3 stages ptxas caps 32x64 at 128
 # registers and spills on sm_80, 32x64 spills at 96 on sm_80). fp32 LM heads are rare.
 _TABLE = {
-    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
     ("sm90", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     ("sm80", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
@@ -66,13 +68,6 @@ _TABLE = {
     # interpreter (CPU tests): small tiles; the interpreter's cost grows with the program count
     ("interpret", False): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
     ("interpret", True): KernelConfig(16, 64, 32, num_warps=1, num_stages=1, GROUP_N=2),
-}
-
-# The "tma" source on sm_90, half precision: 4 stages (128 KiB of shared memory), which spill in the
-# pointer form and not with descriptors. Wider tiles still spill: the online-softmax epilogue, not
-# the addresses, fills the registers (128 x 256 at 8 warps: ~190 spilled stores with entropy).
-_TABLE_TMA = {
-    ("sm90", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
 }
 
 # The backward's dlogits kernel is a plain GEMM tile with an elementwise epilogue (no running
@@ -94,12 +89,9 @@ _UNALIGNED = {
 FAMILIES = ("sm80", "sm90")
 
 
-def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd",
-                 descriptors: bool = False) -> KernelConfig:
+def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
     if not aligned and family != "interpret":
         return _UNALIGNED[(is_fp32, kernel)]
-    if descriptors and (family, is_fp32) in _TABLE_TMA:
-        return _TABLE_TMA[(family, is_fp32)]
     if kernel == "bwd" and (family, is_fp32) in _TABLE_BWD:
         return _TABLE_BWD[(family, is_fp32)]
     return _TABLE[(family, is_fp32)]
@@ -145,7 +137,7 @@ def pick_config(device: torch.device, dtype: torch.dtype, override: Optional[dic
                 aligned: bool = True, dim: Optional[int] = None, kernel: str = "fwd",
                 descriptors: bool = False) -> KernelConfig:
     fam = family_of(device)
-    cfg = table_config(fam, dtype == torch.float32, aligned, kernel, descriptors)
+    cfg = table_config(fam, dtype == torch.float32, aligned, kernel)
     if aligned and not descriptors and dim is not None and fam != "interpret":
         # aligned rows have D % 16 == 0: BLOCK_D = 16 when the table's does not divide D, so
         # the masked D tail (a second dot in the loop, which spills at the big tile) never
