@@ -389,7 +389,7 @@ def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, en
     other = run()
     # descriptors exist on sm_90 and under the interpreter; on other GPUs "tma" is the fused path
     reached = source != "tma" or descriptors_supported(torch.device(DEVICE))
-    assert all(calls.values()) == reached, f"RLPLUS_LOGITS={source}: calls of {entry} {calls}"
+    assert (all(calls.values()) if reached else not any(calls.values())), f"RLPLUS_LOGITS={source}: {entry} {calls}"
     for name, got, ref in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), other, fused):
         check(name, got, ref.double(), 2e-5)
     monkeypatch.setenv("RLPLUS_LOGITS", source.upper() + " ")
