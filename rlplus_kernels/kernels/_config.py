@@ -23,7 +23,7 @@ def autotune_enabled() -> bool:
 
 # Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels),
 # "tma" (the same tl.dot with its operands fetched by TMA descriptors on sm_90: no per-element
-# addresses or masks, ~50 registers fewer in the forward; elsewhere it is "fused")
+# addresses or masks, 20-45 registers fewer in the forward; elsewhere it is "fused")
 # or "cublas" (torch.mm writes an fp32 product per chunk, then the same kernels read it: GEMM speed
 # for the matmul, one extra fp32 pass over memory). Fused stays the default until the others are
 # measured on a GPU (kernels/README.md, "The 1.5x bar"); RLPLUS_LOGITS selects one.
