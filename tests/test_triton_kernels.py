@@ -336,6 +336,37 @@ def test_custom_op_frozen_head_and_no_entropy():
     assert w.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fp32_accumulation_of_products(dtype):
+    """The backward's cross-chunk sum acc32 += a @ b keeps products exact and sums them in fp32
+    (a is transposed, like dl.t()); the one-call addmm form either does the same or, where this
+    torch lacks it, reports so and leaves the accumulator as it was."""
+    from rlplus_kernels.kernels import cublas
+
+    k = 300
+    a = torch.randn(k, 70).to(dtype).to(DEVICE).t()
+    b = torch.randn(k, 40).to(dtype).to(DEVICE)
+    start = torch.randn(70, 40, device=DEVICE)
+    exact = start.double() + a.double() @ b.double()
+    # fp32 products of half operands exist from torch 2.8 on CUDA; before, each is rounded once
+    exact_products = not a.is_cuda or dtype == torch.float32 or cublas._half_mm_fp32(a, b) is not None
+    eps = torch.finfo(torch.float32 if exact_products else dtype).eps
+    allowance = (k * torch.finfo(torch.float32).eps + eps) * (start.double().abs() + a.double().abs() @ b.double().abs())
+
+    def assert_accumulated(acc, how):
+        err = (acc.double() - exact).abs()
+        assert (err <= allowance).all(), f"{how}: error {err.max().item():.3g} beyond fp32 accumulation"
+
+    acc = start.clone()
+    cublas.mm_accumulate_fp32(acc, a, b)
+    assert_accumulated(acc, "mm_accumulate_fp32")
+    acc = start.clone()
+    if dtype != torch.float32 and cublas._half_addmm_fp32(acc, a, b):
+        assert_accumulated(acc, "addmm with out_dtype")
+    else:
+        assert torch.equal(acc, start), "a refused addmm changed the accumulator"
+
+
 def test_raw_op_pair_matches_launchers():
     from rlplus_kernels.backends import triton_op
 

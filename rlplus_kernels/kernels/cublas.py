@@ -42,14 +42,31 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return torch.mm(a.float(), b.float(), out=out)
 
 
+def _half_addmm_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """acc32 += a @ b in one cuBLAS call whose epilogue reads and writes the fp32 acc32 (torch
+    versions whose addmm takes `out_dtype` with an fp32 `self`); False where this torch cannot."""
+    key = ("addmm", a.dtype)
+    if not _OUT_DTYPE_OK.get(key, True):
+        return False
+    try:
+        torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _OUT_DTYPE_OK[key] = False
+        return False
+    _OUT_DTYPE_OK[key] = True
+    return True
+
+
 def mm_accumulate_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc32 += a @ b with an fp32 result from half-precision operands where the platform allows."""
     if a.dtype == torch.float32:
         acc32.addmm_(a, b)
         return
     if a.is_cuda:
-        # row blocks bound the fp32 product that out_dtype allocates (an [N, D] one is 256 MiB
-        # at 16k x 4096, twice what the dl chunk itself costs)
+        if _half_addmm_fp32(acc32, a, b):
+            return
+        # a separate product, then an add: row blocks bound the fp32 product that out_dtype
+        # allocates (an [N, D] one is 256 MiB at 16k x 4096, twice what the dl chunk itself costs)
         for r0 in range(0, a.shape[0], _ACCUMULATE_ROWS):
             rows = slice(r0, r0 + _ACCUMULATE_ROWS)
             product = _half_mm_fp32(a[rows], b)
