@@ -3,7 +3,7 @@
 
 Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkout on CUDA:
 
-    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,tma,cublas]
+    python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,tma,cublas] [--profile]
 
 (a) forward/backward against a higher-precision torch computation of CONTRACT.md at several
     shapes (float64 for small ones; float32, TF32 off, in token chunks, on the same
@@ -14,7 +14,8 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
     full-logits implementation; one summary table at the end and JSON with --json.
 --logits runs (a)-(c) for each listed logits source (kernels/_config.py: "fused" tl.dot kernels,
 "tma" the same fed by TMA descriptors on sm_90, "cublas" fp32 cuBLAS products read by the same
-kernels), each against GEMMs timed in the same run.
+kernels), each against GEMMs timed in the same run. --profile adds (d) the device time of each
+kernel in one fwd+bwd (torch.profiler): where the time beyond the bare GEMMs goes.
 """
 
 from __future__ import annotations
@@ -147,6 +148,21 @@ def bench(fn, rep=200):
     return dict(p50=q[0], p20=q[1], p80=q[2])
 
 
+def kernel_breakdown(fn, top=12):
+    """[{kernel, calls, ms}] of one call of fn, by device time, largest first (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    # kernels carry self device time; the CPU-side ops that launched them carry none
+    rows = [dict(kernel=e.key[:100], calls=e.count, ms=e.self_device_time_total / 1e3)
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def naive(h, w, b, t, temperature):
     z = h @ w.T
     if b is not None:
@@ -159,7 +175,7 @@ def naive(h, w, b, t, temperature):
     return logp, ent
 
 
-def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused"):
+def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False):
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     torch.manual_seed(0)
@@ -189,6 +205,8 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused"):
     res["ours_bwd"] = bench(bwd, rep)
     res["ours_bwd_hidden_only"] = bench(lambda: bwd(needs_grad=(True, False, False)), rep)
     res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
+    if profile:
+        res["kernels"] = kernel_breakdown(fwd_bwd)
     # three bare GEMMs in the input dtype, as cuBLAS runs them
     dl = torch.randn(n, v, device="cuda").to(dtype)
     res["gemm_logits"] = bench(lambda: h @ w.T, rep)
@@ -237,6 +255,7 @@ def main():
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,tma,cublas")
+    ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd per timing")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     os.environ.pop("TRITON_INTERPRET", None)
@@ -264,7 +283,7 @@ def main():
     timing_cases = [(4096, 4096, 151936), (16384, 4096, 151936)] if not args.quick else [(4096, 4096, 151936)]
     timings = []
     for (n, d, v), logits in ((shape, logits) for logits in sources for shape in timing_cases):
-        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits))
+        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile))
         print(json.dumps(timings[-1]), flush=True)
 
     print("\n=== summary (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ") ===")
@@ -282,6 +301,11 @@ def main():
               f"{r['ours_fwd_bwd']['p50']:8.2f} {r['gemm_sum_ms']:8.2f} {r['ratio_fwd_bwd_over_gemms']:6.2f} "
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
               f"{r.get('naive_peak_extra_mb', float('nan')):9.0f}")
+    for r in timings:
+        if "kernels" in r:
+            print(f"\nkernels of one fwd+bwd, {r['logits']} {r['shape']} (ms, calls):")
+            for k in r["kernels"]:
+                print(f"  {k['ms']:9.2f} {k['calls']:6}  {k['kernel']}")
     ok = all(r["ok"] for r in checks)
     print("\nALL CHECKS PASS" if ok else "\nSOME CHECKS FAILED")
     if args.json:

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests    # property/kernel/head tests on CUDA tensors (~3-5 min)
 #   bash benchmarks/gpu_session.sh static   # static check on this triton (the GPU image's 3.6)
-#   bash benchmarks/gpu_session.sh kernels  # issue-3 bar: the three logits sources vs the GEMMs of the same run
+#   bash benchmarks/gpu_session.sh kernels  # issue-3 bar: the three logits sources vs the GEMMs of the same run, with a per-kernel profile
 #   bash benchmarks/gpu_session.sh sweep    # bench_loss.py sweep, all providers (bf16)
 #   bash benchmarks/gpu_session.sh configs  # launch-config sweep of the fused and tma kernels (bf16)
 set -uo pipefail
@@ -30,7 +30,7 @@ case "${1:-}" in
         python scripts/check_kernels.py --quick -j "$(nproc)" --json "$OUT/static_check_quick.json" 2>&1 \
             | tail -80 | tee "$OUT/static_check_quick.txt" ;;
     kernels)
-        python benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive --rep 100 \
+        python benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive --rep 100 --profile \
             --json "$OUT/gpu_kernel_check.json" 2>&1 | tee "$OUT/gpu_kernel_check.txt" ;;
     configs)
         for source in fused tma; do
