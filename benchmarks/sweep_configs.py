@@ -6,7 +6,8 @@
 
 --time runs the forward launcher and the hidden-only backward (dlogits kernel + one cuBLAS
 GEMM, the GEMM being the same for every config) with each candidate config as an override, for
-the logits source named by --logits (fused or tma; kernels/_config.py).
+the logits source named by --logits (fused or tma; kernels/_config.py), and checks that each
+config's forward gives the table config's lse and sum p*z (max relative difference, "fwd_rel").
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ HALF = [
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=8),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4, GROUP_N=8),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=5, GROUP_N=8),  # tma: no spill
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=8, FLATTEN_V=True),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4, GROUP_N=8, FLATTEN_V=True),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=16),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3, GROUP_N=4),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=2, GROUP_N=8),
@@ -66,6 +69,10 @@ def do_time(shape, rep, logits):
     for cfg in HALF:
         row = dict(cfg=cfg)
         try:
+            lse_c, _, spz_c = linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=-100,
+                                                      with_entropy=True, config=cfg, logits=logits)
+            row["fwd_rel"] = max(((lse_c - lse).abs().max() / lse.abs().max()).item(),
+                                 ((spz_c - spz).abs().max() / spz.abs().max()).item())
             row["fwd"] = triton.testing.do_bench(lambda: linear_logprobs_forward(
                 h, w, None, t, temperature=1.0, ignore_index=-100, with_entropy=True, config=cfg,
                 logits=logits), rep=rep)

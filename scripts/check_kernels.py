@@ -150,6 +150,7 @@ def _signature(kernel, dtype, flags, cfg):
         sig["temperature"] = "fp32"
         i("ignore_index"), i("vocab_start")
         c("WITH_ENTROPY", flags["WITH_ENTROPY"])
+        c("FLATTEN_V", cfg.FLATTEN_V)
     else:
         p("hidden_ptr", ptr), p("weight_ptr", ptr)
         p("bias_ptr", ptr) if flags["HAS_BIAS"] else c("bias_ptr", None)

@@ -139,6 +139,19 @@ def test_forward(shape, dtype, bias, logits):
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("logits", ["fused", "tma"])
+def test_forward_flattened_vocabulary_loop(logits):
+    """FLATTEN_V (one pipeline over vocabulary tiles and D steps, a sweep candidate) computes the same
+    partials: one split, so each program walks several tiles, the last one partial (V = 300)."""
+    n, d, v = 33, 48, 300
+    h, w, b, t = make_inputs(n, d, v, torch.float16)
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True, logits=logits,
+                                  config=dict(FLATTEN_V=True, splits=1))
+    for name, g, ref in zip(("lse", "target_logit", "sum_pz"), got, (r_lse, r_tl, r_spz)):
+        check(name, g, ref, FWD_TOL[torch.float16])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("logits,shape", SOURCE_SHAPES)

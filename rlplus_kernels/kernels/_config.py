@@ -45,6 +45,10 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     GROUP_N: int = 8
+    # forward only: one software pipeline over the flattened (vocabulary tile, D step) loop, so the
+    # next tile's loads are in flight during a tile's softmax epilogue (tl.range(flatten=True));
+    # spill-free on sm_90, a candidate of benchmarks/sweep_configs.py until timed on a GPU
+    FLATTEN_V: bool = False
 
 
 # (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).
