@@ -150,7 +150,6 @@ def _signature(kernel, dtype, flags, cfg):
         sig["temperature"] = "fp32"
         i("ignore_index"), i("vocab_start")
         c("WITH_ENTROPY", flags["WITH_ENTROPY"])
-        c("FLATTEN_V", cfg.FLATTEN_V)
     else:
         p("hidden_ptr", ptr), p("weight_ptr", ptr)
         p("bias_ptr", ptr) if flags["HAS_BIAS"] else c("bias_ptr", None)
@@ -172,6 +171,7 @@ def _signature(kernel, dtype, flags, cfg):
     c("HAS_BIAS", flags["HAS_BIAS"]), c("EVEN_D", flags["EVEN_D"]), c("FROM_PRODUCT", flags.get("FROM_PRODUCT", False))
     c("USE_TMA", flags.get("USE_TMA", False))
     c("BLOCK_N", cfg.BLOCK_N), c("BLOCK_V", cfg.BLOCK_V), c("BLOCK_D", cfg.BLOCK_D), c("GROUP_N", cfg.GROUP_N)
+    c("PIPELINE_TILES", cfg.PIPELINE_TILES)
     return sig, const, div
 
 

@@ -139,19 +139,6 @@ def test_forward(shape, dtype, bias, logits):
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("logits", ["fused", "tma"])
-def test_forward_flattened_vocabulary_loop(logits):
-    """FLATTEN_V (one pipeline over vocabulary tiles and D steps, a sweep candidate) computes the same
-    partials: one split, so each program walks several tiles, the last one partial (V = 300)."""
-    n, d, v = 33, 48, 300
-    h, w, b, t = make_inputs(n, d, v, torch.float16)
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
-    got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True, logits=logits,
-                                  config=dict(FLATTEN_V=True, splits=1))
-    for name, g, ref in zip(("lse", "target_logit", "sum_pz"), got, (r_lse, r_tl, r_spz)):
-        check(name, g, ref, FWD_TOL[torch.float16])
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("logits,shape", SOURCE_SHAPES)
@@ -222,6 +209,27 @@ def test_vocab_shard(logits):
     refs = ref_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, vocab_start=v0)
     for name, got, ref in zip(("hidden", "weight", "bias"), out, refs):
         check(f"grad_{name}", got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("logits", LOGITS)
+def test_pipelined_tiles(logits):
+    """PIPELINE_TILES (a sweep candidate: one software pipeline across tiles) computes the same
+    function: one forward split, so each program walks several vocabulary tiles, the last partial
+    (V = 300); in the backward fewer programs than tiles (one per SM, 4 under the interpreter)."""
+    n, d, v = 33, 48, 300
+    h, w, b, t = make_inputs(n, d, v, torch.float16)
+    options = dict(source_options(logits, n), config=dict(PIPELINE_TILES=True))
+    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
+                                  **dict(options, config=dict(options["config"], splits=1)))
+    for name, g, ref in zip(("lse", "target_logit", "sum_pz"), got, (r_lse, r_tl, r_spz)):
+        check(name, g, ref, FWD_TOL[torch.float16])
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN, **options)
+    refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7)
+    for name, g, ref in zip(("hidden", "weight", "bias"), out, refs):
+        check(f"grad_{name}", g, ref, BWD_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)

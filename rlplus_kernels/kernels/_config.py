@@ -45,10 +45,12 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     GROUP_N: int = 8
-    # forward only: one software pipeline over the flattened (vocabulary tile, D step) loop, so the
-    # next tile's loads are in flight during a tile's softmax epilogue (tl.range(flatten=True));
-    # spill-free on sm_90, a candidate of benchmarks/sweep_configs.py until timed on a GPU
-    FLATTEN_V: bool = False
+    # one software pipeline across logits tiles, so the next tile's loads are in flight during a
+    # tile's epilogue instead of the pipeline draining at every tile: the forward flattens its
+    # vocabulary and D loops (tl.range(flatten=True)); the backward runs one program per SM over
+    # its tiles, flattened likewise. Spill-free on sm_80/sm_90; a candidate of
+    # benchmarks/sweep_configs.py, off until timed on a GPU.
+    PIPELINE_TILES: bool = False
 
 
 # (family, is_fp32) -> config, for rows that are 16-element aligned (every real LM head).

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._config import (dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config, product_config,
-                      rows_aligned, uses_descriptors)
+                      rows_aligned, sm_count, uses_descriptors)
 from .cublas import mm_accumulate_fp32, mm_fp32
 from .tl_utils import descriptor_logits_tile, logits_tile, product_tile
 
@@ -101,6 +101,7 @@ def _linear_logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
+    PIPELINE_TILES: tl.constexpr,
 ):
     """dlogits of one [N, V] chunk: recompute z, then dz / temperature in the input dtype.
 
@@ -110,15 +111,79 @@ def _linear_logprobs_bwd_kernel(
     prod_ptr [N, V] fp32 or None (with it, hidden_ptr/weight_ptr are not read); hidden_desc /
     weight_desc TMA descriptors of hidden_ptr / weight_ptr or None (with them, the pointers are not read).
     """
+    num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(V, BLOCK_V)
+    if PIPELINE_TILES:
+        # one program per SM walks tiles pid, pid + programs, ... as one software pipeline: the
+        # next tile's loads are in flight during this tile's epilogue and store
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _dlogits_tile(
+                tile, hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, ent_ptr, grad_logp_ptr,
+                grad_ent_ptr, dl_ptr, prod_ptr, hidden_desc, weight_desc, N, V, D, stride_hidden_n,
+                stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_targets_n,
+                stride_dl_n, stride_prod_n, temperature, ignore_index, col_start, DOT_PRECISION, HAS_BIAS,
+                HAS_GRAD_LOGP, HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D,
+                GROUP_N,
+            )
+    else:
+        _dlogits_tile(
+            tl.program_id(0), hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, ent_ptr, grad_logp_ptr,
+            grad_ent_ptr, dl_ptr, prod_ptr, hidden_desc, weight_desc, N, V, D, stride_hidden_n,
+            stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_targets_n, stride_dl_n,
+            stride_prod_n, temperature, ignore_index, col_start, DOT_PRECISION, HAS_BIAS, HAS_GRAD_LOGP,
+            HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N,
+        )
+
+
+@triton.jit
+def _dlogits_tile(
+    tile,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    targets_ptr,
+    lse_ptr,
+    ent_ptr,
+    grad_logp_ptr,
+    grad_ent_ptr,
+    dl_ptr,
+    prod_ptr,
+    hidden_desc,
+    weight_desc,
+    N,
+    V,
+    D,
+    stride_hidden_n,
+    stride_hidden_d,
+    stride_weight_v,
+    stride_weight_d,
+    stride_bias_v,
+    stride_targets_n,
+    stride_dl_n,
+    stride_prod_n,
+    temperature,
+    ignore_index,
+    col_start,
+    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENT: tl.constexpr,
+    FROM_PRODUCT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_V] tile of `_linear_logprobs_bwd_kernel` (same arguments), tile index `tile`."""
     # grouped ordering (Triton's matmul tutorial) for L2 reuse of both operands
-    pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_v = tl.cdiv(V, BLOCK_V)
     per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
+    first_n = (tile // per_group) * GROUP_N
     group_n = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_v = (pid % per_group) // group_n
+    pid_n = first_n + (tile % per_group) % group_n
+    pid_v = (tile % per_group) // group_n
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -265,7 +330,8 @@ def linear_logprobs_backward(
         if from_product:
             prod = mm_fp32(hk, wk.t(), out=product[: rows * cols].view(rows, cols))
         h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
-        grid = (triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V),)
+        tiles = triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V)
+        grid = (min(tiles, sm_count(device)) if cfg.PIPELINE_TILES else tiles,)
         _linear_logprobs_bwd_kernel[grid](
             hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
             grad_logp[n0:n1] if grad_logp is not None else None,
@@ -278,6 +344,7 @@ def linear_logprobs_backward(
             float(temperature), int(ignore_index), int(vocab_start) + c0,
             DOT_PRECISION=precision,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
+            PIPELINE_TILES=cfg.PIPELINE_TILES,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 

@@ -102,7 +102,7 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
-    FLATTEN_V: tl.constexpr,
+    PIPELINE_TILES: tl.constexpr,
 ):
     """Per-(token, split) partials of the online softmax over one vocabulary split.
 
@@ -140,7 +140,7 @@ def _linear_logprobs_fwd_kernel(
     t_i = tl.zeros([BLOCK_N], tl.float32)
     tz_i = tl.zeros([BLOCK_N], tl.float32)
 
-    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN_V):
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=PIPELINE_TILES):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
         if USE_TMA:
@@ -186,7 +186,7 @@ def _autotuned_kernel():
     global _AUTOTUNED
     if _AUTOTUNED is None:
         configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8, "FLATTEN_V": flat},
+            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8, "PIPELINE_TILES": flat},
                           num_warps=w, num_stages=s)
             for bn, bv, bd, w, s, flat in [
                 (128, 128, 64, 8, 3, False),
@@ -263,7 +263,7 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
         BLOCK_V=cfg.BLOCK_V,
         BLOCK_D=cfg.BLOCK_D,
         GROUP_N=cfg.GROUP_N,
-        FLATTEN_V=cfg.FLATTEN_V,
+        PIPELINE_TILES=cfg.PIPELINE_TILES,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -363,7 +363,7 @@ def linear_logprobs_forward(
     """CONTRACT.md forward: (lse [N], target_logit [N], sum_pz [N] | None), float32.
 
     ``config`` overrides the launch table (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages,
-    GROUP_N, FLATTEN_V, splits); tests use it to run small tiles under the interpreter. ``logits`` and
+    GROUP_N, PIPELINE_TILES, splits); tests use it to run small tiles under the interpreter. ``logits`` and
     ``chunk_elems`` as in ``linear_logprobs_forward_parts``.
     """
     lse, target_logit, sum_pz, _ = linear_logprobs_forward_parts(
