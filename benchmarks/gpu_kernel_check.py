@@ -4,6 +4,7 @@
 Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkout on CUDA:
 
     python benchmarks/gpu_kernel_check.py [--json out.json] [--quick] [--no-naive] [--logits fused,tma,cublas] [--profile]
+                                          [--config '{"PIPELINE_TILES": true}']
 
 (a) forward/backward against a higher-precision torch computation of CONTRACT.md at several
     shapes (float64 for small ones; float32, TF32 off, in token chunks, on the same
@@ -15,7 +16,8 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
 --logits runs (a)-(c) for each listed logits source (kernels/_config.py: "fused" tl.dot kernels,
 "tma" the same fed by TMA descriptors on sm_90, "cublas" fp32 cuBLAS products read by the same
 kernels), each against GEMMs timed in the same run. --profile adds (d) the device time of each
-kernel in one fwd+bwd (torch.profiler): where the time beyond the bare GEMMs goes.
+kernel in one fwd+bwd (torch.profiler): where the time beyond the bare GEMMs goes. --config
+overrides the launch table (kernels/_config.py KernelConfig fields) for every check and timing.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ TOL = {  # relative norm error
 }
 
 
-def check_shape(n, d, v, dtype, bias, logits="fused", temperature=0.8, seed=0):
+def check_shape(n, d, v, dtype, bias, logits="fused", config=None, temperature=0.8, seed=0):
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -118,10 +120,11 @@ def check_shape(n, d, v, dtype, bias, logits="fused", temperature=0.8, seed=0):
         torch.backends.cuda.matmul.allow_tf32 = prev
     # poison: outputs are fresh tensors of the launcher; check them finite and complete
     lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True,
-                                           logits=logits)
+                                           logits=logits, config=config)
     ent = lse - spz
     gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=temperature,
-                                          ignore_index=IGN, needs_grad=(True, True, bias), logits=logits)
+                                          ignore_index=IGN, needs_grad=(True, True, bias), logits=logits,
+                                          config=config)
     torch.cuda.synchronize()
     out = dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
     rows = []
@@ -175,7 +178,7 @@ def naive(h, w, b, t, temperature):
     return logp, ent
 
 
-def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False):
+def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False, config=None):
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     torch.manual_seed(0)
@@ -183,23 +186,24 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     w = (torch.randn(v, d, device="cuda") / d**0.25).to(dtype)
     t = torch.randint(0, v, (n,), device="cuda")
     gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=logits)
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=logits, config=config)
 
     def fwd():
         return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
-                                       logits=logits)
+                                       logits=logits, config=config)
 
     lse, _, spz = fwd()
     ent = lse - spz
 
     def bwd(needs_grad=(True, True, False)):
         return linear_logprobs_backward(h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
-                                        needs_grad=needs_grad, logits=logits)
+                                        needs_grad=needs_grad, logits=logits, config=config)
 
     def fwd_bwd():
         lse_, _, spz_ = fwd()
         return linear_logprobs_backward(h, w, None, t, lse_, lse_ - spz_, gl, ge, temperature=1.0,
-                                        ignore_index=IGN, needs_grad=(True, True, False), logits=logits)
+                                        ignore_index=IGN, needs_grad=(True, True, False), logits=logits,
+                                        config=config)
 
     res["ours_fwd"] = bench(fwd, rep)
     res["ours_bwd"] = bench(bwd, rep)
@@ -256,6 +260,7 @@ def main():
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,tma,cublas")
     ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd per timing")
+    ap.add_argument("--config", default=None, help='launch-table override as JSON, e.g. \'{"PIPELINE_TILES": true}\'')
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     os.environ.pop("TRITON_INTERPRET", None)
@@ -270,10 +275,13 @@ def main():
     if not args.quick:
         check_cases.append((16384, 4096, 151936, torch.bfloat16, False))
     sources = args.logits.split(",")
+    config = json.loads(args.config) if args.config else None
+    if config:
+        info["config"] = config
     checks = []
     for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()
-        rows = check_shape(*case, logits=logits)
+        rows = check_shape(*case, logits=logits, config=config)
         checks += rows
         worst = max(rows, key=lambda r: r["rel_err"] / r["tol"])
         print(f"check {logits:6} {rows[0]['shape']:>20} {rows[0]['dtype']:9} bias={case[4]!s:5} "
@@ -283,7 +291,8 @@ def main():
     timing_cases = [(4096, 4096, 151936), (16384, 4096, 151936)] if not args.quick else [(4096, 4096, 151936)]
     timings = []
     for (n, d, v), logits in ((shape, logits) for logits in sources for shape in timing_cases):
-        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile))
+        timings.append(time_and_memory(n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile,
+                                       config))
         print(json.dumps(timings[-1]), flush=True)
 
     print("\n=== summary (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ") ===")

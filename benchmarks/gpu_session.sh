@@ -6,13 +6,14 @@
 #   bash benchmarks/gpu_session.sh tests    # property/kernel/head tests on CUDA tensors (~3-5 min)
 #   bash benchmarks/gpu_session.sh static   # static check on this triton (the GPU image's 3.6)
 #   bash benchmarks/gpu_session.sh kernels  # issue-3 bar: the three logits sources vs the GEMMs of the same run, with a per-kernel profile
+#   bash benchmarks/gpu_session.sh pipelined  # the same with the PIPELINE_TILES launch option (fused, tma)
 #   bash benchmarks/gpu_session.sh sweep    # bench_loss.py sweep, all providers (bf16)
 #   bash benchmarks/gpu_session.sh configs  # launch-config sweep of the fused and tma kernels (bf16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-    tests|static|kernels|sweep|configs) ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh tests|static|kernels|sweep|configs" >&2; exit 2 ;;
+    tests|static|kernels|pipelined|sweep|configs) ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh tests|static|kernels|pipelined|sweep|configs" >&2; exit 2 ;;
 esac
 OUT=${OUT:-benchmarks/results/gpu_session}
 mkdir -p "$OUT"
@@ -32,6 +33,10 @@ case "${1:-}" in
     kernels)
         python benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive --rep 100 --profile \
             --json "$OUT/gpu_kernel_check.json" 2>&1 | tee "$OUT/gpu_kernel_check.txt" ;;
+    pipelined)
+        python benchmarks/gpu_kernel_check.py --logits fused,tma --no-naive --rep 100 --profile \
+            --config '{"PIPELINE_TILES": true}' --json "$OUT/gpu_kernel_check_pipelined.json" 2>&1 \
+            | tee "$OUT/gpu_kernel_check_pipelined.txt" ;;
     configs)
         for source in fused tma; do
             python benchmarks/sweep_configs.py --time --logits "$source" --rep 100 2>&1 \

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -67,6 +68,8 @@ def _cases(targets, dtypes, quick):
             dims += [dict(EVEN_D=True, ALIGNED=False), dict(EVEN_D=False, ALIGNED=False)]
             if target == 90:  # RLPLUS_LOGITS=tma: TMA descriptors on aligned rows (a D tail reads as 0)
                 dims.append(dict(EVEN_D=True, ALIGNED=True, USE_TMA=True))
+            if dtype != "fp32":  # the PIPELINE_TILES launch option (a sweep candidate) on the table's tile
+                dims += [dict(d, PIPELINE_TILES=True) for d in dims if d["ALIGNED"] and d.get("BD_DIV", 1) == 1]
             fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
             bwd = [
                 dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, **dd)
@@ -197,12 +200,11 @@ def compile_one(case):
             cfg = _config.PRODUCT_CONFIG
         else:
             cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
+        if flags.get("PIPELINE_TILES"):
+            cfg = replace(cfg, PIPELINE_TILES=True)
         if flags.get("BD_DIV", 1) > 1:
-            from dataclasses import replace as _replace
-
-            cfg = _replace(cfg, BLOCK_D=cfg.BLOCK_D // flags["BD_DIV"])
-        if os.environ.get("CHECK_CFG"):
-            from dataclasses import replace
+            cfg = replace(cfg, BLOCK_D=cfg.BLOCK_D // flags["BD_DIV"])
+        if os.environ.get("CHECK_CFG"):  # sweep_configs.py --compile: candidate configs
             cfg = replace(cfg, **json.loads(os.environ["CHECK_CFG"]))
         jit = {"fwd": _linear_logprobs_fwd_kernel.fn, "bwd": _linear_logprobs_bwd_kernel.fn,
                "head": rlplus_head._rlplus_head_fwd_kernel}[kernel]
