@@ -160,9 +160,10 @@ def kernel_breakdown(fn, top=12):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    # kernels carry self device time; the CPU-side ops that launched them carry none
+    # device-side events only: a leaf CPU op (aten::mm) also carries its kernel's time as its own
     rows = [dict(kernel=e.key[:100], calls=e.count, ms=e.self_device_time_total / 1e3)
-            for e in prof.key_averages() if e.self_device_time_total > 0]
+            for e in prof.key_averages()
+            if e.device_type != torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 

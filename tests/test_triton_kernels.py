@@ -357,13 +357,18 @@ def test_custom_op_frozen_head_and_no_entropy():
     assert w.grad is None
 
 
+@pytest.mark.parametrize("form", ["one call", "product then add"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_fp32_accumulation_of_products(dtype):
+def test_fp32_accumulation_of_products(dtype, form, monkeypatch):
     """The backward's cross-chunk sum acc32 += a @ b keeps products exact and sums them in fp32
-    (a is transposed, like dl.t()); the one-call addmm form either does the same or, where this
-    torch lacks it, reports so and leaves the accumulator as it was."""
+    (a is transposed, like dl.t()), whether torch takes the one-call addmm with an fp32 accumulator
+    or the helper falls back to an fp32 product per block of rows (3 blocks here) and an add; a
+    refused one-call form leaves the accumulator as it was."""
     from rlplus_kernels.kernels import cublas
 
+    if form == "product then add":
+        monkeypatch.setitem(cublas._OUT_DTYPE_OK, ("addmm", dtype), False)
+        monkeypatch.setattr(cublas, "_ACCUMULATE_ROWS", 32)
     k = 300
     a = torch.randn(k, 70).to(dtype).to(DEVICE).t()
     b = torch.randn(k, 40).to(dtype).to(DEVICE)
@@ -380,12 +385,36 @@ def test_fp32_accumulation_of_products(dtype):
 
     acc = start.clone()
     cublas.mm_accumulate_fp32(acc, a, b)
-    assert_accumulated(acc, "mm_accumulate_fp32")
+    assert_accumulated(acc, f"mm_accumulate_fp32 ({form})")
     acc = start.clone()
     if dtype != torch.float32 and cublas._half_addmm_fp32(acc, a, b):
         assert_accumulated(acc, "addmm with out_dtype")
     else:
         assert torch.equal(acc, start), "a refused addmm changed the accumulator"
+
+
+def test_out_dtype_refusals_are_remembered_and_errors_raised(monkeypatch):
+    """A torch that refuses an out_dtype form is asked once per key; running out of memory or a CUDA
+    error is not a refusal: it propagates and is not remembered."""
+    from rlplus_kernels.kernels import cublas
+
+    monkeypatch.setattr(cublas, "_OUT_DTYPE_OK", {})
+    calls = []
+
+    def refuse():
+        calls.append(1)
+        raise RuntimeError("out_dtype must be the same as input dtype or fp32 for fp16/bf16 inputs")
+
+    assert cublas._where_accepted("k", refuse) is None
+    assert cublas._where_accepted("k", refuse) is None
+    assert len(calls) == 1
+    assert cublas._where_accepted("ok", lambda: 7) == 7 and cublas._OUT_DTYPE_OK["ok"] is True
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal memory access")):
+        def fail(error=error):
+            raise error
+        with pytest.raises(type(error)):
+            cublas._where_accepted("e", fail)
+        assert "e" not in cublas._OUT_DTYPE_OK
 
 
 def test_raw_op_pair_matches_launchers():

@@ -13,20 +13,37 @@ _OUT_DTYPE_OK: dict = {}
 _ACCUMULATE_ROWS = 2048
 
 
-def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor, out=None):
-    """a @ b with an fp32 result on CUDA half operands (into `out` if given), or None where this
-    torch cannot; whether each form (with or without `out`) works is remembered per dtype."""
-    key = (a.dtype, out is None)
+def _where_accepted(key, call):
+    """call(), or None where this torch refused it before or refuses it now (remembered per key).
+    Running out of memory and CUDA errors are raised: they are not refusals of the form."""
     if not _OUT_DTYPE_OK.get(key, True):
         return None
     try:
-        result = torch.mm(a, b, out_dtype=torch.float32) if out is None else torch.mm(
-            a, b, out_dtype=torch.float32, out=out)
-    except (RuntimeError, TypeError, NotImplementedError):
+        result = call()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        if "CUDA error" in str(exc):
+            raise
         _OUT_DTYPE_OK[key] = False
         return None
     _OUT_DTYPE_OK[key] = True
     return result
+
+
+def _half_mm_fp32(a: torch.Tensor, b: torch.Tensor, out=None):
+    """a @ b with an fp32 result on CUDA half operands (into `out` if given), or None where this
+    torch cannot (each form, with or without `out`, is remembered per dtype)."""
+    if out is None:
+        return _where_accepted((a.dtype, True), lambda: torch.mm(a, b, out_dtype=torch.float32))
+    return _where_accepted((a.dtype, False), lambda: torch.mm(a, b, out_dtype=torch.float32, out=out))
+
+
+def _half_addmm_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """acc32 += a @ b in one cuBLAS call whose epilogue reads and writes the fp32 acc32 (torch
+    versions whose addmm takes `out_dtype` with an fp32 `self`); False where this torch cannot."""
+    return _where_accepted(("addmm", a.dtype),
+                           lambda: torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)) is not None
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -40,21 +57,6 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
         if product is not None:
             return out.copy_(product)
     return torch.mm(a.float(), b.float(), out=out)
-
-
-def _half_addmm_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """acc32 += a @ b in one cuBLAS call whose epilogue reads and writes the fp32 acc32 (torch
-    versions whose addmm takes `out_dtype` with an fp32 `self`); False where this torch cannot."""
-    key = ("addmm", a.dtype)
-    if not _OUT_DTYPE_OK.get(key, True):
-        return False
-    try:
-        torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
-    except (RuntimeError, TypeError, NotImplementedError):
-        _OUT_DTYPE_OK[key] = False
-        return False
-    _OUT_DTYPE_OK[key] = True
-    return True
 
 
 def mm_accumulate_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
