@@ -212,10 +212,14 @@ def test_vocab_shard(logits):
 
 
 @pytest.mark.parametrize("logits", LOGITS)
-def test_pipelined_tiles(logits):
+def test_pipelined_tiles(logits, monkeypatch):
     """PIPELINE_TILES (a sweep candidate: one software pipeline across tiles) computes the same
     function: one forward split, so each program walks several vocabulary tiles, the last partial
-    (V = 300); in the backward fewer programs than tiles (one per SM, 4 under the interpreter)."""
+    (V = 300); in the backward two programs (as if the GPU had 2 SMs) walk every other tile, so
+    each takes several, on the GPU's 128 x 128 tiles as under the interpreter's small ones."""
+    from rlplus_kernels.kernels import linear_logprobs_bwd
+
+    monkeypatch.setattr(linear_logprobs_bwd, "sm_count", lambda device: 2)
     n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, torch.float16)
     options = dict(source_options(logits, n), config=dict(PIPELINE_TILES=True))
@@ -226,7 +230,9 @@ def test_pipelined_tiles(logits):
         check(name, g, ref, FWD_TOL[torch.float16])
     lse, ent = r_lse.float(), (r_lse - r_spz).float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN, **options)
+    # one dl chunk (the cuBLAS source's product slices then hold several tiles too)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
+                                   **dict(options, chunk_elems=n * v))
     refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7)
     for name, g, ref in zip(("hidden", "weight", "bias"), out, refs):
         check(f"grad_{name}", g, ref, BWD_TOL[torch.float16])
