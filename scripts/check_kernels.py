@@ -51,6 +51,8 @@ HEAD_FLAGS = ("HAS_ENTROPY", "HAS_OLD", "HAS_EXTERNAL", "HAS_BEHAVIOR", "HAS_KL"
 
 def _cases(targets, dtypes, quick):
     """Yield (kernel, target, dtype, flags dict) for every launchable configuration."""
+    from rlplus_kernels.kernels._config import pipelining_supported, tensor_descriptor_class
+
     # the per-token RL head runs in float32 whatever the input dtype; each flag also says whether
     # its optional pointer is passed
     head = [dict(zip(HEAD_FLAGS, bits)) for bits in itertools.product([True, False], repeat=len(HEAD_FLAGS))]
@@ -66,9 +68,11 @@ def _cases(targets, dtypes, quick):
             # 16-element aligned take the table's unaligned config, EVEN_D either way
             dims = [dict(EVEN_D=True, ALIGNED=True, BD_DIV=k) for k in ([1] if dtype == "fp32" else [1, 4])]
             dims += [dict(EVEN_D=True, ALIGNED=False), dict(EVEN_D=False, ALIGNED=False)]
-            if target == 90:  # RLPLUS_LOGITS=tma: TMA descriptors on aligned rows (a D tail reads as 0)
+            # RLPLUS_LOGITS=tma: TMA descriptors on aligned rows (a D tail reads as 0), where this triton has them
+            if target == 90 and tensor_descriptor_class() is not None:
                 dims.append(dict(EVEN_D=True, ALIGNED=True, USE_TMA=True))
-            if dtype != "fp32":  # the PIPELINE_TILES launch option (a sweep candidate) on the table's tile
+            # the PIPELINE_TILES launch option (a sweep candidate) on the table's tile, from triton 3.3
+            if dtype != "fp32" and pipelining_supported():
                 dims += [dict(d, PIPELINE_TILES=True) for d in dims if d["ALIGNED"] and d.get("BD_DIV", 1) == 1]
             fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
             bwd = [
@@ -178,6 +182,16 @@ def _signature(kernel, dtype, flags, cfg):
     return sig, const, div
 
 
+def _divisibility_attrs(indices):
+    """The 16-divisibility hints of these argument indices, in this triton's form (3.3 on: a dict;
+    before, an AttrsDescriptor, so that the default kernels can be checked for older tritons too)."""
+    try:
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        return {(i,): [["tt.divisibility", 16]] for i in indices}
+    return AttrsDescriptor.from_hints({i: 16 for i in indices})
+
+
 def compile_one(case):
     kernel, target, dtype, flags = case
     row = dict(kernel=kernel, target=f"sm_{target}", dtype=dtype, flags=_flag_str(flags), error=None)
@@ -211,7 +225,7 @@ def compile_one(case):
         sig, const, div = _signature(kernel, dtype, flags, cfg)
         assert sorted(sig) == sorted(jit.arg_names), (sorted(sig), sorted(jit.arg_names))
         sig = {n: sig[n] for n in jit.arg_names}
-        attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+        attrs = _divisibility_attrs([jit.arg_names.index(n) for n in div])
         src = triton.compiler.ASTSource(jit, sig, const, attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", target, 32),
                             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

@@ -238,6 +238,21 @@ def test_pipelined_tiles(logits, monkeypatch):
         check(f"grad_{name}", g, ref, BWD_TOL[torch.float16])
 
 
+def test_pipelined_tiles_refused_where_triton_lacks_flatten(monkeypatch):
+    """On a triton whose tl.range has no `flatten` (before 3.3) the option is refused by name before
+    any compile, and the default launch goes on as before (that it compiles under triton 3.2 is the
+    static check's, kernels/README.md)."""
+    from rlplus_kernels.kernels import _config
+
+    monkeypatch.setattr(_config, "pipelining_supported", lambda: False)
+    h, w, b, t = make_inputs(7, 32, 37, torch.float16)
+    with pytest.raises(ValueError, match="PIPELINE_TILES"):
+        linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+                                config=dict(PIPELINE_TILES=True))
+    lse, _, _ = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+    assert torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("logits", LOGITS)

@@ -48,8 +48,8 @@ class KernelConfig:
     # one software pipeline across logits tiles, so the next tile's loads are in flight during a
     # tile's epilogue instead of the pipeline draining at every tile: the forward flattens its
     # vocabulary and D loops (tl.range(flatten=True)); the backward runs one program per SM over
-    # its tiles, flattened likewise. Spill-free on sm_80/sm_90; a candidate of
-    # benchmarks/sweep_configs.py, off until timed on a GPU.
+    # its tiles, flattened likewise. Needs triton >= 3.3; spill-free on sm_80/sm_90 under 3.6 and
+    # 3.9 (not 3.3.1); a candidate of benchmarks/sweep_configs.py, off until timed on a GPU.
     PIPELINE_TILES: bool = False
 
 
@@ -132,10 +132,24 @@ def family_of(device: torch.device) -> str:
     return _device_family(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def pipelining_supported() -> bool:
+    """Whether this triton's tl.range takes `flatten` (3.3 on), which PIPELINE_TILES needs."""
+    import inspect
+
+    import triton.language as tl
+
+    return "flatten" in inspect.signature(tl.range.__init__).parameters
+
+
 def _with_override(cfg: KernelConfig, override: Optional[dict]) -> KernelConfig:
     """cfg with the KernelConfig fields of `override` (tests pass small tiles; other keys are ignored)."""
     if not override:
         return cfg
+    if override.get("PIPELINE_TILES") and not pipelining_supported():
+        import triton
+
+        raise ValueError(f"config: PIPELINE_TILES needs triton >= 3.3 (tl.range flatten), this is {triton.__version__}")
     return replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
 
 

@@ -39,6 +39,7 @@ from ._config import (
     logits_source,
     operand_descriptors,
     pick_config,
+    pipelining_supported,
     product_config,
     rows_aligned,
     sm_count,
@@ -134,41 +135,27 @@ def _linear_logprobs_fwd_kernel(
     v_begin = pid_s * V_PER_SPLIT
     v_end = tl.minimum(v_begin + V_PER_SPLIT, V)
 
-
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s_i = tl.zeros([BLOCK_N], tl.float32)
     t_i = tl.zeros([BLOCK_N], tl.float32)
     tz_i = tl.zeros([BLOCK_N], tl.float32)
-
-    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=PIPELINE_TILES):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < v_end
-        if USE_TMA:
-            z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, pid_n * BLOCK_N, v0, offs_v.to(tl.int64),
-                                       mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
-                                       BLOCK_N, BLOCK_V, BLOCK_D)
-        elif FROM_PRODUCT:
-            z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v.to(tl.int64),
-                             mask_n, mask_v, temperature, HAS_BIAS)
-        else:
-            z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
-                            D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                            temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        # the target logit first: z is then dead once z - m is formed (one tile fewer live in registers)
-        hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
-        tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
-
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-        zc = z - m_new[:, None]
-        p = tl.exp(zc)  # 0 at masked columns
-        if WITH_ENTROPY:
-            # shift the running sum of e^(z-m)(z-m) to the new max; guarded where s_i is still 0
-            delta = tl.where(s_i > 0, m_i - m_new, 0.0)
-            t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
-        s_i = s_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    # two loops, so that the default one never passes `flatten` (tl.range takes it from triton 3.3)
+    if PIPELINE_TILES:
+        for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=True):
+            m_i, s_i, t_i, tz_i = _online_softmax_step(
+                v0, v_end, m_i, s_i, t_i, tz_i, pid_n * BLOCK_N, offs_n64, mask_n, tgt_local,
+                hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc, D, stride_hidden_n,
+                stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_prod_n, temperature,
+                WITH_ENTROPY, DOT_PRECISION, HAS_BIAS, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D,
+            )
+    else:
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            m_i, s_i, t_i, tz_i = _online_softmax_step(
+                v0, v_end, m_i, s_i, t_i, tz_i, pid_n * BLOCK_N, offs_n64, mask_n, tgt_local,
+                hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc, D, stride_hidden_n,
+                stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_prod_n, temperature,
+                WITH_ENTROPY, DOT_PRECISION, HAS_BIAS, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D,
+            )
 
     out = pid_s.to(tl.int64) * N + offs_n64
     tl.store(part_m_ptr + out, m_i, mask=mask_n)
@@ -176,6 +163,50 @@ def _linear_logprobs_fwd_kernel(
     tl.store(part_tz_ptr + out, tz_i, mask=mask_n)
     if WITH_ENTROPY:
         tl.store(part_t_ptr + out, t_i, mask=mask_n)
+
+
+@triton.jit
+def _online_softmax_step(
+    v0, v_end, m_i, s_i, t_i, tz_i,  # this tile's first column, the split's end, the running state
+    row0, offs_n64, mask_n, tgt_local,  # the program's token rows and their targets' local columns
+    hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,
+    D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_prod_n,
+    temperature,
+    WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_PRODUCT: tl.constexpr,
+    USE_TMA: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One vocabulary tile of `_linear_logprobs_fwd_kernel`: its logits, then the running (max,
+    sum e^(z-m), sum e^(z-m)(z-m), target logit) updated; returns the new state."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_end
+    if USE_TMA:
+        z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, row0, v0, offs_v.to(tl.int64),
+                                   mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
+                                   BLOCK_N, BLOCK_V, BLOCK_D)
+    elif FROM_PRODUCT:
+        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v.to(tl.int64),
+                         mask_n, mask_v, temperature, HAS_BIAS)
+    else:
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
+                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    # the target logit first: z is then dead once z - m is formed (one tile fewer live in registers)
+    hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]
+    tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
+
+    m_new = tl.maximum(m_i, tl.max(z, 1))
+    alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+    zc = z - m_new[:, None]
+    p = tl.exp(zc)  # 0 at masked columns
+    if WITH_ENTROPY:
+        # shift the running sum of e^(z-m)(z-m) to the new max; guarded where s_i is still 0
+        delta = tl.where(s_i > 0, m_i - m_new, 0.0)
+        t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
+    s_i = s_i * alpha + tl.sum(p, 1)
+    m_i = m_new
+    return m_i, s_i, t_i, tz_i
 
 
 _AUTOTUNED = None
@@ -196,6 +227,7 @@ def _autotuned_kernel():
                 (64, 128, 64, 4, 4, False),
                 (128, 64, 64, 4, 4, False),
             ]
+            if pipelining_supported() or not flat
         ]
         _AUTOTUNED = triton.autotune(configs=configs, key=["N", "V", "D", "WITH_ENTROPY"])(
             _linear_logprobs_fwd_kernel
