@@ -41,7 +41,7 @@ import triton.language as tl
 from ._config import (dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config, product_config,
                       rows_aligned, sm_count, uses_descriptors)
 from .cublas import mm_accumulate_fp32, mm_fp32
-from .tl_utils import descriptor_logits_tile, logits_tile, product_tile
+from .tl_utils import source_logits_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
@@ -192,17 +192,11 @@ def _dlogits_tile(
     offs_n64 = offs_n.to(tl.int64)
     offs_v64 = offs_v.to(tl.int64)
 
-    if USE_TMA:
-        z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_v64,
-                                   mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
-                                   BLOCK_N, BLOCK_V, BLOCK_D)
-    elif FROM_PRODUCT:
-        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
-                         temperature, HAS_BIAS)
-    else:
-        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
-                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = source_logits_tile(hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,
+                           pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n64, offs_v64, mask_n, mask_v,
+                           D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                           stride_prod_n, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT, USE_TMA,
+                           BLOCK_N, BLOCK_V, BLOCK_D)
 
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     valid = tgt != ignore_index

@@ -46,7 +46,7 @@ from ._config import (
     uses_descriptors,
 )
 from .cublas import mm_fp32
-from .tl_utils import descriptor_logits_tile, logits_tile, product_tile
+from .tl_utils import source_logits_tile
 
 # fp32 product of one vocabulary chunk on the cuBLAS logits source (256 MiB: 16k tokens x 4k columns)
 DEFAULT_PRODUCT_ELEMS = 1 << 26
@@ -180,17 +180,11 @@ def _online_softmax_step(
     sum e^(z-m), sum e^(z-m)(z-m), target logit) updated; returns the new state."""
     offs_v = v0 + tl.arange(0, BLOCK_V)
     mask_v = offs_v < v_end
-    if USE_TMA:
-        z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, row0, v0, offs_v.to(tl.int64),
-                                   mask_v, D, stride_bias_v, temperature, DOT_PRECISION, HAS_BIAS,
-                                   BLOCK_N, BLOCK_V, BLOCK_D)
-    elif FROM_PRODUCT:
-        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v.to(tl.int64),
-                         mask_n, mask_v, temperature, HAS_BIAS)
-    else:
-        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
-                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = source_logits_tile(hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,
+                           row0, v0, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
+                           D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                           stride_prod_n, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT, USE_TMA,
+                           BLOCK_N, BLOCK_V, BLOCK_D)
     z = tl.where(mask_v[None, :], z, float("-inf"))
     # the target logit first: z is then dead once z - m is formed (one tile fewer live in registers)
     hit = (offs_v[None, :] == tgt_local[:, None]) & mask_v[None, :]

@@ -72,6 +72,31 @@ def product_tile(
 
 
 @triton.jit
+def source_logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,  # as in the kernels' signatures
+    row0, col0, offs_n64, offs_v64, mask_n, mask_v,  # this tile's first row and column, its rows and columns
+    D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_prod_n,
+    temperature,
+    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
+    FROM_PRODUCT: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The logits tile from the launch's logits source: tl.dot fed by TMA descriptors (USE_TMA), a
+    cuBLAS product in memory (FROM_PRODUCT), or tl.dot fed by pointer loads."""
+    if USE_TMA:
+        z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, row0, col0, offs_v64, mask_v, D, stride_bias_v,
+                                   temperature, DOT_PRECISION, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
+    elif FROM_PRODUCT:
+        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
+                         temperature, HAS_BIAS)
+    else:
+        z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
+                        D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
+                        temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
+    return z
+
+
+@triton.jit
 def _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS: tl.constexpr):
     """(acc + bias[offs_v]) / temperature: the end of every logits tile, whatever computed acc."""
     if HAS_BIAS:
