@@ -254,7 +254,7 @@ def test_pipelined_tiles_refused_where_triton_lacks_flatten(monkeypatch):
 
 
 @pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("logits", LOGITS)
 def test_backward_chunks(needs, dtype, logits):
     """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result."""
@@ -274,6 +274,29 @@ def test_backward_chunks(needs, dtype, logits):
             check(f"grad_{name}", got, ref, BWD_TOL[dtype])
         else:
             assert got is None
+
+
+@pytest.mark.parametrize("chunk_elems", [None, 16 * 256], ids=["one-chunk", "chunked"])
+@pytest.mark.parametrize("upstream", [2.0**-14, 2.0**17], ids=["token-mean-of-16k", "large"])
+@pytest.mark.parametrize("logits", LOGITS)
+def test_float16_upstream_gradients_far_from_one(upstream, chunk_elems, logits):
+    """float16 dl holds only 6e-8..65504: upstream gradients of a token-mean over 16k tokens (2^-14)
+    would flush most of it to zero, large ones would overflow, unless dl is stored scaled."""
+    n, d, v = 33, 48, 300
+    # large: small operands and no bias (a sum of dl over tokens) keep the gradients within range
+    h, w, b, t = make_inputs(n, d, v, torch.float16, bias=upstream < 1)
+    if upstream > 1:
+        h, w = h * 2.0**-5, w * 2.0**-5
+    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE) * upstream, torch.randn(n, device=DEVICE) * upstream
+    gl[1] = ge[1] = upstream * 2.0**-10  # a token weighted far below the others still counts
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
+                                   chunk_elems=chunk_elems, logits=logits)
+    refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7)
+    for name, got, ref in zip(("hidden", "weight", "bias")[: 3 if b is not None else 2], out, refs):
+        check(f"grad_{name}", got, ref, BWD_TOL[torch.float16])
+    check("grad_hidden of the small token", out[0][1:2], refs[0][1:2], BWD_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("logits", LOGITS)

@@ -26,10 +26,18 @@ The chunk shape is chosen so that the gradient that needs no cross-chunk sum is 
 by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
 Extra memory: one dl chunk (default 2^26 elements) plus, when both gradients are needed and the
 vocabulary is split, an fp32 [N, D] accumulator for grad_hidden.
+
+float16 holds dl only between 6e-8 (2^-24) and 65504: a token-mean loss over 16k tokens has upstream
+gradients near 6e-5, whose dl would mostly flush to zero, and large upstream gradients would overflow.
+So in float16 the kernel stores ``scale * dl``, ``scale`` a power of two that brings the largest |dl|
+the upstream gradients allow to 2^12 (``_float16_dl_scale``), and every gradient leaves cuBLAS in
+fp32 and is multiplied by ``1 / scale`` before its single rounding. Both multiplications are exact,
+and ``scale`` stays on the device, so the backward does not synchronise with the host.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -45,6 +53,10 @@ from .tl_utils import source_logits_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
+# float16 dl is stored scaled so that its largest possible |value| is below 2^12: far from 65504 even
+# after a sum of the chunk's terms (the fp16 product of cuBLAS on torch without out_dtype), while
+# 2^26 times smaller values still hold float16's full precision
+FLOAT16_DL_EXPONENT = 12
 
 
 @triton.heuristics(
@@ -239,6 +251,24 @@ def _plan_chunks(n_tokens, n_vocab, need_vocab_side, budget, cfg):
     return cn, cv
 
 
+def _float16_dl_scale(targets, ignore_index, entropy, grad_logp, grad_entropy, temperature):
+    """(scale, 1 / scale): fp32 device scalars, a power of two, with |scale * dl| < 2^FLOAT16_DL_EXPONENT.
+
+    |onehot - p| <= 1 and |p (log p + H)| <= p |log p| + p H <= 1/e + H bound each element of dl by
+    (|g_logp| + |g_ent| (1/e + H)) / temperature on its token's row.
+    """
+    bound = torch.zeros_like(targets, dtype=torch.float32)
+    if grad_logp is not None:
+        bound += grad_logp.abs()
+    if grad_entropy is not None:
+        bound += grad_entropy.abs() * (math.exp(-1.0) + entropy.abs())
+    bound = torch.where(targets != ignore_index, bound, 0.0).amax() / temperature
+    _, exponent = torch.frexp(bound)  # bound < 2^exponent
+    shift = (FLOAT16_DL_EXPONENT - exponent).clamp(-126, 126)  # scale and its inverse stay normal fp32
+    one = torch.ones((), device=bound.device)
+    return torch.ldexp(one, shift), torch.ldexp(one, -shift)
+
+
 def linear_logprobs_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -305,9 +335,20 @@ def linear_logprobs_backward(
     if grad_entropy is not None:
         entropy, grad_entropy = entropy.contiguous(), grad_entropy.contiguous()
     ent_arg = entropy if grad_entropy is not None else lse  # placeholder pointer when unused
+    unscale = None  # 1 / the scale of the stored dl (float16 only; see the module docstring)
+    if dtype == torch.float16:
+        scale, unscale = _float16_dl_scale(targets, ignore_index, entropy, grad_logp, grad_entropy, temperature)
+        grad_logp = grad_logp * scale if grad_logp is not None else None
+        grad_entropy = grad_entropy * scale if grad_entropy is not None else None
+
+    def unscaled(acc32):
+        return acc32 if unscale is None else acc32.mul_(unscale)
 
     buf = torch.empty(min(cn, n_tokens) * min(cv, n_vocab), device=device, dtype=dtype)
     gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
+    # scaled float16 grad_weight rows that need no cross-chunk sum still leave cuBLAS in fp32
+    gw_chunk32 = (torch.empty(min(cv, n_vocab) * dim, device=device, dtype=torch.float32)
+                  if (need_w and gw32 is None and unscale is not None) else None)
     precision = dot_precision(dtype, device)
 
     # the column slices of a dl chunk that one fp32 product covers (the whole chunk when fused)
@@ -344,7 +385,8 @@ def linear_logprobs_backward(
 
     for n0 in range(0, n_tokens, cn):
         n1 = min(n0 + cn, n_tokens)
-        gh32 = torch.zeros((n1 - n0, dim), device=device, dtype=torch.float32) if (need_h and n_voc_chunks > 1) else None
+        gh32 = (torch.zeros((n1 - n0, dim), device=device, dtype=torch.float32)
+                if (need_h and (n_voc_chunks > 1 or unscale is not None)) else None)
         for v0 in range(0, n_vocab, cv):
             v1 = min(v0 + cv, n_vocab)
             dl = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
@@ -357,14 +399,17 @@ def linear_logprobs_backward(
                 else:
                     mm_accumulate_fp32(gh32, dl, weight[v0:v1])
             if need_w:
-                if gw32 is None:
+                if gw_chunk32 is not None:
+                    product = gw_chunk32[: (v1 - v0) * dim].view(v1 - v0, dim)
+                    gw[v0:v1].copy_(unscaled(mm_fp32(dl.t(), hidden[n0:n1], out=product)))
+                elif gw32 is None:
                     torch.mm(dl.t(), hidden[n0:n1], out=gw[v0:v1])
                 else:
                     mm_accumulate_fp32(gw32[v0:v1], dl.t(), hidden[n0:n1])
             if need_b:
                 gb32[v0:v1] += dl.sum(0, dtype=torch.float32)
         if gh32 is not None:
-            gh[n0:n1].copy_(gh32)
+            gh[n0:n1].copy_(unscaled(gh32))
     if gw32 is not None:
-        gw.copy_(gw32)
-    return gh, gw, (gb32.to(dtype) if need_b else None)
+        gw.copy_(unscaled(gw32))
+    return gh, gw, (unscaled(gb32).to(dtype) if need_b else None)
