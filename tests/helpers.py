@@ -52,10 +52,11 @@ FLOAT32_EPS = 2.0**-24
 
 
 def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature, ignore_index=-100):
-    # (the input dtype's rounding of dz is allowed too, relative and, below the smallest normal,
-    # absolute: a backend may round the logits' gradient to the input dtype to feed half-precision
-    # GEMMs, as autograd through a half nn.Linear does)
     """Rounding allowance of float32 gradients, from float32 error analysis of z -> dz -> grads.
+
+    The input dtype's relative rounding of dz is allowed too: a backend may round the logits' gradient
+    to the input dtype to feed half-precision GEMMs, as autograd through a half nn.Linear does (scaled
+    so that float16 keeps it normal; underflow to subnormals or zero is not allowed for).
 
     Each logit is a float32 dot product, so log p_v = z_v - lse errs by about eps |z|; the gradient of
     the logits, dz_v = g_logp (1[v=y] - p_v) - g_ent p_v (log p_v + H), errs by that times the size of
@@ -78,13 +79,10 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     half = hidden.dtype in (torch.float16, torch.bfloat16)
     input_rounding = 2 * torch.finfo(hidden.dtype).eps if half else 0.0
     factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item()) + input_rounding  # noqa: E731
-    # below the input dtype's smallest normal, rounding dz/T is absolute: half a subnormal spacing each
-    # (2^-25 in float16), summed against |W| or |h| like any other per-element error of dz
-    floor = active.double() * (torch.finfo(hidden.dtype).tiny * torch.finfo(hidden.dtype).eps / 2 if half else 0.0)
-    allowances = [(factor(w.shape[0]) * M + floor) @ w.abs(), (factor(h.shape[0]) * M + floor).T @ h.abs()]
+    allowances = [(factor(w.shape[0]) * M) @ w.abs(), (factor(h.shape[0]) * M).T @ h.abs()]
     allowances[0] = allowances[0].reshape(hidden.shape)
     if bias is not None:
-        allowances.append((factor(h.shape[0]) * M + floor).sum(0))
+        allowances.append((factor(h.shape[0]) * M).sum(0))
     return allowances
 
 
