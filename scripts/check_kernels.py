@@ -184,11 +184,16 @@ def _signature(kernel, dtype, flags, cfg):
 
 def _divisibility_attrs(indices):
     """The 16-divisibility hints of these argument indices, in this triton's form (3.3 on: a dict;
-    before, an AttrsDescriptor, so that the default kernels can be checked for older tritons too)."""
+    3.2: AttrsDescriptor.from_hints; 3.0 and 3.1: an AttrsDescriptor of sets), so that the default
+    kernels can be checked for older tritons too."""
     try:
         from triton.backends.compiler import AttrsDescriptor
     except ImportError:
-        return {(i,): [["tt.divisibility", 16]] for i in indices}
+        try:
+            from triton.compiler.compiler import AttrsDescriptor
+        except ImportError:
+            return {(i,): [["tt.divisibility", 16]] for i in indices}
+        return AttrsDescriptor(divisible_by_16=set(indices))
     return AttrsDescriptor.from_hints({i: 16 for i in indices})
 
 

@@ -5,8 +5,8 @@ its derivative a dl/dlogp and the statistics of the metrics. Backward: grad_logp
 grad_entropy = -entropy_coef a g, where g is the upstream gradient of the weighted losses.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
+# as objects (it rejects "Tensor" as a string).
 from typing import Optional
 
 import torch

@@ -11,8 +11,8 @@ Custom ops cannot return None: an absent tensor travels as an empty tensor and i
 Triton (``rlplus_kernels.kernels``) is imported only when an op runs on real tensors.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
+# as objects (it rejects "Tensor" as a string).
 from typing import Optional
 
 import torch

@@ -35,8 +35,8 @@ fp32 and is multiplied by ``1 / scale`` before its single rounding. Both multipl
 and ``scale`` stays on the device, so the backward does not synchronise with the host.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
+# only by annotation objects, not by the string "tl.constexpr".
 import math
 import os
 from typing import Optional

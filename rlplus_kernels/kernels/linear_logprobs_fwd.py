@@ -22,8 +22,8 @@ source (``RLPLUS_LOGITS=cublas``) ``acc`` is read from an fp32 product ``h @ W[c
 writes per vocabulary chunk c (``FROM_PRODUCT``), one launch per chunk, all splits merged once.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
+# only by annotation objects, not by the string "tl.constexpr".
 from typing import Optional
 
 import torch

@@ -18,8 +18,8 @@ follow torch's conventions where the function has a kink, so that this kernel an
 ``torch.minimum`` splits it between equal arguments.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
+# only by annotation objects, not by the string "tl.constexpr".
 import torch
 
 import triton
