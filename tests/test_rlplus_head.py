@@ -8,6 +8,7 @@ test_backends.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -24,8 +25,9 @@ from rlplus_kernels.head import TokenBatch, rlplus_head, sequence_layout
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
-# Triton passes float hyper-parameters as float32 scalars: clip bounds, gamma and the coefficients carry
-# float32 rounding (relative 6e-8 each) into an otherwise float64 computation.
+# The Triton head computes with float32 hyper-parameters (kernel_float), the torch head it is compared
+# with is given the same values (as_the_kernel_sees): what is left is float64 evaluation order, which
+# ill-conditioned terms amplify (1 - exp(logp) as logp -> 0: 5e-9 relative seen in grad_logp).
 RTOL = 1e-7
 
 
@@ -84,7 +86,25 @@ def on_device(batch: TokenBatch) -> TokenBatch:
     return TokenBatch(**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
 
 
+def as_the_kernel_sees(config: RLPlusConfig) -> RLPlusConfig:
+    """config with the float32 hyper-parameters the Triton head computes with; the clip bounds are
+    rounded as bounds: 1 - (1 - fl32(1 - eps)) is fl32(1 - eps) exactly in float64."""
+    from rlplus_kernels.kernels.rlplus_head import kernel_float
+
+    rounded = lambda x: None if x is None else kernel_float(x)  # noqa: E731
+    return dataclasses.replace(
+        config,
+        clip_eps_low=None if config.clip_eps_low is None else 1 - kernel_float(1 - config.clip_eps_low),
+        clip_eps_high=None if config.clip_eps_high is None else kernel_float(1 + config.clip_eps_high) - 1,
+        dual_clip=rounded(config.dual_clip), gamma=kernel_float(config.gamma),
+        mis_clip_max=rounded(config.mis_clip_max), kl_coef=kernel_float(config.kl_coef),
+        entropy_coef=kernel_float(config.entropy_coef))
+
+
 def run_head(backend, logp, entropy, batch, config, normalizer, upstream):
+    """The torch head runs with the hyper-parameters the Triton head sees (as_the_kernel_sees)."""
+    if backend == "torch":
+        config = as_the_kernel_sees(config)
     logp = logp.clone().requires_grad_()
     entropy = entropy.clone().requires_grad_()
     loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)

@@ -217,8 +217,11 @@ def test_pipelined_tiles(logits, monkeypatch):
     function: one forward split, so each program walks several vocabulary tiles, the last partial
     (V = 300); in the backward two programs (as if the GPU had 2 SMs) walk every other tile, so
     each takes several, on the GPU's 128 x 128 tiles as under the interpreter's small ones."""
-    from rlplus_kernels.kernels import linear_logprobs_bwd
+    from rlplus_kernels.kernels import _config, linear_logprobs_bwd
 
+    if not _config.pipelining_supported():
+        pytest.skip(f"PIPELINE_TILES needs triton >= 3.3 (tl.range flatten), this is {triton.__version__}; "
+                    "its refusal is test_pipelined_tiles_refused_where_triton_lacks_flatten's")
     monkeypatch.setattr(linear_logprobs_bwd, "sm_count", lambda device: 2)
     n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, torch.float16)

@@ -51,10 +51,12 @@ def _(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_
 
 
 def _setup_context(ctx, inputs, output):
+    from rlplus_kernels.kernels.rlplus_head import kernel_float  # the forward has imported triton
+
     entropy, agg_weight, entropy_coef = inputs[1], inputs[7], inputs[14]
     _, dloss_dlogp, stats = output
     ctx.save_for_backward(dloss_dlogp, agg_weight)
-    ctx.entropy_coef = entropy_coef
+    ctx.entropy_coef = kernel_float(entropy_coef)  # the coefficient the forward's loss used
     ctx.has_entropy = entropy is not None
     ctx.mark_non_differentiable(dloss_dlogp, stats)
 

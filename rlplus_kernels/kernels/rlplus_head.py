@@ -150,13 +150,20 @@ def _rlplus_head_fwd_kernel(
     tl.store(stats_ptr + 4 * N + offs, kl, mask=mask)
 
 
+def kernel_float(x: float) -> float:
+    """x as the kernel computes with it. Triton passes float scalars as float32 on a GPU (some
+    tritons' interpreters keep float64), so the launcher rounds them itself: every platform then
+    computes the same function, whose float hyper-parameters carry float32 rounding."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
                         agg_weight, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
     """(weighted_loss [N], dloss_dlogp [N], stats [5, N]) of the kernel, in logp's dtype (float32 or float64).
 
     Float inputs are [N] tensors of logp's dtype; optional ones may be None. `clip_low`, `clip_high`,
-    `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. Triton passes the float
-    hyper-parameters as float32 scalars.
+    `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. The float
+    hyper-parameters (and the clip bounds 1 - clip_low, 1 + clip_high) reach the kernel through `kernel_float`.
     """
     n = logp.shape[0]
     weighted_loss = torch.empty_like(logp)
@@ -165,15 +172,17 @@ def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behav
     if n == 0:
         return weighted_loss, dloss_dlogp, stats
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    bound = lambda x, off: off if x is None else float(x)  # noqa: E731
+    bound = lambda x, off: off if x is None else kernel_float(x)  # noqa: E731
     inf = float("inf")
     _rlplus_head_fwd_kernel[(triton.cdiv(n, BLOCK),)](
         logp.contiguous(), contiguous(entropy), advantages.contiguous(), contiguous(old_logprobs),
         contiguous(external), contiguous(behavior_logprobs), contiguous(ref_logprobs), agg_weight.contiguous(),
         weighted_loss, dloss_dlogp, stats,
         n,
-        -inf if clip_low is None else 1.0 - clip_low, inf if clip_high is None else 1.0 + clip_high,
-        bound(dual_clip, inf), float(gamma), bound(mis_clip_max, inf), float(kl_coef), float(entropy_coef),
+        bound(None if clip_low is None else 1.0 - clip_low, -inf),
+        bound(None if clip_high is None else 1.0 + clip_high, inf),
+        bound(dual_clip, inf), kernel_float(gamma), bound(mis_clip_max, inf), kernel_float(kl_coef),
+        kernel_float(entropy_coef),
         HAS_ENTROPY=entropy is not None and entropy_coef != 0,
         HAS_OLD=old_logprobs is not None,
         HAS_EXTERNAL=external is not None,
