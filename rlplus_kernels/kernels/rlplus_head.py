@@ -20,6 +20,9 @@ follow torch's conventions where the function has a kink, so that this kernel an
 
 # No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
 # only by annotation objects, not by the string "tl.constexpr".
+import math
+import struct
+
 import torch
 
 import triton
@@ -153,8 +156,12 @@ def _rlplus_head_fwd_kernel(
 def kernel_float(x: float) -> float:
     """x as the kernel computes with it. Triton passes float scalars as float32 on a GPU (some
     tritons' interpreters keep float64), so the launcher rounds them itself: every platform then
-    computes the same function, whose float hyper-parameters carry float32 rounding."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    computes the same function, whose float hyper-parameters carry float32 rounding. Plain Python,
+    so that it also runs while torch.compile traces the op."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range, as a GPU's conversion gives
+        return math.copysign(math.inf, x)
 
 
 def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
