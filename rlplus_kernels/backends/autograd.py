@@ -27,9 +27,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
             from ..distributed import vocab_parallel_layout
 
             vocab_start, _ = vocab_parallel_layout(weight.shape[0], group)
-        partials = raw_forward(hidden, weight, bias, targets, temperature=options.temperature,
-                               ignore_index=options.ignore_index, vocab_start=vocab_start,
-                               with_entropy=options.with_entropy)
+        # no_grad as in eager autograd.Function.forward: torch 2.4's dynamo traced it with grad on,
+        # where the torch backend's torch.mm(..., out=) buffers are refused
+        with torch.no_grad():
+            partials = raw_forward(hidden, weight, bias, targets, temperature=options.temperature,
+                                   ignore_index=options.ignore_index, vocab_start=vocab_start,
+                                   with_entropy=options.with_entropy)
         if group is not None:
             from ..distributed import merge_vocab_partials
 
