@@ -87,12 +87,16 @@ def _cases(targets, dtypes, quick):
                 yield ("fwd", target, dtype, dict(flags, DOT_PRECISION=prec))
             for flags in bwd:
                 yield ("bwd", target, dtype, dict(flags, DOT_PRECISION=prec))
-        # the cuBLAS logits source (RLPLUS_LOGITS=cublas): the same kernels read an fp32 product, no tl.dot
+        # the cuBLAS logits source (RLPLUS_LOGITS=cublas): the same kernels read an fp32 product, no tl.dot;
+        # the backward's bf16 without a bias and fp32 read it from the dl chunk itself ([V, N] layout)
         fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e) for b, e in itertools.product([True, False], [True, False])]
-        bwd = [dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge)
-               for b, gl, ge in itertools.product([True, False], [True, False], [True, False]) if gl or ge]
-        if quick:
-            fwd, bwd = fwd[:1], bwd[:1]
+        bwd = [dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, PRODUCT_IN_DL=in_dl)
+               for b, gl, ge, in_dl in itertools.product([True, False], [True, False], [True, False], [True, False])
+               if (gl or ge) and (not in_dl or dtype == "fp32" or (dtype == "bf16" and not b))]
+        if quick:  # the first of each product layout
+            fwd = fwd[:1]
+            bwd = [next(f for f in bwd if f["PRODUCT_IN_DL"] == in_dl) for in_dl in (False, True)
+                   if any(f["PRODUCT_IN_DL"] == in_dl for f in bwd)]
         for kernel, flag_sets in (("fwd", fwd), ("bwd", bwd)):
             for flags in flag_sets:
                 yield (kernel, target, dtype, dict(flags, FROM_PRODUCT=True, EVEN_D=True, DOT_PRECISION="ieee"))
@@ -164,13 +168,21 @@ def _signature(kernel, dtype, flags, cfg):
         p("grad_logp_ptr", "*fp32") if flags["HAS_GRAD_LOGP"] else c("grad_logp_ptr", None)
         p("grad_ent_ptr", "*fp32") if flags["HAS_GRAD_ENT"] else c("grad_ent_ptr", None)
         p("dl_ptr", ptr)
-        p("prod_ptr", "*fp32") if flags.get("FROM_PRODUCT") else c("prod_ptr", None)
+        in_dl = flags.get("PRODUCT_IN_DL", False)
+        if flags.get("FROM_PRODUCT"):
+            p("prod_ptr", ptr if in_dl else "*fp32")
+        else:
+            c("prod_ptr", None)
         descriptors()
         i("N"), i("V"), i("D", aligned)
         i("stride_hidden_n", aligned), c("stride_hidden_d", 1), i("stride_weight_v", aligned), c("stride_weight_d", 1)
         c("stride_bias_v", 1) if flags["HAS_BIAS"] else i("stride_bias_v")
         c("stride_targets_n", 1)
-        i("stride_dl_n", True), i("stride_prod_n", True)
+        for name in ("stride_dl", "stride_prod"):  # [N, V] row-major, or [V, N] seen transposed
+            if in_dl:
+                c(f"{name}_n", 1), i(f"{name}_v", True)
+            else:
+                i(f"{name}_n", True), c(f"{name}_v", 1)
         sig["temperature"] = "fp32"
         i("ignore_index"), i("col_start")
         c("HAS_GRAD_LOGP", flags["HAS_GRAD_LOGP"]), c("HAS_GRAD_ENT", flags["HAS_GRAD_ENT"])

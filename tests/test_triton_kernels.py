@@ -301,6 +301,46 @@ def test_float16_upstream_gradients_far_from_one(upstream, chunk_elems, logits):
         check(f"grad_{name} / {upstream}", got.double() / upstream, ref / upstream, BWD_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("dtype,bias,in_dl", [(torch.bfloat16, False, True), (torch.float32, True, True),
+                                              (torch.bfloat16, True, False), (torch.float16, False, False)], ids=str)
+def test_cublas_backward_rounds_the_product_into_dl_only_where_that_costs_no_precision(monkeypatch, dtype, bias, in_dl):
+    """The cuBLAS source's recompute writes T * logp (shifted per token by T * lse rounded to dl's
+    dtype) straight into the dl chunk for bfloat16 without a bias and for float32; float16 (range)
+    and bfloat16 with a bias (added after the rounding) read fp32 products. In half precision every
+    logit is offset by +64: the product rounded to bfloat16 without the shift would be off by up to
+    64 * 2^-9, p by ~12 %, far beyond the tolerance. (float32 rounds to no narrower type; there the
+    offset would only test fp32 cancellation, which exceeds its tolerance at +64 on every source.)"""
+    from rlplus_kernels.kernels import linear_logprobs_bwd
+
+    calls = {"addmm_rounded_once": 0, "mm_fp32": 0}
+
+    def counting(name):
+        original = getattr(linear_logprobs_bwd, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(linear_logprobs_bwd, name, counting(name))
+    n, d, v = 33, 48, 300
+    h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
+    if dtype != torch.float32:
+        h[:, 0], w[:, 0] = 8.0, 8.0  # exact: z = (64 + the rest) / 0.7
+    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    assert dtype == torch.float32 or r_lse.min() > 64
+    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    for chunk_elems in (None, 16 * 256):  # one chunk; token and vocabulary chunks
+        out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
+                                       chunk_elems=chunk_elems, logits="cublas")
+        refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7)
+        for name, got, ref in zip(("hidden", "weight", "bias")[: 3 if bias else 2], out, refs):
+            check(f"grad_{name}", got, ref, BWD_TOL[dtype])
+    assert (calls["addmm_rounded_once"] > 0, calls["mm_fp32"] > 0) == (in_dl, not in_dl), calls
+
+
 @pytest.mark.parametrize("logits", LOGITS)
 def test_noncontiguous_inputs(logits):
     n, d, v = 33, 40, 300
@@ -482,11 +522,14 @@ def test_raw_op_pair_matches_launchers():
     torch.testing.assert_close(out[2], r[2], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("source,entry", [("cublas", "mm_fp32"), ("tma", "operand_descriptors")])
-def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, entry):
+@pytest.mark.parametrize("source,entries", [
+    ("cublas", dict(linear_logprobs_fwd="mm_fp32", linear_logprobs_bwd="addmm_rounded_once")),
+    ("tma", dict(linear_logprobs_fwd="operand_descriptors", linear_logprobs_bwd="operand_descriptors")),
+], ids=["cublas", "tma"])
+def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, entries):
     """RLPLUS_LOGITS reaches the kernels through rlplus_loss (custom ops) and changes nothing but where
-    the logits come from (`entry` is the launcher helper only that source calls); an unknown value
-    is refused with the variable's name."""
+    the logits come from (`entries`: the launcher helper of each module that only that source calls);
+    an unknown value is refused with the variable's name."""
     from rlplus_kernels import rlplus_loss
     from rlplus_kernels.kernels import linear_logprobs_bwd, linear_logprobs_fwd
 
@@ -503,7 +546,7 @@ def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, en
     calls = {module.__name__: 0 for module in (linear_logprobs_fwd, linear_logprobs_bwd)}
 
     def counting(module):
-        original = getattr(module, entry)
+        original = getattr(module, entries[module.__name__.rsplit(".", 1)[1]])
 
         def wrapper(*args, **kwargs):
             calls[module.__name__] += 1
@@ -511,12 +554,12 @@ def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, en
         return wrapper
 
     for module in (linear_logprobs_fwd, linear_logprobs_bwd):
-        monkeypatch.setattr(module, entry, counting(module))
+        monkeypatch.setattr(module, entries[module.__name__.rsplit(".", 1)[1]], counting(module))
     monkeypatch.setenv("RLPLUS_LOGITS", source)
     other = run()
     # descriptors exist on sm_90 and under the interpreter; on other GPUs "tma" is the fused path
     reached = source != "tma" or descriptors_supported(torch.device(DEVICE))
-    assert (all(calls.values()) if reached else not any(calls.values())), f"RLPLUS_LOGITS={source}: {entry} {calls}"
+    assert (all(calls.values()) if reached else not any(calls.values())), f"RLPLUS_LOGITS={source}: {entries} {calls}"
     for name, got, ref in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), other, fused):
         check(name, got, ref.double(), 2e-5)
     monkeypatch.setenv("RLPLUS_LOGITS", source.upper() + " ")

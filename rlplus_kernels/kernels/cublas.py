@@ -77,3 +77,13 @@ def mm_accumulate_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
             acc32[rows].add_(product)
         return
     acc32.addmm_(a.float(), b.float())  # CPU (interpreter tests): upcast is cheap at test sizes
+
+
+def addmm_rounded_once(row: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = row + a @ b (`row`, one value per column of out, added to every row), accumulated in
+    fp32 and rounded to out's dtype once: one cuBLAS call (its bias epilogue, or beta = 1 on a copy
+    of `row`). Elsewhere (CPU: the interpreter tests; operands the interpreter upcast) the same sum
+    in fp32, rounded by the copy into out."""
+    if a.is_cuda and a.dtype == b.dtype == row.dtype == out.dtype:
+        return torch.addmm(row, a, b, out=out)
+    return out.copy_(torch.addmm(row.float(), a.float(), b.float()))

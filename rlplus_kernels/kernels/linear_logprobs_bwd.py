@@ -18,9 +18,18 @@ buffer, and two cuBLAS GEMMs consume it::
         grad_weight[v] += dl.T @ h[n]                          # only if weight needs a gradient
         grad_bias[v]   += dl.sum(0)                            # only if bias needs a gradient
 
-With the cuBLAS logits source (``RLPLUS_LOGITS=cublas``) the kernel reads z from fp32 products
-``h[n] @ W[s]^T`` that cuBLAS writes for column slices s of the chunk instead of recomputing them
-with tl.dot (``FROM_PRODUCT``).
+With the cuBLAS logits source (``RLPLUS_LOGITS=cublas``) the kernel reads z from a product cuBLAS
+wrote instead of recomputing it with tl.dot (``FROM_PRODUCT``):
+
+- bfloat16 without a bias, and float32: into the dl chunk itself. One cuBLAS call per chunk writes
+  ``h[n] @ W[v]^T - S`` in dl's dtype, ``S = round(T * lse)`` per token (subtracted exactly in its
+  fp32 epilogue: the chunk is laid out [V, N], so S is the GEMM's bias vector), and the kernel turns
+  each element into dl in place, subtracting what is left, ``lse - S / T``. The value rounded is then
+  ``T * log p``, small where p is not: p is off by at most ``p |log p| 2^-9 <= 2^-9 / e`` in bfloat16,
+  the size of the rounding of dl itself, where rounding z (as large as the logits) would be ~50x worse.
+  Six bytes of traffic per element, no fp32 product.
+- float16 (``T * log p`` may leave its range) and bfloat16 with a bias (added after the rounding):
+  fp32 products ``h[n] @ W[s]^T`` of column slices s of the chunk (ten bytes per element).
 
 The chunk shape is chosen so that the gradient that needs no cross-chunk sum is written straight
 by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
@@ -48,7 +57,7 @@ import triton.language as tl
 
 from ._config import (dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config, product_config,
                       rows_aligned, sm_count, uses_descriptors)
-from .cublas import mm_accumulate_fp32, mm_fp32
+from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import source_logits_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
@@ -81,7 +90,7 @@ def _linear_logprobs_bwd_kernel(
     grad_logp_ptr,  # [N] fp32 upstream gradient of logp, or None
     grad_ent_ptr,  # [N] fp32 upstream gradient of the entropy, or None
     dl_ptr,  # [N, V] out, input dtype: d loss / d raw logits for this chunk
-    prod_ptr,  # [N, V] fp32 hidden @ weight^T from cuBLAS, or None (then tl.dot recomputes it)
+    prod_ptr,  # [N, V] hidden @ weight^T from cuBLAS (fp32, or dl_ptr itself), or None (then tl.dot recomputes it)
     hidden_desc,  # TMA descriptor of hidden, blocks [BLOCK_N, BLOCK_D], or None (then pointer loads)
     weight_desc,  # TMA descriptor of weight, blocks [BLOCK_V, BLOCK_D], or None
     # shapes
@@ -96,7 +105,9 @@ def _linear_logprobs_bwd_kernel(
     stride_bias_v,
     stride_targets_n,
     stride_dl_n,
+    stride_dl_v,
     stride_prod_n,
+    stride_prod_v,
     # runtime scalars
     temperature,
     ignore_index,
@@ -119,8 +130,9 @@ def _linear_logprobs_bwd_kernel(
 
     hidden_ptr [N, D], weight_ptr [V, D], bias_ptr [V] or None (input dtype, this chunk's rows);
     targets_ptr [N] int (global ids); lse_ptr, ent_ptr [N] fp32 (global); grad_logp_ptr,
-    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output, row stride stride_dl_n, unit column stride;
-    prod_ptr [N, V] fp32 or None (with it, hidden_ptr/weight_ptr are not read); hidden_desc /
+    grad_ent_ptr [N] fp32 or None; dl_ptr [N, V] output (strides stride_dl_n, stride_dl_v);
+    prod_ptr [N, V] or None (with it, hidden_ptr/weight_ptr are not read; it may be dl_ptr itself, each
+    element read before the same program writes it); hidden_desc /
     weight_desc TMA descriptors of hidden_ptr / weight_ptr or None (with them, the pointers are not read).
     """
     num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(V, BLOCK_V)
@@ -132,17 +144,17 @@ def _linear_logprobs_bwd_kernel(
                 tile, hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, ent_ptr, grad_logp_ptr,
                 grad_ent_ptr, dl_ptr, prod_ptr, hidden_desc, weight_desc, N, V, D, stride_hidden_n,
                 stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_targets_n,
-                stride_dl_n, stride_prod_n, temperature, ignore_index, col_start, DOT_PRECISION, HAS_BIAS,
-                HAS_GRAD_LOGP, HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D,
-                GROUP_N,
+                stride_dl_n, stride_dl_v, stride_prod_n, stride_prod_v, temperature, ignore_index, col_start,
+                DOT_PRECISION, HAS_BIAS, HAS_GRAD_LOGP, HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N,
+                BLOCK_V, BLOCK_D, GROUP_N,
             )
     else:
         _dlogits_tile(
             tl.program_id(0), hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, ent_ptr, grad_logp_ptr,
             grad_ent_ptr, dl_ptr, prod_ptr, hidden_desc, weight_desc, N, V, D, stride_hidden_n,
             stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_targets_n, stride_dl_n,
-            stride_prod_n, temperature, ignore_index, col_start, DOT_PRECISION, HAS_BIAS, HAS_GRAD_LOGP,
-            HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N,
+            stride_dl_v, stride_prod_n, stride_prod_v, temperature, ignore_index, col_start, DOT_PRECISION,
+            HAS_BIAS, HAS_GRAD_LOGP, HAS_GRAD_ENT, FROM_PRODUCT, USE_TMA, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N,
         )
 
 
@@ -171,7 +183,9 @@ def _dlogits_tile(
     stride_bias_v,
     stride_targets_n,
     stride_dl_n,
+    stride_dl_v,
     stride_prod_n,
+    stride_prod_v,
     temperature,
     ignore_index,
     col_start,
@@ -207,7 +221,8 @@ def _dlogits_tile(
     z = source_logits_tile(hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,
                            pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n64, offs_v64, mask_n, mask_v,
                            D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                           stride_prod_n, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT, USE_TMA,
+                           stride_prod_n, stride_prod_v, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT,
+                           USE_TMA,
                            BLOCK_N, BLOCK_V, BLOCK_D)
 
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
@@ -227,7 +242,7 @@ def _dlogits_tile(
         ent = tl.load(ent_ptr + offs_n64, mask=mask_n, other=0.0)
         dz -= ge[:, None] * (p * (logp + ent[:, None]))
     dl = dz / temperature
-    dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dl_n + offs_v64[None, :]
+    dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dl_n + offs_v64[None, :] * stride_dl_v
     tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
@@ -291,9 +306,10 @@ def linear_logprobs_backward(
 
     ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^26
     elements, env ``RLPLUS_CHUNK_ELEMS``); ``logits`` picks the logits source ("fused", "tma" or "cublas",
-    default env ``RLPLUS_LOGITS`` or fused). With cuBLAS each dl chunk is filled in column slices of
-    1/PRODUCT_SLICES of it, each from an fp32 product of that slice (a quarter of the dl chunk's
-    bytes in bf16), so the extra memory grows by that much only.
+    default env ``RLPLUS_LOGITS`` or fused). With cuBLAS each dl chunk takes its product in place
+    (bfloat16 without a bias, float32), or is filled in column slices of 1/PRODUCT_SLICES of it, each
+    from an fp32 product of that slice (a quarter of the dl chunk's bytes in half precision), so the
+    extra memory grows by that much only.
     """
     need_h, need_w, need_b = (bool(x) for x in needs_grad)
     need_b = need_b and bias is not None
@@ -319,6 +335,9 @@ def linear_logprobs_backward(
     w_k = kernel_operand(weight)
     source = logits_source(logits)
     from_product = source == "cublas"
+    # where rounding T * logp to dl's dtype costs nothing the dl rounding does not (module docstring):
+    # not float16 (its range), nor bfloat16 with a bias, which would be added after the rounding
+    product_in_dl = from_product and (dtype == torch.float32 or (dtype == torch.bfloat16 and bias is None))
     descriptors = uses_descriptors(source, device, h_k, w_k)
     cfg = (product_config(device, config) if from_product
            else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd",
@@ -335,6 +354,10 @@ def linear_logprobs_backward(
     if grad_entropy is not None:
         entropy, grad_entropy = entropy.contiguous(), grad_entropy.contiguous()
     ent_arg = entropy if grad_entropy is not None else lse  # placeholder pointer when unused
+    if product_in_dl:
+        # the GEMM subtracts T * lse rounded to dl's dtype (exactly, in its fp32 epilogue); the kernel the rest
+        neg_shift = (lse * -temperature).to(dtype)
+        lse = lse + neg_shift.float() / temperature
     unscale = None  # 1 / the scale of the stored dl (float16 only; see the module docstring)
     if dtype == torch.float16:
         scale, unscale = _float16_dl_scale(targets, ignore_index, entropy, grad_logp, grad_entropy, temperature)
@@ -351,10 +374,11 @@ def linear_logprobs_backward(
                   if (need_w and gw32 is None and unscale is not None) else None)
     precision = dot_precision(dtype, device)
 
-    # the column slices of a dl chunk that one fp32 product covers (the whole chunk when fused)
-    slice_cols = max(cfg.BLOCK_V, cv // PRODUCT_SLICES // cfg.BLOCK_V * cfg.BLOCK_V) if from_product else cv
+    # the column slices of a dl chunk that one fp32 product covers (the whole chunk otherwise)
+    fp32_products = from_product and not product_in_dl
+    slice_cols = max(cfg.BLOCK_V, cv // PRODUCT_SLICES // cfg.BLOCK_V * cfg.BLOCK_V) if fp32_products else cv
     product = torch.empty(min(cn, n_tokens) * min(slice_cols, n_vocab), device=device,
-                          dtype=torch.float32) if from_product else None
+                          dtype=torch.float32) if fp32_products else None
 
     def fill_dl(dl, n0, n1, c0, c1):
         """dl[:, :] = d loss / d logits of tokens n0:n1 and vocabulary rows c0:c1 of this shard."""
@@ -362,7 +386,10 @@ def linear_logprobs_backward(
         hk, wk = h_k[n0:n1], w_k[c0:c1]
         bk = b_k[c0:c1] if b_k is not None else None
         prod = None
-        if from_product:
+        if product_in_dl:  # dl is a [cols, rows] buffer seen transposed: the GEMM's row term is per token
+            addmm_rounded_once(neg_shift[n0:n1], wk, hk.t(), out=dl.t())
+            prod = dl
+        elif from_product:
             prod = mm_fp32(hk, wk.t(), out=product[: rows * cols].view(rows, cols))
         h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
         tiles = triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V)
@@ -374,8 +401,8 @@ def linear_logprobs_backward(
             dl, prod, h_desc, w_desc,
             rows, cols, dim,
             hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
-            bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0),
-            prod.stride(0) if prod is not None else 0,
+            bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0), dl.stride(1),
+            prod.stride(0) if prod is not None else 0, prod.stride(1) if prod is not None else 1,
             float(temperature), int(ignore_index), int(vocab_start) + c0,
             DOT_PRECISION=precision,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
@@ -389,7 +416,8 @@ def linear_logprobs_backward(
                 if (need_h and (n_voc_chunks > 1 or unscale is not None)) else None)
         for v0 in range(0, n_vocab, cv):
             v1 = min(v0 + cv, n_vocab)
-            dl = buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+            rows, cols = n1 - n0, v1 - v0
+            dl = buf[: rows * cols].view(cols, rows).t() if product_in_dl else buf[: rows * cols].view(rows, cols)
             for c0 in range(v0, v1, slice_cols):
                 c1 = min(c0 + slice_cols, v1)
                 fill_dl(dl[:, c0 - v0:c1 - v0], n0, n1, c0, c1)

@@ -183,7 +183,7 @@ def _online_softmax_step(
     z = source_logits_tile(hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,
                            row0, v0, offs_n64, offs_v.to(tl.int64), mask_n, mask_v,
                            D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
-                           stride_prod_n, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT, USE_TMA,
+                           stride_prod_n, 1, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT, USE_TMA,
                            BLOCK_N, BLOCK_V, BLOCK_D)
     z = tl.where(mask_v[None, :], z, float("-inf"))
     # the target logit first: z is then dead once z - m is formed (one tile fewer live in registers)

@@ -59,15 +59,15 @@ def descriptor_logits_tile(
 
 @triton.jit
 def product_tile(
-    prod_ptr, stride_prod_n,  # [rows, cols] fp32: hidden @ weight^T of this chunk, computed by cuBLAS
+    prod_ptr, stride_prod_n, stride_prod_v,  # [rows, cols]: hidden @ weight^T of this chunk, computed by cuBLAS
     bias_ptr, stride_bias_v,  # [cols] or None (input dtype)
     offs_n64, offs_v64, mask_n, mask_v,
     temperature,
     HAS_BIAS: tl.constexpr,
 ):
     """`logits_tile` when the product is already in memory: (prod[offs_n, offs_v] + bias) / temperature."""
-    acc = tl.load(prod_ptr + offs_n64[:, None] * stride_prod_n + offs_v64[None, :],
-                  mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+    acc = tl.load(prod_ptr + offs_n64[:, None] * stride_prod_n + offs_v64[None, :] * stride_prod_v,
+                  mask=mask_n[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
     return _bias_and_temperature(acc, bias_ptr, stride_bias_v, offs_v64, mask_v, temperature, HAS_BIAS)
 
 
@@ -76,7 +76,7 @@ def source_logits_tile(
     hidden_ptr, weight_ptr, bias_ptr, prod_ptr, hidden_desc, weight_desc,  # as in the kernels' signatures
     row0, col0, offs_n64, offs_v64, mask_n, mask_v,  # this tile's first row and column, its rows and columns
     D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v, stride_prod_n,
-    temperature,
+    stride_prod_v, temperature,
     DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
     FROM_PRODUCT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -87,7 +87,7 @@ def source_logits_tile(
         z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, row0, col0, offs_v64, mask_v, D, stride_bias_v,
                                    temperature, DOT_PRECISION, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
     elif FROM_PRODUCT:
-        z = product_tile(prod_ptr, stride_prod_n, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
+        z = product_tile(prod_ptr, stride_prod_n, stride_prod_v, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
                          temperature, HAS_BIAS)
     else:
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
