@@ -381,6 +381,26 @@ def test_huge_logits_finite(dtype, logits):
         assert torch.isfinite(g.float()).all()
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_one_clear_error(monkeypatch):
+    """triton 3.6's interpreter with numpy >= 2.4 fails inside every launch (a one-element array
+    converted to int, at the loops that start at a program id); the launchers probe the interpreter
+    once and name the versions instead."""
+    from rlplus_kernels.kernels import _config
+
+    if not triton_interpreting():
+        pytest.skip("compiled kernels: there is no interpreter to probe")
+    assert _config._interpreter_failure() is None  # this one runs them, as every other test shows
+    monkeypatch.setattr(_config, "_interpreter_failure",
+                        lambda: "TypeError: only 0-dimensional arrays can be converted to Python scalars")
+    h, w, b, t = make_inputs(7, 16, 37, torch.float32)
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1: triton .* numpy .* needs numpy < 2.4"):
+        linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True)
+    lse = torch.zeros(7, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1: triton .* numpy"):
+        linear_logprobs_backward(h, w, b, t, lse, None, torch.ones(7, device=DEVICE), None, temperature=1.0,
+                                 ignore_index=IGN)
+
+
 def test_all_ignored():
     n, d, v = 7, 5, 37
     h, w, b, t = make_inputs(n, d, v, torch.float32, ignored=range(7))

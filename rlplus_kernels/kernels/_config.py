@@ -14,6 +14,9 @@ from typing import Optional
 
 import torch
 
+import triton
+import triton.language as tl
+
 from ..backends import triton_interpreting as interpreting  # noqa: F401  (re-exported to the launchers)
 
 
@@ -214,6 +217,35 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+@triton.jit
+def _loop_from_program_id(out_ptr):
+    for i in range(tl.program_id(0), 1):  # as the vocabulary kernels loop from their program's first tile
+        tl.store(out_ptr, i)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_failure() -> Optional[str]:
+    """Why this triton's interpreter cannot run a loop that starts at a program id, or None."""
+    try:
+        _loop_from_program_id[(1,)](torch.zeros(1, dtype=torch.int32))
+    except Exception as exc:  # noqa: BLE001 - whatever the interpreter raised is the message
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_interpreter() -> None:
+    """Under TRITON_INTERPRET=1, a clear error where the interpreter cannot run the vocabulary kernels,
+    instead of one failure per launch deep inside it. Seen: triton 3.6's interpreter with numpy >= 2.4,
+    which no longer converts a one-element array to an int (triton 3.9's squeezes it first)."""
+    if interpreting() and _interpreter_failure() is not None:
+        import numpy
+
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1: triton {triton.__version__}'s interpreter cannot run these kernels with "
+            f"numpy {numpy.__version__} ({_interpreter_failure()}); triton 3.6's needs numpy < 2.4, "
+            "triton 3.9's takes numpy 2.4")
 
 
 def kernel_operand(x: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config, product_config,
-                      rows_aligned, sm_count, uses_descriptors)
+from ._config import (check_interpreter, dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config,
+                      product_config, rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import source_logits_tile
 
@@ -331,6 +331,7 @@ def linear_logprobs_backward(
                 g.zero_()
         return gh, gw, (gb32.to(dtype) if need_b else None)
 
+    check_interpreter()
     h_k = kernel_operand(hidden)
     w_k = kernel_operand(weight)
     source = logits_source(logits)

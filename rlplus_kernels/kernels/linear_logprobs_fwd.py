@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ._config import (
     autotune_enabled,
+    check_interpreter,
     dot_precision,
     interpreting,
     kernel_operand,
@@ -348,6 +349,7 @@ def linear_logprobs_forward_parts(
     if n_tokens == 0:
         z = torch.zeros(out_shape, device=device, dtype=torch.float32)
         return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
+    check_interpreter()
     h = kernel_operand(hidden)
     w = kernel_operand(weight)
     b = kernel_operand(bias) if bias is not None else None
