@@ -26,8 +26,9 @@ wrote instead of recomputing it with tl.dot (``FROM_PRODUCT``):
   fp32 epilogue: the chunk is laid out [V, N], so S is the GEMM's bias vector), and the kernel turns
   each element into dl in place, subtracting what is left, ``lse - S / T``. The value rounded is then
   ``T * log p``, small where p is not: p is off by at most ``p |log p| 2^-9 <= 2^-9 / e`` in bfloat16,
-  the size of the rounding of dl itself, where rounding z (as large as the logits) would be ~50x worse.
-  Six bytes of traffic per element, no fp32 product.
+  the size of the rounding of dl itself (gradient error 1.1-1.7x the fp32-product form's; rounding
+  z itself, as large as the logits, 5-40x more: ``benchmarks/sim_product_rounding.py``). Six bytes
+  of traffic per element, no fp32 product.
 - float16 (``T * log p`` may leave its range) and bfloat16 with a bias (added after the rounding):
   fp32 products ``h[n] @ W[s]^T`` of column slices s of the chunk (ten bytes per element).
 
@@ -222,8 +223,7 @@ def _dlogits_tile(
                            pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n64, offs_v64, mask_n, mask_v,
                            D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
                            stride_prod_n, stride_prod_v, temperature, DOT_PRECISION, HAS_BIAS, EVEN_D, FROM_PRODUCT,
-                           USE_TMA,
-                           BLOCK_N, BLOCK_V, BLOCK_D)
+                           USE_TMA, BLOCK_N, BLOCK_V, BLOCK_D)
 
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     valid = tgt != ignore_index
