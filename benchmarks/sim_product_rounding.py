@@ -4,7 +4,9 @@ The backward forms dl = (g (onehot - p) - g_ent p (log p + H)) / T per logit and
 (A). The cuBLAS source's in-place form (kernels/README.md, "Logits source") instead rounds the product
 shifted by T * lse, i.e. T * log p, to bf16 before forming dl (B). Rounding the unshifted product,
 as large as the logits, is shown for contrast (C). Gradients of hidden and weight against float64,
-relative norm error; a bias of std 2 is added after the rounding in the bias rows.
+relative norm error; a bias of std 2 is added after the rounding in the bias rows. The offset rows
+add the same constant to every logit (one hidden/weight column pair, exact in bf16): large |lse|,
+where the shift's own bf16 rounding is carried into the rounded value.
 
     python benchmarks/sim_product_rounding.py
 """
@@ -18,7 +20,7 @@ def gradients(h, w, dl):
     return dl.double() @ w.double(), dl.double().T @ h.double()
 
 
-def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.0, seed=0):
+def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.0, offset=0.0, seed=0):
     torch.manual_seed(seed)
     h = (torch.randn(n, d) * scale).bfloat16()
     w = (torch.randn(v, d) / math.sqrt(d) * 3).bfloat16()
@@ -26,6 +28,8 @@ def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.
     y = torch.randint(0, v, (n,))
     if peaked:  # move each hidden state towards its target's row: larger target probabilities
         h = (h.float() + peaked * w[y].float()).bfloat16()
+    if offset:
+        h[:, 0], w[:, 0] = math.sqrt(offset), math.sqrt(offset)  # powers of 4 below: exact
     g, g_ent = torch.randn(n, dtype=torch.float64) / n, torch.randn(n, dtype=torch.float64) / n
     z = (h.double() @ w.double().T + b.double()) / temperature
     lse = torch.logsumexp(z, 1)
@@ -47,7 +51,8 @@ def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.
     c_dl = dl_from((product.bfloat16().float() + b) / temperature - lse32[:, None]).bfloat16()
     rel = lambda got, ref: ((got - ref).norm() / ref.norm()).item()  # noqa: E731
     row = dict(scale=scale, T=temperature, bias=bias, peaked=peaked,
-               max_p=torch.softmax(z, 1).max(1).values.mean().item(), H=entropy.mean().item())
+               max_p=torch.softmax(z, 1).max(1).values.mean().item(), lse=lse.mean().item(),
+               H=entropy.mean().item())
     for name, dl in (("A", a), ("B", b_dl), ("C", c_dl)):
         gh, gw = gradients(h, w, dl)
         row[name] = (rel(gh, exact[0]), rel(gw, exact[1]))
@@ -56,14 +61,15 @@ def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.
 
 def main():
     cases = [dict(), dict(scale=3), dict(peaked=1.0), dict(peaked=3.0, scale=2), dict(temperature=0.7),
-             dict(temperature=2.0, scale=3), dict(bias=True), dict(bias=True, scale=3)]
+             dict(temperature=2.0, scale=3), dict(bias=True), dict(bias=True, scale=3),
+             dict(offset=64), dict(offset=1024), dict(offset=4096)]
     print("N=512 D=256 V=16384 bf16; relative norm error of grad_hidden / grad_weight against float64")
-    print(f"{'case':32} {'mean max p':>10} {'H':>5}  {'A: dl from fp32 z':>20}  {'B: T log p rounded':>20}  "
+    print(f"{'case':32} {'mean max p':>10} {'lse':>6} {'H':>5}  {'A: dl from fp32 z':>20}  {'B: T log p rounded':>20}  "
           f"{'C: z rounded':>20}")
     for kw in cases:
         r = run(**kw)
         label = ", ".join(f"{k}={v}" for k, v in kw.items()) or "default"
-        print(f"{label:32} {r['max_p']:10.2f} {r['H']:5.2f}  " + "  ".join(
+        print(f"{label:32} {r['max_p']:10.2f} {r['lse']:6.0f} {r['H']:5.2f}  " + "  ".join(
             f"{r[k][0]:9.2e} {r[k][1]:9.2e} " for k in "ABC"))
 
 

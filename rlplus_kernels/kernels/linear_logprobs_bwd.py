@@ -26,9 +26,10 @@ wrote instead of recomputing it with tl.dot (``FROM_PRODUCT``):
   fp32 epilogue: the chunk is laid out [V, N], so S is the GEMM's bias vector), and the kernel turns
   each element into dl in place, subtracting what is left, ``lse - S / T``. The value rounded is then
   ``T * log p``, small where p is not: p is off by at most ``p |log p| 2^-9 <= 2^-9 / e`` in bfloat16,
-  the size of the rounding of dl itself (gradient error 1.1-1.7x the fp32-product form's; rounding
-  z itself, as large as the logits, 5-40x more: ``benchmarks/sim_product_rounding.py``). Six bytes
-  of traffic per element, no fp32 product.
+  the size of the rounding of dl itself (gradient error 1.1-1.7x the fp32-product form's at an lse
+  of 14-37, 2.6x at 1000, where the rounding of S itself weighs; rounding z itself, as large as the
+  logits, 5-40x more: ``benchmarks/sim_product_rounding.py``). Six bytes of traffic per element, no
+  fp32 product.
 - float16 (``T * log p`` may leave its range) and bfloat16 with a bias (added after the rounding):
   fp32 products ``h[n] @ W[s]^T`` of column slices s of the chunk (ten bytes per element).
 
