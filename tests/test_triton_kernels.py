@@ -256,20 +256,22 @@ def test_pipelined_tiles_refused_where_triton_lacks_flatten(monkeypatch):
     assert torch.isfinite(lse).all()
 
 
+@pytest.mark.parametrize("chunk_elems", [16 * 256, 33 * 256], ids=["tokens-and-vocab", "vocab-only"])
 @pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 1)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("logits", LOGITS)
-def test_backward_chunks(needs, dtype, logits):
-    """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result."""
+def test_backward_chunks(needs, dtype, logits, chunk_elems):
+    """Chunks over tokens and vocabulary (fp32 cross-chunk accumulation) give the same result; with
+    33 x 256 elements all tokens share one chunk and the vocabulary takes two, so float16's
+    grad_weight rows leave cuBLAS per vocabulary chunk through their own fp32 product."""
     n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, dtype)
     r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
     lse, ent = r_lse.float(), (r_lse - r_spz).float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    # 16 x 256 elements: several token chunks x several vocab chunks
     out = linear_logprobs_backward(
         h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
-        needs_grad=tuple(bool(x) for x in needs), chunk_elems=16 * 256, logits=logits,
+        needs_grad=tuple(bool(x) for x in needs), chunk_elems=chunk_elems, logits=logits,
     )
     refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0)
     for name, need, got, ref in zip(("hidden", "weight", "bias"), needs, out, refs):

@@ -430,8 +430,8 @@ def linear_logprobs_backward(
                     mm_accumulate_fp32(gh32, dl, weight[v0:v1])
             if need_w:
                 if gw_chunk32 is not None:
-                    product = gw_chunk32[: (v1 - v0) * dim].view(v1 - v0, dim)
-                    gw[v0:v1].copy_(unscaled(mm_fp32(dl.t(), hidden[n0:n1], out=product)))
+                    gw_chunk = gw_chunk32[: (v1 - v0) * dim].view(v1 - v0, dim)
+                    gw[v0:v1].copy_(unscaled(mm_fp32(dl.t(), hidden[n0:n1], out=gw_chunk)))
                 elif gw32 is None:
                     torch.mm(dl.t(), hidden[n0:n1], out=gw[v0:v1])
                 else:
