@@ -140,8 +140,6 @@ def pipelining_supported() -> bool:
     """Whether this triton's tl.range takes `flatten` (3.3 on), which PIPELINE_TILES needs."""
     import inspect
 
-    import triton.language as tl
-
     return "flatten" in inspect.signature(tl.range.__init__).parameters
 
 
@@ -150,8 +148,6 @@ def _with_override(cfg: KernelConfig, override: Optional[dict]) -> KernelConfig:
     if not override:
         return cfg
     if override.get("PIPELINE_TILES") and not pipelining_supported():
-        import triton
-
         raise ValueError(f"config: PIPELINE_TILES needs triton >= 3.3 (tl.range flatten), this is {triton.__version__}")
     return replace(cfg, **{k: v for k, v in override.items() if k in KernelConfig.__dataclass_fields__})
 

@@ -87,8 +87,8 @@ def source_logits_tile(
         z = descriptor_logits_tile(hidden_desc, weight_desc, bias_ptr, row0, col0, offs_v64, mask_v, D, stride_bias_v,
                                    temperature, DOT_PRECISION, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
     elif FROM_PRODUCT:
-        z = product_tile(prod_ptr, stride_prod_n, stride_prod_v, bias_ptr, stride_bias_v, offs_n64, offs_v64, mask_n, mask_v,
-                         temperature, HAS_BIAS)
+        z = product_tile(prod_ptr, stride_prod_n, stride_prod_v, bias_ptr, stride_bias_v, offs_n64, offs_v64,
+                         mask_n, mask_v, temperature, HAS_BIAS)
     else:
         z = logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n64, offs_v64, mask_n, mask_v,
                         D, stride_hidden_n, stride_hidden_d, stride_weight_v, stride_weight_d, stride_bias_v,
