@@ -37,17 +37,19 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_par
     """Validated, autocast head tensors, the backend name and the op options."""
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
+    if bias is not None:
+        require_tensor("bias", bias)
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     backend = resolve_backend(config.backend, hidden.device)
     check_head_tensors(hidden, weight, bias, backend=backend)
     vocab_size = weight.shape[0]
     if vocab_parallel_group is not None:  # weight is this rank's shard; targets are global ids
         _, vocab_size = vocab_parallel_layout(weight.shape[0], vocab_parallel_group)
-    check_targets(targets, hidden, vocab_size, config.ignore_index)
+    targets = check_targets(targets, hidden, vocab_size, config.ignore_index)
     options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,
                               with_entropy=config.with_entropy,
                               chunk_tokens=config.chunk_tokens, chunk_vocab=config.chunk_vocab)
-    return hidden, weight, bias, backend, options
+    return hidden, weight, bias, targets, backend, options
 
 
 def _run_op(backend, hidden, weight, bias, flat_targets, options, vocab_parallel_group=None):
@@ -67,7 +69,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     """
     config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                           backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config, vocab_parallel_group)
+    hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config,
+                                                                   vocab_parallel_group)
     logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, vocab_parallel_group)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
@@ -78,7 +81,8 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
                         ref_logprobs=None, normalizer=None, cu_seqlens=None,
                         vocab_parallel_group=None) -> RLPlusOutput:
     """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    hidden, weight, bias, backend, options = _prepare_head(hidden, weight, bias, targets, config, vocab_parallel_group)
+    hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config,
+                                                                   vocab_parallel_group)
     check_cu_seqlens(cu_seqlens, targets)
     sequence_ids, num_sequences = sequence_layout(targets, cu_seqlens)
     if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:

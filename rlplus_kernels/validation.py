@@ -52,11 +52,13 @@ def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
 
 
-def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> None:
-    """Integer targets of shape hidden.shape[:-1], each in [0, V) or ignore_index (one host sync)."""
+def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Integer targets of shape hidden.shape[:-1], each in [0, V) or ignore_index (one host sync);
+    returned as int64, the index dtype of gather and of the kernels, which also holds any ignore_index."""
     require_tensor("targets", targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    targets = targets.to(torch.int64)
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
@@ -66,10 +68,11 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> None:
     if torch.compiler.is_compiling():
         # no host sync inside a compiled graph: the check runs on the device, asynchronously
         torch._assert_async(~out_of_range.any(), f"targets must lie in [0, {vocab_size}) or equal ignore_index")
-        return
+        return targets
     if targets.numel() and bool(out_of_range.any()):
         bad = targets[out_of_range][0].item()
         raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}")
+    return targets
 
 
 def check_cu_seqlens(cu_seqlens, targets) -> None:

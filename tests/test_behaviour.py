@@ -220,6 +220,28 @@ def test_official_preset_is_the_papers_recipe():
     assert OFFICIAL_RECIPE["kl_coef"] == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_targets_of_any_integer_dtype(backend, dtype):
+    """SPEC: targets are "integer". gather and the kernels index with int64, and an int32 tensor
+    cannot hold every ignore_index: the same loss and gradients as int64 targets."""
+    hidden, weight = leaf(2, 5, 4), leaf(100, 4)
+    targets = torch.randint(0, 100, (2, 5))
+    ignore_index = -100 if dtype.is_signed else 99  # uint8 holds no negative id
+    targets[0, 1] = ignore_index
+    results = []
+    for t in (targets.to(dtype), targets):
+        out = rlplus_loss(hidden, weight, t, torch.randn(2, generator=torch.Generator().manual_seed(0)),
+                          ignore_index=ignore_index, entropy_coef=0.01, backend=backend)
+        results.append((out.loss, out.logprobs, *torch.autograd.grad(out.loss, (hidden, weight))))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+    assert results[0][1][0, 1] == 0  # the ignored token
+    in_range = targets.clamp(min=0)  # with an ignore_index beyond int32's range, nothing is ignored
+    logp = linear_logprobs(hidden, weight, in_range.to(torch.int32), ignore_index=-2**40, backend=backend)
+    assert torch.equal(logp, linear_logprobs(hidden, weight, in_range, backend=backend))
+
+
 def test_linear_logprobs_under_no_grad_is_detached():
     hidden, weight = leaf(4, 3), leaf(5, 3)
     with torch.no_grad():
