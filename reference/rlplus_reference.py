@@ -121,8 +121,9 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
     if loss_mask is not None:
         valid = valid & (loss_mask != 0)
     external = torch.zeros_like(valid) if external_mask is None else (_per_token(external_mask, valid) != 0)
-    A = _per_token(advantages, valid).to(dtype)
-    o = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    # gradients flow into the head only (SPEC section 1): the per-token inputs are data
+    A = _per_token(advantages, valid).detach().to(dtype)
+    o = logp.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer)
 
@@ -140,7 +141,7 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
 
     # External tokens: Multiple Importance Sampling weight times the exploration advantage.
     if behavior_logprobs is not None:
-        log_pw = behavior_logprobs.to(dtype)
+        log_pw = behavior_logprobs.detach().to(dtype)
     else:
         log_pw = torch.log((torch.exp(o) + 1) / 2)
     log_w = logp - torch.logaddexp(o, log_pw) + math.log(2)
@@ -152,7 +153,7 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
 
     per_token = torch.where(external, loss_ext, loss_on)
     if kl_coef > 0:
-        log_ratio_ref = torch.clamp(ref_logprobs.to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_ratio_ref = torch.clamp(ref_logprobs.detach().to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + kl_coef * kl
 

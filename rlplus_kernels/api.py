@@ -102,7 +102,8 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
         raise TypeError("advantages must be a torch.Tensor, got None")
 
     dtype = compute_dtype(hidden.dtype)
-    flat = lambda x: None if x is None else x.reshape(-1).to(dtype)  # noqa: E731
+    # the per-token inputs are data: gradients flow into hidden, weight and bias only (SPEC.md)
+    flat = lambda x: None if x is None else x.detach().reshape(-1).to(dtype)  # noqa: E731
     valid = targets.reshape(-1) != config.ignore_index
     if loss_mask is not None:
         valid = valid & (loss_mask.reshape(-1) != 0)

@@ -242,6 +242,28 @@ def test_targets_of_any_integer_dtype(backend, dtype):
     assert torch.equal(logp, linear_logprobs(hidden, weight, in_range, backend=backend))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_flow_into_the_head_only(backend):
+    """SPEC: gradients flow into hidden, weight and bias only. old_logprobs scored without no_grad
+    (still attached to the graph), advantages and the other per-token inputs are data."""
+    hidden, weight = leaf(2, 5, 4), leaf(30, 4)
+    targets = torch.randint(0, 30, (2, 5))
+    per_token = {name: (-torch.rand(2, 5)).requires_grad_()
+                 for name in ("old_logprobs", "behavior_logprobs", "ref_logprobs")}
+    advantages = torch.randn(2).requires_grad_()
+    kwargs = dict(external_mask=torch.tensor([False, True]), kl_coef=0.1, entropy_coef=0.01, backend=backend)
+    attached = rlplus_loss(hidden, weight, targets, advantages, **per_token, **kwargs)
+    attached.loss.backward()
+    grads = (hidden.grad.clone(), weight.grad.clone())
+    for x in (advantages, *per_token.values()):
+        assert x.grad is None
+    hidden.grad = weight.grad = None
+    detached = rlplus_loss(hidden, weight, targets, advantages.detach(),
+                           **{k: v.detach() for k, v in per_token.items()}, **kwargs)
+    detached.loss.backward()
+    assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
+
+
 def test_linear_logprobs_under_no_grad_is_detached():
     hidden, weight = leaf(4, 3), leaf(5, 3)
     with torch.no_grad():
