@@ -29,7 +29,9 @@ def _autocast_head(hidden, weight, bias):
     if not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda x: x if x is None or not x.is_floating_point() else x.to(dtype)  # noqa: E731
+
+    def cast(x):  # autocast leaves float64 alone: its eligible inputs are the other floating dtypes
+        return x if x is None or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dtype)
     return cast(hidden), cast(weight), cast(bias)
 
 

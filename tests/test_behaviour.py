@@ -140,6 +140,16 @@ def test_autocast_casts_like_a_linear_layer():
         assert torch.equal(t.grad, c.grad.float())
     with pytest.raises(TypeError, match="weight"):  # outside autocast a mismatch is an error
         rlplus_loss(hidden, weight.detach().bfloat16(), targets, advantages)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="bias"):
+            rlplus_loss(hidden, weight, targets, advantages, bias=[0.0] * 10)
+        # float64 is not cast, as by nn.Linear: the float64 loss of the torch backend
+        as_f64 = [t.detach().double() for t in (hidden, weight, bias)]
+        assert torch.nn.functional.linear(as_f64[0], as_f64[1], as_f64[2]).dtype == torch.float64
+        out64 = rlplus_loss(*as_f64[:2], targets, advantages, bias=as_f64[2], backend="torch")
+    assert out64.loss.dtype == torch.float64
+    expected64 = rlplus_loss(*as_f64[:2], targets, advantages, bias=as_f64[2], backend="torch")
+    assert out64.loss.item() == expected64.loss.item()
 
 
 class _CountMatmuls(TorchDispatchMode):
