@@ -69,16 +69,18 @@ def aggregation_weights(batch: TokenBatch, mode: str, normalizer: Union[None, fl
     valid = batch.valid
     ones = valid.to(batch.advantages.dtype)
     if mode == "token-mean":
-        return ones / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
-    if mode == "sum":
-        return ones if normalizer is None else ones / normalizer
-    if mode == "seq-mean-token-sum":
-        return ones / (batch.num_sequences if normalizer is None else normalizer)
-    # seq-mean-token-mean: sequences without a valid token are left out
-    per_sequence_count = segment_sum(valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
-    if normalizer is None:
-        normalizer = (per_sequence_count > 0).sum().clamp(min=1)
-    return ones / (per_sequence_count.clamp(min=1)[batch.sequence_ids].to(ones.dtype) * normalizer)
+        weights = ones / (valid.sum().clamp(min=1) if normalizer is None else normalizer)
+    elif mode == "sum":
+        weights = ones if normalizer is None else ones / normalizer
+    elif mode == "seq-mean-token-sum":
+        weights = ones / (batch.num_sequences if normalizer is None else normalizer)
+    else:  # seq-mean-token-mean: sequences without a valid token are left out
+        per_sequence_count = segment_sum(valid.to(torch.int64), batch.sequence_ids, batch.num_sequences)
+        if normalizer is None:
+            normalizer = (per_sequence_count > 0).sum().clamp(min=1)
+        weights = ones / (per_sequence_count.clamp(min=1)[batch.sequence_ids].to(ones.dtype) * normalizer)
+    # a global count of 0 as the normalizer (no valid token on any rank) gives 0 here, not 0 / 0
+    return torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
 
 
 def aggregate(x: torch.Tensor, batch: TokenBatch, weights: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,16 @@ def leaf(*shape, dtype=torch.float32, scale=1.0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
-def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg):
+@pytest.mark.parametrize("normalizer", [None, torch.tensor(0)], ids=["own-count", "global-count-0"])
+def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg, normalizer):
+    """Also with the normalizer `global_normalizer` gives when no rank has a valid token: 0."""
     hidden, weight, bias = leaf(2, 3, 5), leaf(7, 5), leaf(7)
     targets = torch.randint(0, 7, (2, 3))
     targets[0] = -100
     out = rlplus_loss(hidden, weight, targets, torch.randn(2), -torch.rand(2, 3), bias=bias,
                       loss_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]), external_mask=torch.tensor([True, False]),
                       entropy_coef=0.1, kl_coef=0.1, ref_logprobs=-torch.rand(2, 3), loss_agg=loss_agg,
-                      backend=backend)
+                      normalizer=normalizer, backend=backend)
     out.loss.backward()
     assert out.loss.item() == 0.0
     for t in (hidden, weight, bias):
