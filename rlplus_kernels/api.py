@@ -171,6 +171,8 @@ class RLPlusLoss(nn.Module):
     def __init__(self, *, normalizer=None, vocab_parallel_group=None, **hyper_parameters):
         super().__init__()
         self.config = RLPlusConfig(**hyper_parameters)
+        if normalizer is not None:  # refused here rather than at the first forward
+            check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
         self.normalizer = normalizer
         self.vocab_parallel_group = vocab_parallel_group
 

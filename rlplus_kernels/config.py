@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -26,13 +27,20 @@ OFFICIAL_RECIPE = dict(
 )
 
 
-def _check_number(name: str, value, *, allow_none: bool = False) -> None:
+def _check_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    """A finite real number as a Python float (numpy scalars from a config file included)."""
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _integer(value):
+    """A Python int for any integral number but bool (numpy integers included), else the value as given."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,13 @@ class RLPlusConfig:
     chunk_vocab: Optional[int] = None
 
     def __post_init__(self) -> None:
+        # frozen: the normalised values are set through object.__setattr__
         for name in ("kl_coef", "temperature", "gamma", "entropy_coef"):
-            _check_number(name, getattr(self, name))
+            object.__setattr__(self, name, _check_number(name, getattr(self, name)))
         for name in ("clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max"):
-            _check_number(name, getattr(self, name), allow_none=True)
+            object.__setattr__(self, name, _check_number(name, getattr(self, name), allow_none=True))
+        for name in ("ignore_index", "chunk_tokens", "chunk_vocab"):
+            object.__setattr__(self, name, _integer(getattr(self, name)))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0:

@@ -91,6 +91,25 @@ def test_module_refuses_bad_hyper_parameters_at_construction():
         RLPlusLoss(dual_clip=0.5)
     with pytest.raises(ValueError, match="loss_agg"):
         RLPlusLoss(loss_agg="tokens")
+    with pytest.raises(ValueError, match="normalizer"):
+        RLPlusLoss(normalizer=0)
+    with pytest.raises(ValueError, match="normalizer"):
+        RLPlusLoss(normalizer=torch.ones(2))
+
+
+def test_numpy_scalars_are_numbers():
+    """Hyper-parameters read from a config through numpy are the same numbers as Python's."""
+    np = pytest.importorskip("numpy")
+    kwargs = good(old_logprobs=-torch.rand(N), external_mask=torch.rand(N) < 0.5)
+    kwargs["targets"][0] = -1
+    numpy_values = dict(clip_eps_low=np.float32(0.25), clip_eps_high=np.float64(0.3), gamma=np.float16(0.5),
+                        temperature=np.float32(0.75), entropy_coef=np.float64(0.01), ignore_index=np.int64(-1),
+                        chunk_vocab=np.int32(4), normalizer=np.int64(7), backend="torch")
+    python_values = {k: v.item() if isinstance(v, np.generic) else v for k, v in numpy_values.items()}
+    got = rlplus_loss(**kwargs, **numpy_values)
+    assert torch.equal(got.loss, rlplus_loss(**kwargs, **python_values).loss)
+    with pytest.raises(TypeError, match="ignore_index"):
+        rlplus_loss(**kwargs, ignore_index=np.float32(-1))
 
 
 def test_linear_logprobs_validates_too():
