@@ -85,8 +85,8 @@ def check_cu_seqlens(cu_seqlens, targets) -> None:
                          "([B, T] inputs are one sequence per row already)")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:  # [0]: no sequence, a rank with nothing to score
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 0, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != targets.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()

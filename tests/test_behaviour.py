@@ -43,14 +43,17 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg, no
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(0,), (2, 0)], ids=["N=0", "B=2,T=0"])
-def test_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, shape):
+@pytest.mark.parametrize("shape,packed", [((0,), False), ((2, 0), False), ((0,), True)],
+                         ids=["N=0", "B=2,T=0", "packed,S=0"])
+def test_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, shape, packed):
     """A data-parallel rank can receive no tokens: every branch on, every output zero, nothing fails."""
     hidden, weight, bias = leaf(*shape, 5), leaf(7, 5), leaf(7)
     empty = lambda dtype=torch.float32: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    sequences = dict(cu_seqlens=torch.tensor([0])) if packed else {}
     out = rlplus_loss(hidden, weight, empty(torch.long), empty(), empty(), bias=bias,
                       external_mask=empty(torch.bool), entropy_coef=0.1, kl_coef=0.1, ref_logprobs=empty(),
-                      loss_agg="seq-mean-token-mean" if len(shape) == 2 else "token-mean", backend=backend)
+                      loss_agg="seq-mean-token-mean" if len(shape) == 2 or packed else "token-mean",
+                      backend=backend, **sequences)
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.logprobs.shape == shape and out.entropy.shape == shape
     for t in (hidden, weight, bias):

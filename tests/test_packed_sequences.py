@@ -67,7 +67,8 @@ def test_module_takes_cu_seqlens():
 @pytest.mark.parametrize("cu_seqlens, error, match", [
     (torch.tensor([0.0, 17.0]), TypeError, "cu_seqlens must be an integer"),
     (torch.tensor([[0, 17]]), ValueError, r"cu_seqlens must be 1-D"),
-    (torch.tensor([0]), ValueError, r"cu_seqlens must be 1-D \[S \+ 1\] with S >= 1"),
+    (torch.tensor([], dtype=torch.long), ValueError, r"cu_seqlens must be 1-D \[S \+ 1\] with S >= 0"),
+    (torch.tensor([0]), ValueError, "end at N = 17"),  # no sequence, but 17 tokens
     (torch.tensor([1, 17]), ValueError, "cu_seqlens must start at 0"),
     (torch.tensor([0, 16]), ValueError, "end at N = 17"),
     (torch.tensor([0, 9, 4, 17]), ValueError, "never decrease"),
