@@ -105,8 +105,10 @@ def _rlplus_head_fwd_kernel(
     clipped = loss_clipped > loss_unclipped
     loss = tl.maximum(loss_unclipped, loss_clipped)
     d_loss = tl.where(clipped, 0.0, -adv * d_ratio)
-    # dual clip, A < 0 only; torch.minimum gives each of two equal arguments half the gradient
-    floor = tl.where(adv < 0, -adv * dual_clip, float("inf"))
+    # dual clip, A < 0 only; torch.minimum gives each of two equal arguments half the gradient.
+    # The product takes a positive factor in every lane: A = 0 times an infinite (absent) dual clip
+    # would be a NaN, discarded, but raised as a warning by the interpreter
+    floor = tl.where(adv < 0, tl.where(adv < 0, -adv, 1.0) * dual_clip, float("inf"))
     d_loss = tl.where(loss < floor, d_loss, tl.where(loss == floor, 0.5 * d_loss, 0.0))
     loss = tl.minimum(loss, floor)
 
