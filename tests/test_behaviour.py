@@ -88,6 +88,39 @@ def test_huge_logits_and_saturated_probabilities_stay_finite(backend):
     assert out.logprobs.min() < -1000  # the logits really were huge
 
 
+@pytest.mark.parametrize("backend,source", [("torch", None), *[
+    pytest.param("triton", source, marks=BACKENDS[1].marks) for source in ("fused", "cublas")]])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("masked", ["first rows", "last rows"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")  # -3.4e38 / 0.7, by design
+def test_a_vocabulary_masked_by_its_bias(backend, source, temperature, masked, monkeypatch):
+    """Rows of a padded vocabulary masked by a bias of float32's lowest value (logits -3.4e38, or
+    -inf once divided by T < 1), whole tiles, splits and chunks of them: the reference's loss and
+    gradients, entropy on, not NaN from 0 * inf in the running sums."""
+    if source is not None:
+        monkeypatch.setenv("RLPLUS_LOGITS", source)
+    N, D, V, real = 24, 16, 300, 160
+    masked_rows = slice(0, V - real) if masked == "first rows" else slice(real, V)
+    hidden, weight, bias = leaf(N, D), leaf(V, D), torch.zeros(V)
+    bias[masked_rows] = torch.finfo(torch.float32).min
+    bias.requires_grad_()
+    targets = torch.randint(0, real, (N,)) + (V - real if masked == "first rows" else 0)
+    advantages, old_logprobs = torch.randn(N), -torch.rand(N)
+    kwargs = dict(external_mask=torch.arange(N) % 3 == 0, temperature=temperature, entropy_coef=0.05,
+                  return_entropy=True)
+    out = rlplus_loss(hidden, weight, targets, advantages, old_logprobs, bias=bias, backend=backend,
+                      chunk_vocab=32, **kwargs)
+    h, w, b = reference_inputs(hidden, weight, bias)
+    ref = rlplus_loss_reference(h, w, targets, advantages, old_logprobs, bias=b, **kwargs)
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-4, atol=1e-5, name="loss")
+    assert_close(out.entropy, ref.entropy, rtol=1e-4, atol=1e-5, name="entropy")
+    grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
+    ref_grads = torch.autograd.grad(ref.loss, (h, w, b))
+    for name, g, rg in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert_grad_close(g, rg, rtol=1e-4, name=name)
+    assert not grads[2][masked_rows].any()  # p = 0 exactly there
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shift", [100.0, -100.0])
 def test_log_ratios_of_100_stay_finite(backend, shift):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+# Floor for log-probabilities and shifted logits: exp of anything below it is 0 in float32 and
+# float64 (they underflow at -104 and -745), so clamping there changes no probability, while it keeps
+# 0 * log p and e^shift * shift finite where a logit is -inf or -3e38 (a vocabulary row masked
+# by its bias) instead of 0 * inf = NaN.
+LOG_P_FLOOR = -1.0e4
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

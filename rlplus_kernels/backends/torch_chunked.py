@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import compute_dtype
+from .common import LOG_P_FLOOR, compute_dtype
 
 DEFAULT_CHUNK_TOKENS = 2048
 DEFAULT_CHUNK_VOCAB = 4096
@@ -85,8 +85,8 @@ def forward(
 
     running_max = hidden.new_full((n_tokens,), float("-inf"), dtype=dtype)
     sum_exp = hidden.new_zeros(n_tokens, dtype=dtype)
-    # sum_v exp(z_v - running_max) * z_v, rescaled with sum_exp whenever the running max moves
-    sum_exp_z = hidden.new_zeros(n_tokens, dtype=dtype) if with_entropy else None
+    # sum_v exp(z_v - running_max) * (z_v - running_max), moved along whenever the running max moves
+    sum_exp_shifted = hidden.new_zeros(n_tokens, dtype=dtype) if with_entropy else None
     target_logit = hidden.new_zeros(n_tokens, dtype=dtype)
     logits_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype)
     exp_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype) if with_entropy else None
@@ -103,21 +103,25 @@ def forward(
 
             old_max = running_max[t0:t1]
             new_max = torch.maximum(old_max, z.amax(dim=1))
-            rescale = torch.exp(old_max - new_max)
-            z_shifted = z.sub_(new_max[:, None])
+            # shifts from a finite max (-inf while every logit so far is -inf: a vocabulary masked by
+            # its bias), floored where their exp is 0 anyway, so that no 0 * inf appears (as in the kernel)
+            reference_max = torch.where(new_max == float("-inf"), 0.0, new_max)
+            shift = (old_max - reference_max).clamp_(min=LOG_P_FLOOR)
+            rescale = torch.exp(shift)
+            z_shifted = z.sub_(reference_max[:, None]).clamp_(min=LOG_P_FLOOR)
             if with_entropy:
                 exp_z = torch.exp(z_shifted, out=exp_buffer.take(t1 - t0, v1 - v0))
                 chunk_sum = exp_z.sum(dim=1)
-                # sum exp(z - m) * z = sum exp(z - m) * (z - m) + m * sum exp(z - m)
                 shifted_dot = torch.linalg.vecdot(exp_z, z_shifted)
-                sum_exp_z[t0:t1] = sum_exp_z[t0:t1] * rescale + shifted_dot + new_max * chunk_sum
+                previous = sum_exp_shifted[t0:t1] + sum_exp[t0:t1] * shift  # relative to the new max
+                sum_exp_shifted[t0:t1] = previous * rescale + shifted_dot
             else:
                 chunk_sum = z_shifted.exp_().sum(dim=1)
             sum_exp[t0:t1] = sum_exp[t0:t1] * rescale + chunk_sum
             running_max[t0:t1] = new_max
 
     lse = running_max + torch.log(sum_exp)
-    sum_pz = sum_exp_z / sum_exp if with_entropy else None
+    sum_pz = running_max + sum_exp_shifted / sum_exp if with_entropy else None
     return lse, target_logit, sum_pz
 
 
@@ -177,7 +181,7 @@ def backward(
         for t0, t1 in _chunks(n_tokens, chunk_tokens):
             hidden_c = hidden[t0:t1].to(dtype)
             log_p = _logits_chunk(logits_buffer.take(t1 - t0, v1 - v0), hidden_c, weight_c, bias_c, temperature)
-            log_p.add_(neg_lse[t0:t1, None])
+            log_p.add_(neg_lse[t0:t1, None]).clamp_(min=LOG_P_FLOOR)  # p * log p: 0, not NaN, at a -inf logit
             if g_ent is None:
                 dz = log_p.exp_().mul_(neg_g_logp[t0:t1, None])  # -g_logp * p, in place
             else:

@@ -60,7 +60,7 @@ import triton.language as tl
 from ._config import (check_interpreter, dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config,
                       product_config, rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
-from .tl_utils import source_logits_tile
+from .tl_utils import LOG_P_FLOOR, source_logits_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
@@ -229,7 +229,7 @@ def _dlogits_tile(
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     valid = tgt != ignore_index
     lse = tl.load(lse_ptr + offs_n64, mask=mask_n, other=0.0)
-    logp = z - lse[:, None]
+    logp = tl.maximum(z - lse[:, None], LOG_P_FLOOR)  # p * logp is 0, not NaN, at a -inf logit
     p = tl.exp(logp)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if HAS_GRAD_LOGP:

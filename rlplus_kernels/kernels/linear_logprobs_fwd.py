@@ -47,7 +47,7 @@ from ._config import (
     uses_descriptors,
 )
 from .cublas import mm_fp32
-from .tl_utils import source_logits_tile
+from .tl_utils import LOG_P_FLOOR, source_logits_tile
 
 # fp32 product of one vocabulary chunk on the cuBLAS logits source (256 MiB: 16k tokens x 4k columns)
 DEFAULT_PRODUCT_ELEMS = 1 << 26
@@ -192,13 +192,16 @@ def _online_softmax_step(
     tz_i += tl.sum(tl.where(hit, z, 0.0), 1)
 
     m_new = tl.maximum(m_i, tl.max(z, 1))
-    alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-    zc = z - m_new[:, None]
+    # the shifts are taken from a finite max (-inf while every logit so far is -inf: a vocabulary
+    # masked by its bias at T < 1) and floored at LOG_P_FLOOR, where e^shift is 0 anyway
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)  # 0 on the first tile (m_i = -inf)
+    zc = tl.maximum(z - m_ref[:, None], LOG_P_FLOOR)
     p = tl.exp(zc)  # 0 at masked columns
     if WITH_ENTROPY:
         # shift the running sum of e^(z-m)(z-m) to the new max; guarded where s_i is still 0
-        delta = tl.where(s_i > 0, m_i - m_new, 0.0)
-        t_i = alpha * (t_i + s_i * delta) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), 1)
+        delta = tl.where(s_i > 0, tl.maximum(m_i - m_ref, LOG_P_FLOOR), 0.0)
+        t_i = alpha * (t_i + s_i * delta) + tl.sum(p * zc, 1)  # p = 0 at masked columns, zc finite
     s_i = s_i * alpha + tl.sum(p, 1)
     m_i = m_new
     return m_i, s_i, t_i, tz_i
@@ -253,13 +256,14 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
     """
     big = m.max(0).values
-    scale = torch.exp(m - big)
+    shift = (m - big).clamp(min=LOG_P_FLOOR.value)  # floored as in the kernel: s * shift stays finite
+    scale = torch.exp(shift)
     s_tot = (s * scale).sum(0)
     lse = big + torch.log(s_tot)
     target_logit = tz.sum(0)
     if not with_entropy:
         return lse, target_logit, None, None
-    t_tot = ((t + s * (m - big)) * scale).sum(0)
+    t_tot = ((t + s * shift) * scale).sum(0)
     mean_zc = t_tot / s_tot
     return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
 

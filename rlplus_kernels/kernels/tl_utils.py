@@ -3,6 +3,10 @@
 import triton
 import triton.language as tl
 
+from ..backends import common
+
+LOG_P_FLOOR = tl.constexpr(common.LOG_P_FLOOR)
+
 
 @triton.jit
 def logits_tile(
