@@ -209,6 +209,14 @@ def test_refuses_soft_capped_and_scaled_logits():
     gemma.config.final_logit_softcapping = None  # a plain head again
     verify_head(gemma)
 
+    # RecurrentGemma names its cap differently; at its random init the capped logits are so close to
+    # the plain ones that verify_head alone would not see it
+    recurrent = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, lru_width=32, block_types=["recurrent"], logits_soft_cap=30.0))
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        check_plain_linear_head(recurrent)
+
     cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625))

@@ -33,6 +33,9 @@ _LOGIT_POSTPROCESSING = {
     "softcap": (
         "soft-caps its logits",
         "a logit soft-capping option, which rlplus_loss does not have"),
+    "logits_soft_cap": (
+        "soft-caps its logits (cap * tanh(logits / cap), e.g. RecurrentGemma)",
+        "a logit soft-capping option, which rlplus_loss does not have"),
     "logit_scale": (
         "multiplies its logits by a constant (e.g. Cohere)",
         "a `logit_scale` option; rlplus_loss has none (a constant scale s equals "
@@ -74,7 +77,8 @@ def check_plain_linear_head(model: nn.Module) -> None:
             value = getattr(config, attr, None)
             if value is None or value is False:
                 continue
-            if "softcap" not in attr and isinstance(value, (int, float)) and float(value) == 1.0:
+            is_scale = "cap" not in attr  # a soft-cap is harmless only when unset, a scale also at 1
+            if is_scale and isinstance(value, (int, float)) and float(value) == 1.0:
                 continue
             arch = type(model).__name__
             raise ValueError(
