@@ -247,6 +247,30 @@ def test_verify_head_under_dropout_keeps_train_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("arch", ["llama (functional attention dropout)", "gpt2 (nn.Dropout modules)"])
+def test_dropout_is_off_when_scoring_and_training(arch):
+    """The policy that generates has no dropout: score_logprobs scores in eval mode (the model's
+    mode restored after), and the trainer zeroes the dropout rates, so that the importance ratio
+    is 1 at unchanged parameters instead of noise."""
+    torch.manual_seed(0)
+    if arch.startswith("llama"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attention_dropout=0.5))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.5,
+            embd_pdrop=0.5, attn_pdrop=0.5))
+    model = model.double().train()
+    input_ids, attention_mask, loss_mask = padded_batch()
+    old = score_logprobs(model, input_ids, attention_mask)
+    assert model.training and torch.equal(old, score_logprobs(model, input_ids, attention_mask))
+    trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), preset={})
+    metrics = trainer.step(dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                                advantages=torch.randn(input_ids.shape[0]), old_logprobs=old))
+    assert math.isclose(metrics["ratio_mean"], 1.0, rel_tol=1e-12) and metrics["clip_frac"] == 0.0
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        RLPlusTrainer(model, trainer.optimizer, max_grad_norm=0.0)
+
+
 def test_bad_shapes_are_named():
     model = make_model("llama", tied=False)
     ids, am, lm = padded_batch()

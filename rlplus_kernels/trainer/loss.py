@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model_head import check_plain_linear_head, final_hidden_states, get_lm_head
+from .model_head import check_plain_linear_head, eval_mode, final_hidden_states, get_lm_head
 
 __all__ = ["rlplus_model_loss", "score_logprobs", "target_mask"]
 
@@ -137,14 +137,16 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
 
     ``out[:, t] = log_softmax(logits[:, t-1] / temperature)[input_ids[:, t]]``; 0 at position 0 and
     at padding. Runs under ``torch.no_grad()`` through :func:`rlplus_kernels.linear_logprobs`,
-    for ``old_logprobs`` (the rollout policy) and ``ref_logprobs`` (the reference policy).
+    for ``old_logprobs`` (the rollout policy) and ``ref_logprobs`` (the reference policy), in eval
+    mode (the policy that generates has no dropout), the model's own mode restored after.
     """
     from rlplus_kernels import linear_logprobs
 
     _check_2d("attention_mask", attention_mask, input_ids.shape)
     valid = target_mask(input_ids, attention_mask)
     targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
-    hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+    with eval_mode(model):
+        hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
     logp = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                            ignore_index=-100, backend=backend)
     return _unshift(logp)

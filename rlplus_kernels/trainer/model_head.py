@@ -11,14 +11,15 @@ Nothing in this file imports ``transformers``: models are handled by duck typing
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["check_plain_linear_head", "get_lm_head", "get_backbone", "final_hidden_states",
-           "position_ids_from_mask", "verify_head"]
+           "position_ids_from_mask", "verify_head", "eval_mode", "disable_dropout"]
 
 # config attribute -> (what the model does with its logits, what rlplus_loss would need)
 _LOGIT_POSTPROCESSING = {
@@ -117,6 +118,36 @@ def get_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (no dropout) inside the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0; returns how many were non-zero.
+
+    Covers ``nn.Dropout`` modules and the float rates that ``transformers`` attention and MLP
+    modules keep as attributes and apply functionally in train mode (``attention_dropout``,
+    ``dropout``, ``activation_dropout``, ...): every float attribute whose name holds "dropout".
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            changed += module.p != 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, as ``generate`` does for left-padded prompts."""
     pos = attention_mask.long().cumsum(-1) - 1
@@ -169,17 +200,13 @@ def verify_head(model: nn.Module, *, seq_len: int = 4, atol: float = 1e-4, rtol:
     ids = torch.arange(1, seq_len + 1, device=weight.device).remainder(vocab)[None]
     mask = torch.ones_like(ids)
     pos = position_ids_from_mask(mask)
-    was_training = model.training
-    model.eval()  # dropout would make the two forwards differ
-    try:
+    with eval_mode(model):  # dropout would make the two forwards differ
         hidden = final_hidden_states(model, ids, mask, pos)
         mine = torch.nn.functional.linear(hidden, weight, bias).float()
         kwargs = {"attention_mask": mask, "use_cache": False}
         if _accepts(model, "position_ids"):
             kwargs["position_ids"] = pos
         theirs = model(ids, **kwargs).logits.float()
-    finally:
-        model.train(was_training)
     if mine.shape != theirs.shape or not torch.allclose(mine, theirs, atol=atol, rtol=rtol):
         diff = (mine - theirs).abs().max().item() if mine.shape == theirs.shape else float("nan")
         raise ValueError(

@@ -11,7 +11,7 @@ from torch import nn
 
 from .batch import GroupBatch
 from .loss import rlplus_model_loss, target_mask
-from .model_head import check_plain_linear_head, verify_head
+from .model_head import check_plain_linear_head, disable_dropout as _disable_dropout, verify_head
 
 __all__ = ["RLPlusTrainer"]
 
@@ -43,6 +43,9 @@ class RLPlusTrainer:
         preset: the base hyper-parameters, ``rlplus_kernels.OFFICIAL_RECIPE`` by default; pass
             ``{}`` for ``rlplus_loss``'s own defaults.
         lr_scheduler: stepped after every optimizer step when given.
+        disable_dropout: set the model's dropout probabilities to 0 (default), so that the
+            training forward computes the policy that :func:`score_logprobs` scores (in eval mode)
+            and the importance ratio is 1 at unchanged parameters; with dropout it is noisy.
         **hyper: override entries of the preset (temperature, clip bounds, gamma, loss_agg,
             normalizer, entropy_coef, kl_coef, backend, ...).
     """
@@ -50,9 +53,11 @@ class RLPlusTrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  max_grad_norm: float | None = 1.0, micro_batch_size: int | None = None,
                  preset: Mapping[str, Any] | None = None, lr_scheduler=None,
-                 verify_model_head: bool = True, **hyper: Any):
+                 verify_model_head: bool = True, disable_dropout: bool = True, **hyper: Any):
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
@@ -60,6 +65,8 @@ class RLPlusTrainer:
         self.lr_scheduler = lr_scheduler
         self.hyper = dict(_official_recipe() if preset is None else preset)
         self.hyper.update(hyper)
+        if disable_dropout:
+            _disable_dropout(model)
         if verify_model_head:
             verify_head(model)
         else:
