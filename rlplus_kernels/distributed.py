@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .head import segment_sum, sequence_layout
+from .validation import check_cu_seqlens
 
 MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -70,6 +71,14 @@ def _as_list(x) -> list:
     return [x] if isinstance(x, torch.Tensor) or x is None else list(x)
 
 
+def _masks(valid) -> list:
+    """`valid` as a non-empty list of tensors (one per micro-batch)."""
+    masks = _as_list(valid)
+    if not masks or not all(isinstance(m, torch.Tensor) for m in masks):
+        raise ValueError("valid must be a mask tensor or a non-empty list of them, one per micro-batch")
+    return masks
+
+
 def _all_reduce_count(count: torch.Tensor, group) -> torch.Tensor:
     """Sum of `count` over `group`; over nothing when torch.distributed is not initialised and no group is given."""
     if group is not None:
@@ -87,7 +96,7 @@ def global_token_count(valid: MaskOrMasks, group=None) -> torch.Tensor:
     default process group when torch.distributed is initialised, else no communication). Pass the result
     as `normalizer` with `loss_agg="token-mean"`.
     """
-    masks = _as_list(valid)
+    masks = _masks(valid)
     count = sum((m != 0).sum() for m in masks).to(torch.int64)
     return _all_reduce_count(count.reshape(()), group)
 
@@ -100,13 +109,14 @@ def global_sequence_count(valid: MaskOrMasks, *, cu_seqlens=None, nonempty_only:
     `nonempty_only` counts only the sequences with a valid token (the count of `seq-mean-token-mean`);
     otherwise all of them (`seq-mean-token-sum`).
     """
-    masks, cus = _as_list(valid), _as_list(cu_seqlens)
+    masks, cus = _masks(valid), _as_list(cu_seqlens)
     if len(cus) == 1 and len(masks) > 1:
         cus = cus * len(masks)
     if len(cus) != len(masks):
         raise ValueError(f"cu_seqlens must be None or give one tensor per mask, got {len(cus)} for {len(masks)}")
     count = torch.zeros((), dtype=torch.int64, device=masks[0].device)
     for mask, cu in zip(masks, cus):
+        check_cu_seqlens(cu, mask)
         sequence_ids, num_sequences = sequence_layout(mask, cu)
         if sequence_ids is None:
             raise ValueError(f"valid must be [B, T] (or [N] with cu_seqlens), got shape {tuple(mask.shape)}")

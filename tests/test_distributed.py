@@ -368,6 +368,10 @@ def test_global_counts_without_process_group():
         global_normalizer("sum", valid)
     with pytest.raises(ValueError, match="cu_seqlens"):
         global_sequence_count(packed)
+    with pytest.raises(ValueError, match="non-empty list"):
+        global_token_count([])
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at N = 3"):  # one cu_seqlens, two sizes
+        global_sequence_count([packed, packed[:3]], cu_seqlens=cu_seqlens)
 
 
 def test_group_without_initialised_torch_distributed_is_refused():
