@@ -229,7 +229,7 @@ def _dlogits_tile(
     tgt = tl.load(targets_ptr + offs_n64 * stride_targets_n, mask=mask_n, other=ignore_index)
     valid = tgt != ignore_index
     lse = tl.load(lse_ptr + offs_n64, mask=mask_n, other=0.0)
-    logp = tl.maximum(z - lse[:, None], LOG_P_FLOOR)  # p * logp is 0, not NaN, at a -inf logit
+    logp = z - lse[:, None]
     p = tl.exp(logp)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if HAS_GRAD_LOGP:
@@ -241,7 +241,8 @@ def _dlogits_tile(
         ge = tl.load(grad_ent_ptr + offs_n64, mask=mask_n, other=0.0)
         ge = tl.where(valid, ge, 0.0)
         ent = tl.load(ent_ptr + offs_n64, mask=mask_n, other=0.0)
-        dz -= ge[:, None] * (p * (logp + ent[:, None]))
+        # log p floored: p log p is 0, not 0 * inf, at a logit of -inf (a row masked by its bias)
+        dz -= ge[:, None] * (p * (tl.maximum(logp, LOG_P_FLOOR) + ent[:, None]))
     dl = dz / temperature
     dl_ptrs = dl_ptr + offs_n64[:, None] * stride_dl_n + offs_v64[None, :] * stride_dl_v
     tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
