@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .validation import plain_number
+
 LOSS_AGG_MODES = ("token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum")
 SEQ_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum")
 BACKENDS = ("auto", "triton", "torch")
@@ -31,15 +33,19 @@ def _check_number(name: str, value, *, allow_none: bool = False) -> Optional[flo
     """A finite real number as a Python float (numpy scalars from a config file included)."""
     if value is None and allow_none:
         return None
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: under torch.compile a float argument that changed between
+    # calls is a symbolic float, which compares (a guard) but has no isfinite (NaN fails both)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 
 def _integer(value):
     """A Python int for any integral number but bool (numpy integers included), else the value as given."""
+    value = plain_number(value)
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 

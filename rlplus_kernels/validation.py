@@ -13,6 +13,16 @@ SUPPORTED_DTYPES = {
 }
 
 
+def plain_number(value):
+    """A numpy scalar (np.float32(0.2), from a config file) as the Python number it holds; anything
+    else as given. Duck-typed, not isinstance(np.generic): torch.compile traces numpy scalars as its
+    own 0-dim ndarrays."""
+    if not isinstance(value, (bool, int, float, torch.Tensor)) and getattr(value, "ndim", None) == 0 \
+            and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def require_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -131,6 +141,7 @@ def check_normalizer(normalizer, device: torch.device):
         if normalizer.device != device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
         return normalizer.to(device)
+    normalizer = plain_number(normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a positive number or a 0-dim tensor, got {type(normalizer).__name__}")
     if not normalizer > 0 or normalizer == float("inf"):

@@ -58,3 +58,22 @@ def test_compiled_loss_under_autocast(backend):
     torch.testing.assert_close(compiled[0], eager[0])
     compiled[0].backward()
     assert hidden.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hyper_parameters_that_change_between_compiled_calls(backend):
+    """An entropy-coefficient schedule or an adaptive KL coefficient passes a new float each step:
+    torch.compile then traces it as a symbolic float, which the validation must take (it raised
+    inside math.isfinite from the second value on)."""
+    torch._dynamo.reset()
+    N, D, V = 8, 16, 40
+    hidden, weight = torch.randn(N, D, requires_grad=True), torch.randn(V, D)
+    targets, advantages, ref = torch.randint(0, V, (N,)), torch.randn(N), -torch.rand(N)
+
+    def step(hidden, entropy_coef, temperature, kl_coef):
+        return rlplus_loss(hidden, weight, targets, advantages, entropy_coef=entropy_coef, temperature=temperature,
+                           kl_coef=kl_coef, ref_logprobs=ref, backend=backend).loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    for values in ((0.01, 0.7, 0.1), (0.02, 0.9, 0.05), (0.03, 1.3, 0.2)):
+        torch.testing.assert_close(compiled(hidden, *values), step(hidden, *values), rtol=1e-5, atol=1e-6)
