@@ -100,6 +100,9 @@ def check_cu_seqlens(cu_seqlens, targets) -> None:
     if cu_seqlens.device != targets.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+    if torch.compiler.is_compiling():  # no host sync inside a compiled graph, as for the targets
+        torch._assert_async(~bad, "cu_seqlens must start at 0, end at N and never decrease")
+        return
     if bool(bad):
         raise ValueError(f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "
                          f"got {cu_seqlens.tolist()}")

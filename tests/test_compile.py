@@ -77,3 +77,20 @@ def test_hyper_parameters_that_change_between_compiled_calls(backend):
     compiled = torch.compile(step, fullgraph=True)
     for values in ((0.01, 0.7, 0.1), (0.02, 0.9, 0.05), (0.03, 1.3, 0.2)):
         torch.testing.assert_close(compiled(hidden, *values), step(hidden, *values), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_packed_sequences(backend):
+    """Packed [N] inputs with cu_seqlens (a seq mode, per-sequence advantages) under fullgraph: the
+    cu_seqlens check runs on the device (it synchronised with the host, a graph break)."""
+    torch._dynamo.reset()
+    N, D, V = 8, 16, 40
+    hidden, weight = torch.randn(N, D, requires_grad=True), torch.randn(V, D)
+    targets, cu_seqlens, advantages = torch.randint(0, V, (N,)), torch.tensor([0, 3, 8]), torch.randn(2)
+
+    def step(hidden, cu_seqlens):
+        return rlplus_loss(hidden, weight, targets, advantages, loss_agg="seq-mean-token-mean", cu_seqlens=cu_seqlens,
+                           backend=backend).loss
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(hidden, cu_seqlens), step(hidden, cu_seqlens),
+                               rtol=1e-5, atol=1e-6)
