@@ -94,3 +94,32 @@ def test_compiled_packed_sequences(backend):
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(hidden, cu_seqlens), step(hidden, cu_seqlens),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_new_token_count_does_not_recompile_per_batch(backend):
+    """Rollout batches change size every step. The torch backend's chunk loops specialised the
+    compiled graph on the token count: one recompile per size, then torch._dynamo's recompile limit
+    (8) raised. Now the first size compiles a static graph and the second a dynamic one, for all 10."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # traces the backward too
+    D, V = 16, 40
+    weight = torch.randn(V, D, requires_grad=True)
+
+    def step(hidden, targets, advantages):
+        return rlplus_loss(hidden, weight, targets, advantages, entropy_coef=0.01, backend=backend).loss
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for n_tokens in range(4, 14):
+        hidden = torch.randn(n_tokens, D, requires_grad=True)
+        batch = (torch.randint(0, V, (n_tokens,)), torch.randn(n_tokens))
+        loss = compiled(hidden, *batch)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        eager = torch.autograd.grad(step(hidden, *batch), (hidden, weight))
+        torch.testing.assert_close(loss, step(hidden, *batch), rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, eager):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count <= 2
+

@@ -526,17 +526,18 @@ def test_out_dtype_refusals_are_remembered_and_errors_raised(monkeypatch):
 
 
 def test_raw_op_pair_matches_launchers():
-    from rlplus_kernels.backends import triton_op
+    from rlplus_kernels.backends import raw_ops
 
     n, d, v = 7, 5, 37
     h, w, b, t = make_inputs(n, d, v, torch.float32)
-    lse, tl, spz = triton_op.forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True)
+    lse, tl, spz = raw_ops.forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True,
+                                   backend="triton")
     r = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True)
     for a, c in zip((lse, tl, spz), r):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
     gl = torch.randn(n, device=DEVICE)
-    out = triton_op.backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
-                             vocab_start=3, needs_grad=(True, False, True))
+    out = raw_ops.backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN, backend="triton",
+                           vocab_start=3, needs_grad=(True, False, True))
     assert out[1] is None
     r = linear_logprobs_backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
                                  vocab_start=3, needs_grad=(True, False, True))

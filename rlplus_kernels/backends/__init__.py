@@ -72,17 +72,12 @@ def linear_logprobs_op(backend: str, group=None):
 
 
 def linear_logprobs_raw_ops(backend: str, options: LogprobsOptions):
-    """CONTRACT.md's raw (forward, backward) pair of a backend, with its tuning options bound.
+    """CONTRACT.md's raw (forward, backward) pair of a backend, as custom ops, with its options bound.
 
     Both take exactly the contract's arguments (incl. `vocab_start`); `LinearLogprobsFunction` is
     written against this pair only.
     """
-    if backend == "torch":
-        from . import torch_chunked as module
+    from . import raw_ops
 
-        tuning = dict(chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab)
-    else:
-        from . import triton_op as module
-
-        tuning = {}
-    return functools.partial(module.forward, **tuning), functools.partial(module.backward, **tuning)
+    bound = dict(backend=backend, chunk_tokens=options.chunk_tokens, chunk_vocab=options.chunk_vocab)
+    return functools.partial(raw_ops.forward, **bound), functools.partial(raw_ops.backward, **bound)

@@ -1,14 +1,8 @@
-"""The Triton backend as PyTorch custom ops (torch.compile(fullgraph=True) sees them as opaque).
+"""The Triton backend's differentiable custom op (torch.compile(fullgraph=True) sees it as opaque).
 
-Ops (namespace ``rlplus``):
-- ``rlplus::linear_logprobs_fwd`` / ``rlplus::linear_logprobs_bwd``: CONTRACT.md's raw pair, with
-  ``vocab_start`` for vocabulary parallelism (the caller merges partials across ranks). No
-  autograd on these: the caller's own autograd owns the merge.
-- ``rlplus::linear_logprobs``: single shard, differentiable; returns (logp, entropy, lse) with
-  ``register_autograd`` whose backward calls ``rlplus::linear_logprobs_bwd``.
-
-Custom ops cannot return None: an absent tensor travels as an empty tensor and is converted back.
-Triton (``rlplus_kernels.kernels``) is imported only when an op runs on real tensors.
+``rlplus::linear_logprobs``: single shard; returns (logp, entropy, lse) with ``register_autograd``
+whose backward calls the raw ``rlplus::linear_logprobs_bwd`` of ``raw_ops.py``. Outputs absent
+from the call travel as empty tensors (custom ops cannot return None).
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
@@ -18,106 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
-def _kernels():
-    from rlplus_kernels import kernels  # lazy: imports triton
-
-    return kernels
-
-
-def _none_if_empty(x: Tensor, present: bool) -> Optional[Tensor]:
-    return x if present else None
-
-
-# --------------------------------------------------------------------------- raw forward
-@torch.library.custom_op("rlplus::linear_logprobs_fwd", mutates_args=())
-def _linear_logprobs_fwd_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    temperature: float,
-    ignore_index: int,
-    vocab_start: int,
-    with_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    lse, target_logit, sum_pz = _kernels().linear_logprobs_forward(
-        hidden, weight, bias, targets,
-        temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start, with_entropy=with_entropy,
-    )
-    if sum_pz is None:
-        sum_pz = lse.new_empty((0,))
-    return lse, target_logit, sum_pz
-
-
-@_linear_logprobs_fwd_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, vocab_start, with_entropy):
-    n = hidden.shape[0]
-    f = lambda k: hidden.new_empty((k,), dtype=torch.float32)  # noqa: E731
-    return f(n), f(n), f(n if with_entropy else 0)
-
-
-# --------------------------------------------------------------------------- raw backward
-@torch.library.custom_op("rlplus::linear_logprobs_bwd", mutates_args=())
-def _linear_logprobs_bwd_op(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    targets: Tensor,
-    lse: Tensor,
-    entropy: Optional[Tensor],
-    grad_logp: Optional[Tensor],
-    grad_entropy: Optional[Tensor],
-    temperature: float,
-    ignore_index: int,
-    vocab_start: int,
-    needs_hidden: bool,
-    needs_weight: bool,
-    needs_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    gh, gw, gb = _kernels().linear_logprobs_backward(
-        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-        temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
-        needs_grad=(needs_hidden, needs_weight, needs_bias),
-    )
-    empty = hidden.new_empty((0,))
-    return (
-        gh if gh is not None else empty,
-        gw if gw is not None else empty.clone(),
-        gb if gb is not None else empty.clone(),
-    )
-
-
-@_linear_logprobs_bwd_op.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-      temperature, ignore_index, vocab_start, needs_hidden, needs_weight, needs_bias):
-    needs_bias = needs_bias and bias is not None
-    return (
-        hidden.new_empty(hidden.shape if needs_hidden else (0,)),
-        hidden.new_empty(weight.shape if needs_weight else (0,)),
-        hidden.new_empty((weight.shape[0],) if needs_bias else (0,)),
-    )
-
-
-def forward(hidden, weight, bias, targets, *, temperature: float, ignore_index: int,
-            vocab_start: int = 0, with_entropy: bool):
-    """CONTRACT.md forward through the custom op: (lse, target_logit, sum_pz | None)."""
-    lse, target_logit, sum_pz = torch.ops.rlplus.linear_logprobs_fwd(
-        hidden, weight, bias, targets, float(temperature), int(ignore_index), int(vocab_start), bool(with_entropy)
-    )
-    return lse, target_logit, _none_if_empty(sum_pz, with_entropy)
-
-
-def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *,
-             temperature: float, ignore_index: int, vocab_start: int = 0, needs_grad=(True, True, True)):
-    """CONTRACT.md backward through the custom op: (grad_hidden | None, grad_weight | None, grad_bias | None)."""
-    nh, nw, nb = (bool(x) for x in needs_grad)
-    nb = nb and bias is not None
-    gh, gw, gb = torch.ops.rlplus.linear_logprobs_bwd(
-        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-        float(temperature), int(ignore_index), int(vocab_start), nh, nw, nb,
-    )
-    return _none_if_empty(gh, nh), _none_if_empty(gw, nw), _none_if_empty(gb, nb)
+from . import raw_ops  # noqa: F401  registers rlplus::linear_logprobs_bwd, which the backward calls
 
 
 # --------------------------------------------------------------------------- differentiable op
@@ -171,7 +66,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         entropy, grad_entropy = None, None
     gh, gw, gb = torch.ops.rlplus.linear_logprobs_bwd(
         hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-        ctx.temperature, ctx.ignore_index, 0, nh, nw, nb,
+        ctx.temperature, ctx.ignore_index, 0, nh, nw, nb, "triton", 0, 0,
     )
     return (
         gh if nh else None,
