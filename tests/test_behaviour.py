@@ -326,6 +326,21 @@ def test_gradients_flow_into_the_head_only(backend):
     assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_derivative_is_refused_with_a_reason(backend):
+    """The first backward with create_graph=True is right (a gradient penalty's first step); differentiating
+    it again raises an error that says the head has first derivatives only (it was an mm(out=) error
+    on the torch backend and torch's advice to register a formula on the triton one)."""
+    hidden, weight = leaf(6, 16), leaf(40, 16)
+    targets = torch.randint(0, 40, (6,))
+    grad, = torch.autograd.grad(linear_logprobs(hidden, weight, targets, backend=backend).sum(), hidden,
+                                create_graph=True)
+    want, = torch.autograd.grad(linear_logprobs(hidden, weight, targets, backend="torch").sum(), hidden)
+    torch.testing.assert_close(grad.detach(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="first derivatives .* only"):
+        grad.pow(2).sum().backward()
+
+
 def test_linear_logprobs_under_no_grad_is_detached():
     hidden, weight = leaf(4, 3), leaf(5, 3)
     with torch.no_grad():

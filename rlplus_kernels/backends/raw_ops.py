@@ -4,7 +4,7 @@ A custom op is opaque to torch.compile: a compiled step neither traces the Trito
 the torch backend's chunk loops, which specialise on the token count (a recompile for every new
 batch size, then torch._dynamo's recompile limit error).
 
-Ops (namespace ``rlplus``), no autograd on either: their caller owns it (`LinearLogprobsFunction`,
+Ops (namespace ``rlplus``), not differentiable (a second backward raises): their caller owns autograd (`LinearLogprobsFunction`,
 which also merges partials across a vocabulary-parallel group, and the Triton backend's
 differentiable op in ``triton_op.py``):
 - ``rlplus::linear_logprobs_fwd`` / ``rlplus::linear_logprobs_bwd``: `backend` names the
@@ -128,6 +128,17 @@ def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
         hidden.new_empty(weight.shape if needs_weight else (0,)),
         hidden.new_empty((weight.shape[0],) if needs_bias else (0,)),
     )
+
+
+def _second_derivative(ctx, *grads):
+    raise NotImplementedError(
+        "rlplus_kernels computes first derivatives of the log-probabilities and entropy only: a second backward "
+        "through them (a gradient taken with create_graph=True, then differentiated) is not implemented"
+    )
+
+
+# Without a formula, a second backward would fail with torch's advice to register one: this says why instead.
+torch.library.register_autograd("rlplus::linear_logprobs_bwd", _second_derivative)
 
 
 def forward(hidden, weight, bias, targets, *, temperature: float, ignore_index: int, vocab_start: int = 0,
