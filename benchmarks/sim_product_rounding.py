@@ -11,6 +11,7 @@ where the shift's own bf16 rounding is carried into the rounded value.
     python benchmarks/sim_product_rounding.py
 """
 
+import argparse
 import math
 
 import torch
@@ -60,6 +61,7 @@ def run(n=512, d=256, v=16384, scale=1.0, temperature=1.0, bias=False, peaked=0.
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     cases = [dict(), dict(scale=3), dict(peaked=1.0), dict(peaked=3.0, scale=2), dict(temperature=0.7),
              dict(temperature=2.0, scale=3), dict(bias=True), dict(bias=True, scale=3),
              dict(offset=64), dict(offset=1024), dict(offset=4096)]
