@@ -13,7 +13,7 @@ from .config import SEQ_AGG_MODES, RLPlusConfig
 from .distributed import vocab_parallel_layout
 from .head import TokenBatch, rlplus_head, sequence_layout
 from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_per_token, check_targets,
-                         require_tensor)
+                         require_tensor, shape_text)
 
 
 class RLPlusOutput(NamedTuple):
@@ -89,7 +89,7 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
     sequence_ids, num_sequences = sequence_layout(targets, cu_seqlens)
     if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:
         raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]) or packed [N] "
-                         f"inputs with cu_seqlens, got targets of shape {tuple(targets.shape)} and no cu_seqlens")
+                         f"inputs with cu_seqlens, got targets of shape {shape_text(targets.shape)} and no cu_seqlens")
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs")
     per_sequence = dict(num_sequences=num_sequences, sequence_ids=sequence_ids)

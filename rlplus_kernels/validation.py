@@ -23,6 +23,12 @@ def plain_number(value):
     return value
 
 
+def shape_text(shape) -> str:
+    """A shape as "(3, 4)", also inside torch.compile: dynamo cannot trace str() of a tuple of symbolic
+    sizes, while an f-string of one size specialises it (on an error path, where that costs nothing)."""
+    return str(tuple(int(f"{size}") for size in shape))
+
+
 def require_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -34,19 +40,19 @@ def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
     if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be 2-D [N, D] or 3-D [B, T, D], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"hidden must be 2-D [N, D] or 3-D [B, T, D], got shape {shape_text(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be 2-D [V, D], got shape {shape_text(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})"
         )
     if weight.shape[0] < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"weight must have at least one row and one column, got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must have at least one row and one column, got shape {shape_text(weight.shape)}")
     if bias is not None:
         require_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {shape_text(bias.shape)}")
     supported = SUPPORTED_DTYPES[backend]
     if hidden.dtype not in supported:
         raise TypeError(f"hidden has unsupported dtype {hidden.dtype}; backend {backend!r} supports {supported}")
@@ -70,8 +76,8 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     targets = targets.to(torch.int64)
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {shape_text(hidden.shape[:-1])}, "
+                         f"got {shape_text(targets.shape)}")
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
@@ -91,12 +97,12 @@ def check_cu_seqlens(cu_seqlens, targets) -> None:
         return
     require_tensor("cu_seqlens", cu_seqlens)
     if targets.dim() != 1:
-        raise ValueError(f"cu_seqlens describes packed [N] inputs, got targets of shape {tuple(targets.shape)} "
+        raise ValueError(f"cu_seqlens describes packed [N] inputs, got targets of shape {shape_text(targets.shape)} "
                          "([B, T] inputs are one sequence per row already)")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:  # [0]: no sequence, a rank with nothing to score
-        raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 0, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 0, got shape {shape_text(cu_seqlens.shape)}")
     if cu_seqlens.device != targets.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
@@ -125,8 +131,8 @@ def check_per_token(name: str, x, targets, *, kind: str, num_sequences: Optional
     if sequence_ids is not None:
         shapes.append((num_sequences,))
     if tuple(x.shape) not in shapes:
-        expected = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{name} must have shape {expected}, got {list(x.shape)}")
+        expected = " or ".join(shape_text(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {expected}, got {shape_text(x.shape)}")
     if tuple(x.shape) != shapes[0]:
         x = x[sequence_ids].view(targets.shape)
     return x
@@ -138,7 +144,7 @@ def check_normalizer(normalizer, device: torch.device):
         return None
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {shape_text(normalizer.shape)}")
         if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
             raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
         if normalizer.device != device and normalizer.device.type != "cpu":

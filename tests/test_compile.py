@@ -42,7 +42,10 @@ def test_compiled_loss_matches_eager(backend, frozen_head):
         torch.testing.assert_close(weight.grad, eager_grads[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 13),
                     reason="compiled autocast equals eager only where inductor emulates eager's half-precision "
                            "casts fully: checked on torch 2.13; 2.6 and 2.11 differ by 2 % here (2.11: the torch backend)")
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,3 +126,19 @@ def test_a_new_token_count_does_not_recompile_per_batch(backend):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert counter.frame_count <= 2
 
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 13), reason="dynamo's error carries the message of an exception raised in "
+                    "a fullgraph step from torch 2.8 on; checked on 2.13 only")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_shape_after_a_dynamic_recompile_is_named(backend):
+    """After a second token count, dynamo compiles with symbolic sizes; a bad shape then must still give
+    the validation's message (formatting the symbolic shape failed: "Failed to trace builtin operator")."""
+    torch._dynamo.reset()
+    D, V = 16, 40
+    weight = torch.randn(V, D)
+    compiled = torch.compile(lambda hidden, targets, advantages: rlplus_loss(
+        hidden, weight, targets, advantages, backend=backend).loss, fullgraph=True)
+    for n_tokens in (5, 6):
+        compiled(torch.randn(n_tokens, D), torch.randint(0, V, (n_tokens,)), torch.randn(n_tokens))
+    with pytest.raises(Exception, match=r"advantages must have shape \(8,\), got \(3,\)"):
+        compiled(torch.randn(8, D), torch.randint(0, V, (8,)), torch.randn(3))
