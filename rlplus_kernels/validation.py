@@ -24,9 +24,9 @@ def plain_number(value):
 
 
 def shape_text(shape) -> str:
-    """A shape as "(3, 4)", also inside torch.compile: dynamo cannot trace str() of a tuple of symbolic
+    """A shape as "[3, 4]", also inside torch.compile: dynamo cannot trace str() of a tuple of symbolic
     sizes, while an f-string of one size specialises it (on an error path, where that costs nothing)."""
-    return str(tuple(int(f"{size}") for size in shape))
+    return str([int(f"{size}") for size in shape])
 
 
 def require_tensor(name: str, x) -> torch.Tensor:
@@ -52,7 +52,7 @@ def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
     if bias is not None:
         require_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {shape_text(bias.shape)}")
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {shape_text(bias.shape)}")
     supported = SUPPORTED_DTYPES[backend]
     if hidden.dtype not in supported:
         raise TypeError(f"hidden has unsupported dtype {hidden.dtype}; backend {backend!r} supports {supported}")
