@@ -217,6 +217,11 @@ def test_refuses_soft_capped_and_scaled_logits():
     with pytest.raises(ValueError, match="logits_soft_cap"):
         check_plain_linear_head(recurrent)
 
+    xlstm = transformers.xLSTMForCausalLM(transformers.xLSTMConfig(
+        vocab_size=VOCAB, hidden_size=32, embedding_dim=32, num_heads=2, num_blocks=1, output_logit_soft_cap=30.0))
+    with pytest.raises(ValueError, match="output_logit_soft_cap"):
+        check_plain_linear_head(xlstm)
+
     cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625))
@@ -239,15 +244,21 @@ def test_verify_head_catches_undeclared_postprocessing():
         verify_head(model)
 
 
-def test_verify_head_under_dropout_keeps_train_mode():
+def test_scoring_and_verify_head_restore_each_module_mode():
+    """A model in train mode with one layer kept in eval mode on purpose (frozen): scoring and the head
+    check run in eval mode and restore every module's own mode (model.train() flipped the layer)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**TINY, attention_dropout=0.5)
     model = transformers.LlamaForCausalLM(config).train()
+    model.model.layers[0].eval()
+    modes = [module.training for module in model.modules()]
     verify_head(model)
-    assert model.training
+    score_logprobs(model, *padded_batch()[:2])
+    assert [module.training for module in model.modules()] == modes
 
 
-@pytest.mark.parametrize("arch", ["llama (functional attention dropout)", "gpt2 (nn.Dropout modules)"])
+@pytest.mark.parametrize("arch", ["llama (functional attention dropout)", "gpt2 (nn.Dropout modules)",
+                                  "persimmon (config.attention_dropout read at each forward)"])
 def test_dropout_is_off_when_scoring_and_training(arch):
     """The policy that generates has no dropout: score_logprobs scores in eval mode (the model's
     mode restored after), and the trainer zeroes the dropout rates, so that the importance ratio
@@ -255,6 +266,10 @@ def test_dropout_is_off_when_scoring_and_training(arch):
     torch.manual_seed(0)
     if arch.startswith("llama"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attention_dropout=0.5))
+    elif arch.startswith("persimmon"):
+        model = transformers.PersimmonForCausalLM(transformers.PersimmonConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, attention_dropout=0.5))
     else:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.5,

@@ -37,6 +37,9 @@ _LOGIT_POSTPROCESSING = {
     "logits_soft_cap": (
         "soft-caps its logits (cap * tanh(logits / cap), e.g. RecurrentGemma)",
         "a logit soft-capping option, which rlplus_loss does not have"),
+    "output_logit_soft_cap": (
+        "soft-caps its logits (cap * tanh(logits / cap), e.g. xLSTM)",
+        "a logit soft-capping option, which rlplus_loss does not have"),
     "logit_scale": (
         "multiplies its logits by a constant (e.g. Cohere)",
         "a `logit_scale` option; rlplus_loss has none (a constant scale s equals "
@@ -120,30 +123,33 @@ def get_backbone(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode (no dropout) inside the block, its own mode restored after."""
-    was_training = model.training
+    """``model`` in eval mode (no dropout) inside the block; the mode of each of its modules restored
+    after (``model.train(flag)`` would also flip a sub-module kept in eval mode on purpose)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def disable_dropout(model: nn.Module) -> int:
     """Set every dropout probability of ``model`` to 0; returns how many were non-zero.
 
     Covers ``nn.Dropout`` modules and the float rates that ``transformers`` attention and MLP
-    modules keep as attributes and apply functionally in train mode (``attention_dropout``,
-    ``dropout``, ``activation_dropout``, ...): every float attribute whose name holds "dropout".
+    modules apply functionally in train mode: every float attribute whose name holds "dropout"
+    (``attention_dropout``, ``dropout``, ``activation_dropout``, ...), on the modules and on the
+    model's config, which some attention implementations read at every forward (e.g. Persimmon's).
     """
     changed = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            changed += module.p != 0
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
+    for owner in [*model.modules(), *_configs(model)]:
+        if isinstance(owner, nn.modules.dropout._DropoutNd):
+            changed += owner.p != 0
+            owner.p = 0.0
+        for name, value in list(vars(owner).items()):
             if "dropout" in name and isinstance(value, float) and value != 0.0:
-                setattr(module, name, 0.0)
+                setattr(owner, name, 0.0)
                 changed += 1
     return changed
 
