@@ -295,6 +295,49 @@ def test_bad_shapes_are_named():
         rlplus_model_loss(model, ids, am, lm, torch.zeros(5), torch.zeros(5, 3))
 
 
+def test_bad_inputs_are_named_before_any_work():
+    """Each of these failed deep inside (an embedding lookup, range(), len() of a float) with a message
+    that did not name the argument, or was accepted: a misspelt batch key trained on-policy, a token id
+    given as ignore_index dropped that token, float token ids were truncated."""
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    adv = torch.zeros(ids.shape[0])
+    for call, error, match in [
+        (lambda: rlplus_model_loss(model, ids.float(), am, lm, adv), TypeError, "input_ids must be an integer"),
+        (lambda: rlplus_model_loss(model, ids[0], am[0], lm[0], adv[:1]), ValueError, r"input_ids must be \[B, T\]"),
+        (lambda: rlplus_model_loss(model, ids.masked_fill(am == 0, VOCAB), am, lm, adv), ValueError,
+         rf"input_ids must lie in \[0, {VOCAB}\)"),
+        (lambda: rlplus_model_loss(model, ids, am, lm, adv, position_ids=torch.zeros(3, 3, dtype=torch.long)),
+         ValueError, "position_ids"),
+        (lambda: rlplus_model_loss(model, ids, am, lm, adv, ignore_index=0), TypeError, "ignore_index"),
+        (lambda: score_logprobs(model, ids.float()), TypeError, "input_ids"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for kwargs, error, match in [(dict(clip_eps=0.2), TypeError, "clip_eps"),
+                                 (dict(loss_agg="mean"), ValueError, "loss_agg"),
+                                 (dict(micro_batch_size=1.5), ValueError, "micro_batch_size"),
+                                 (dict(normalizer=-1), ValueError, "normalizer")]:
+        with pytest.raises(error, match=match):
+            RLPlusTrainer(model, optimizer, verify_model_head=False, **kwargs)
+    trainer = RLPlusTrainer(model, optimizer, verify_model_head=False, preset={})
+    batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv)
+    for bad, match in [({**batch, "old_logprob": torch.zeros(ids.shape)}, "old_logprob"),
+                       ({**batch, "rewards": torch.ones(ids.shape[0] + 1)}, "rewards"),
+                       ({k: v[:0] for k, v in batch.items()}, "no sequences")]:
+        with pytest.raises(ValueError, match=match):
+            trainer.step(bad)
+
+    prompts, completions, rewards = [[5, 6, 7]], [[[10, 2], [11, 12, 2]]], [[1.0, 0.0]]
+    for kwargs, match in [(dict(completions=[[10, 2]]), r"completions\[0\]\[0\] must be a sequence"),
+                          (dict(prompts=[[5.7, 6, 7]]), r"prompts\[0\] must hold integer token ids"),
+                          (dict(external_completions=[[[15, 2]]], external_rewards=[1.0]), r"external_rewards\[0\]")]:
+        with pytest.raises(TypeError, match=match):
+            build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_build_group_batch(padding_side):
     prompts = [[5, 6, 7], [8, 9]]

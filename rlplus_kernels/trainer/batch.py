@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -37,6 +38,33 @@ class GroupBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                 "loss_mask": self.loss_mask, "advantages": self.advantages,
                 "external_mask": self.external_mask}
+
+
+def _token_ids(name: str, seq) -> list[int]:
+    """One sequence of token ids as a list of ints (a list, tuple, array or 1-D integer tensor)."""
+    if isinstance(seq, torch.Tensor):
+        if seq.dim() != 1 or seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor of token ids, got {seq.dtype} of shape "
+                            f"{tuple(seq.shape)}")
+        return seq.tolist()
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(seq).__name__}")
+    ids = list(seq)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(f"{name} must hold integer token ids, got {token!r}")
+    return [int(token) for token in ids]
+
+
+def _per_prompt(name: str, values, g: int) -> list:
+    """``values[g]``, the list of one prompt's completions or rewards."""
+    entry = values[g]
+    if isinstance(entry, torch.Tensor):
+        entry = entry.tolist()
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, Iterable):
+        raise TypeError(f"{name}[{g}] must be a list, one entry per completion of prompt {g}, "
+                        f"got {type(entry).__name__}")
+    return list(entry)
 
 
 def build_group_batch(prompts: Sequence[TokenSeq], completions: Sequence[Sequence[TokenSeq]],
@@ -78,20 +106,25 @@ def build_group_batch(prompts: Sequence[TokenSeq], completions: Sequence[Sequenc
                          f"got {len(external_completions)}")
     if external_rewards is not None and external_completions is None:
         raise ValueError("external_rewards given without external_completions")
+    if external_rewards is not None and len(external_rewards) != num_prompts:
+        raise ValueError(f"external_rewards must hold one list per prompt ({num_prompts}), got {len(external_rewards)}")
 
     rows: list[tuple[list[int], list[int], bool, int, float]] = []
     for g, prompt in enumerate(prompts):
-        if len(completions[g]) != len(rewards[g]):
-            raise ValueError(f"prompt {g}: {len(completions[g])} completions but {len(rewards[g])} rewards")
-        for comp, r in zip(completions[g], rewards[g]):
-            rows.append((list(prompt), list(comp), False, g, float(r)))
+        prompt = _token_ids(f"prompts[{g}]", prompt)
+        comps, comp_r = _per_prompt("completions", completions, g), _per_prompt("rewards", rewards, g)
+        if len(comps) != len(comp_r):
+            raise ValueError(f"prompt {g}: {len(comps)} completions but {len(comp_r)} rewards")
+        for i, (comp, r) in enumerate(zip(comps, comp_r)):
+            rows.append((prompt, _token_ids(f"completions[{g}][{i}]", comp), False, g, float(r)))
         if external_completions is not None:
-            ext = external_completions[g]
-            ext_r = [1.0] * len(ext) if external_rewards is None else external_rewards[g]
+            ext = _per_prompt("external_completions", external_completions, g)
+            ext_r = ([1.0] * len(ext) if external_rewards is None
+                     else _per_prompt("external_rewards", external_rewards, g))
             if len(ext_r) != len(ext):
                 raise ValueError(f"prompt {g}: {len(ext)} external completions but {len(ext_r)} rewards")
-            for comp, r in zip(ext, ext_r):
-                rows.append((list(prompt), list(comp), True, g, float(r)))
+            for i, (comp, r) in enumerate(zip(ext, ext_r)):
+                rows.append((prompt, _token_ids(f"external_completions[{g}][{i}]", comp), True, g, float(r)))
     if not rows:
         raise ValueError("build_group_batch: no sequences")
 

@@ -38,14 +38,23 @@ def _check_2d(name: str, x: torch.Tensor | None, shape: torch.Size, allow_1d: bo
     raise ValueError(f"{name} must have shape {expected} (aligned with input_ids), got {tuple(x.shape)}")
 
 
-def target_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, T]`` bool: which tokens are targets (see the module docstring)."""
+def check_input_ids(input_ids) -> None:
+    """An integer ``[B, T]`` tensor with ``T >= 2``; checked before the tensors aligned with it."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids needs at least 2 positions (position 0 is never a target), "
                          f"got T={input_ids.shape[1]}")
+
+
+def target_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` bool: which tokens are targets (see the module docstring)."""
+    check_input_ids(input_ids)
     attn = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.bool())
     valid = torch.zeros_like(attn)
@@ -72,6 +81,14 @@ def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                  position_ids: torch.Tensor | None):
     check_plain_linear_head(model)
     weight, bias = get_lm_head(model)
+    _check_2d("position_ids", position_ids, input_ids.shape)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    num_embeddings = getattr(embeddings, "num_embeddings", None)
+    # padding positions too: the embedding looks every id up ("index out of range in self" otherwise)
+    if num_embeddings is not None and input_ids.numel() and not (
+            0 <= int(input_ids.min()) and int(input_ids.max()) < num_embeddings):
+        raise ValueError(f"input_ids must lie in [0, {num_embeddings}) (the model's input embedding), padding "
+                         f"included; got ids from {int(input_ids.min())} to {int(input_ids.max())}")
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
     return hidden[:, :-1], weight, bias
 
@@ -105,6 +122,7 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """
     from rlplus_kernels import rlplus_loss
 
+    check_input_ids(input_ids)
     shape = input_ids.shape
     _check_2d("attention_mask", attention_mask, shape)
     _check_2d("loss_mask", loss_mask, shape)
@@ -117,10 +135,13 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         if key in hyper:
             raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
                             f"taken from the model and input_ids")
+    if "ignore_index" in hyper:
+        raise TypeError("rlplus_model_loss() got an unexpected keyword 'ignore_index': the targets are "
+                        "input_ids, selected by attention_mask and loss_mask (a token id given as "
+                        "ignore_index would silently drop that token)")
 
     valid = target_mask(input_ids, attention_mask, loss_mask)
-    ignore_index = hyper.get("ignore_index", -100)
-    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], ignore_index)
+    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
     hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
     out = rlplus_loss(
         hidden, weight, targets, _shift(advantages), _shift(old_logprobs),
@@ -142,6 +163,7 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
     """
     from rlplus_kernels import linear_logprobs
 
+    check_input_ids(input_ids)
     _check_2d("attention_mask", attention_mask, input_ids.shape)
     valid = target_mask(input_ids, attention_mask)
     targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import time
 from typing import Any, Mapping
 
@@ -10,13 +12,15 @@ import torch
 from torch import nn
 
 from .batch import GroupBatch
-from .loss import rlplus_model_loss, target_mask
+from .loss import check_input_ids, rlplus_model_loss, target_mask
 from .model_head import check_plain_linear_head, disable_dropout as _disable_dropout, verify_head
 
 __all__ = ["RLPlusTrainer"]
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "advantages", "old_logprobs",
                "external_mask", "behavior_logprobs", "ref_logprobs", "position_ids")
+# also taken by step: rewards (reported), group_ids (a GroupBatch field, as in dataclasses.asdict(batch))
+_REPORTED_KEYS = ("rewards", "group_ids")
 # metric -> which token count weighs it when micro-batch means are combined
 _ON_POLICY_METRICS = ("clip_frac", "ratio_mean")
 _EXTERNAL_METRICS = ("mis_ratio_mean", "explore_coef_mean")
@@ -26,6 +30,20 @@ _COUNT_METRICS = ("num_tokens", "num_external_tokens")
 def _official_recipe() -> dict:
     from rlplus_kernels import OFFICIAL_RECIPE
     return dict(OFFICIAL_RECIPE)
+
+
+def _check_hyper_parameters(hyper: Mapping[str, Any]) -> None:
+    """The keywords that every step passes to rlplus_loss, refused at construction rather than at the first step."""
+    from rlplus_kernels.config import RLPlusConfig
+    from rlplus_kernels.validation import check_normalizer
+
+    known = [f.name for f in dataclasses.fields(RLPlusConfig) if f.name != "ignore_index"] + ["normalizer"]
+    unknown = sorted(k for k in hyper if k not in known)
+    if unknown:
+        raise TypeError(f"RLPlusTrainer got unknown hyper-parameter(s) {unknown}; known: {known}")
+    normalizer = hyper.get("normalizer")
+    check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
+    RLPlusConfig(**{k: v for k, v in hyper.items() if k != "normalizer"})
 
 
 class RLPlusTrainer:
@@ -54,8 +72,9 @@ class RLPlusTrainer:
                  max_grad_norm: float | None = 1.0, micro_batch_size: int | None = None,
                  preset: Mapping[str, Any] | None = None, lr_scheduler=None,
                  verify_model_head: bool = True, disable_dropout: bool = True, **hyper: Any):
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size}")
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(
+                micro_batch_size, numbers.Integral) or micro_batch_size < 1):
+            raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
@@ -65,6 +84,7 @@ class RLPlusTrainer:
         self.lr_scheduler = lr_scheduler
         self.hyper = dict(_official_recipe() if preset is None else preset)
         self.hyper.update(hyper)
+        _check_hyper_parameters(self.hyper)
         if disable_dropout:
             _disable_dropout(model)
         if verify_model_head:
@@ -110,8 +130,9 @@ class RLPlusTrainer:
         ``batch`` is a :class:`GroupBatch` or a mapping with the tensors of
         :func:`rlplus_model_loss` (``input_ids``, ``attention_mask``, ``loss_mask``,
         ``advantages`` and optionally ``old_logprobs``, ``external_mask``,
-        ``behavior_logprobs``, ``ref_logprobs``, ``position_ids``); other keys are ignored,
-        except ``rewards``, whose mean over the non-external rows is reported.
+        ``behavior_logprobs``, ``ref_logprobs``, ``position_ids``), and optionally ``rewards``
+        (``[B]``, whose mean over the non-external rows is reported) and ``group_ids``; any other
+        key is refused (a misspelt ``old_logprobs`` would otherwise train on-policy).
 
         Returns floats: ``loss``, the ``RLPlusOutput`` metrics (over the whole batch),
         ``grad_norm`` (before clipping), ``tokens_per_s`` (non-padding tokens through forward
@@ -121,11 +142,22 @@ class RLPlusTrainer:
             rewards = batch.rewards
             batch = batch.model_inputs()
         else:
+            unknown = sorted(k for k in batch if k not in _BATCH_KEYS + _REPORTED_KEYS)
+            if unknown:  # a misspelt old_logprobs would otherwise train on-policy without a word
+                raise ValueError(f"RLPlusTrainer.step: unknown batch key(s) {unknown}; "
+                                 f"known: {list(_BATCH_KEYS + _REPORTED_KEYS)}")
             rewards = batch.get("rewards")
             batch = {k: v for k, v in batch.items() if k in _BATCH_KEYS and v is not None}
         missing = [k for k in ("input_ids", "advantages") if k not in batch]
         if missing:
             raise ValueError(f"RLPlusTrainer.step: batch lacks {missing}")
+        check_input_ids(batch["input_ids"])
+        num_sequences = batch["input_ids"].shape[0]
+        if num_sequences == 0:
+            raise ValueError("RLPlusTrainer.step: the batch has no sequences (input_ids is [0, T])")
+        if rewards is not None and tuple(torch.as_tensor(rewards).shape) != (num_sequences,):
+            raise ValueError(f"rewards must have shape ({num_sequences},), one per sequence of input_ids, "
+                             f"got {tuple(torch.as_tensor(rewards).shape)}")
         batch.setdefault("attention_mask", None)
         batch.setdefault("loss_mask", None)
 
