@@ -37,7 +37,9 @@ import traceback
 
 import torch
 
-from providers import PROVIDERS, Problem, make_inputs
+# this checkout's rlplus_kernels, installed or not (a bare GPU machine runs it from the working tree)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from providers import PROVIDERS, Problem, make_inputs  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -392,7 +394,7 @@ def environment(device: str, threads: int) -> dict:
            "liger_version": ver("liger-kernel"), "cce_version": ver("cut-cross-entropy"),
            "rlplus_kernels_version": ver("rlplus-kernels") or _module_version("rlplus_kernels"),
            "python_version": platform.python_version(),
-           "threads": threads}
+           "threads": threads, "argv": sys.argv}
     if device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
     else:
@@ -403,11 +405,13 @@ def environment(device: str, threads: int) -> dict:
         except (OSError, StopIteration):
             pass
         env["device_name"] = f"{name} ({threads} threads)"
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
+    env["git_commit"] = os.environ.get("GIT_COMMIT")  # a copy of the tree without .git names it this way
+    if env["git_commit"] is None:
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except OSError:
+            pass
     return env
 
 
