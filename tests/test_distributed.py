@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import TRITON_ON_CPU
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
 from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
@@ -42,6 +43,8 @@ class Case:
     loss_mask: bool = True
     all_masked: bool = False
     normalizer: Optional[str] = None  # None, "float" or "tensor"
+    masked_last_shard: bool = False  # the last rank's rows masked by bias = float32 min (logits -inf at T < 1)
+    backend: str = "torch"
     kwargs: tuple = ()  # hyper-parameters of rlplus_loss / linear_logprobs
 
 
@@ -63,6 +66,9 @@ TP_CASES = [
     Case("no valid token", all_masked=True, kwargs=(("entropy_coef", 0.01),)),
     Case("linear_logprobs with entropy", op="linear_logprobs", kwargs=(("temperature", 0.9),)),
     Case("float32 token-mean", dtype=torch.float32, external="mis", kwargs=(("entropy_coef", 0.01),)),
+    *[Case(f"{backend}: the last shard masked by its bias", dtype=torch.float32, masked_last_shard=True,
+           backend=backend, external="mis", kwargs=(("entropy_coef", 0.05), ("temperature", 0.7)))
+      for backend in ("torch", "triton") if backend == "torch" or TRITON_ON_CPU],
 ]
 
 DP_AGG = [("token-mean", "BT"), ("sum", "BT"), ("seq-mean-token-mean", "BT"), ("seq-mean-token-sum", "BT"),
@@ -96,6 +102,9 @@ def _make_batch(case: Case, vocab: int, seed: int):
     edges = torch.tensor([0, SHARD_ROWS - 1, SHARD_ROWS, vocab - SHARD_ROWS, vocab - 1])
     flat[1:1 + len(edges)] = edges
     flat[-2] = -100
+    if case.masked_last_shard:  # no target there: its probability is 0
+        batch["bias"][-SHARD_ROWS:] = torch.finfo(torch.float32).min
+        flat[flat >= 0] %= vocab - SHARD_ROWS
     cu_seqlens = torch.tensor(PACKED_CU_SEQLENS) if case.layout == "packed" else None
     batch["cu_seqlens"] = cu_seqlens
     batch["advantages"] = randn(num_sequences if case.per_sequence else shape)
@@ -152,8 +161,8 @@ def _run_tp_case(case: Case, rank: int, world: int, device: str):
     bias_shard = None if batch["bias"] is None else batch["bias"][shard]
     leaves = [leaf(batch["hidden"], case.dtype), leaf(weight_shard, case.dtype), leaf(bias_shard, case.dtype)]
     fn = linear_logprobs if case.op == "linear_logprobs" else rlplus_loss
-    got = evaluate(*leaves, fn, backend="torch", vocab_parallel_group=dist.group.WORLD,
-                   chunk_tokens=8, chunk_vocab=16)
+    tuning = dict(chunk_tokens=8, chunk_vocab=16) if case.backend == "torch" else {}
+    got = evaluate(*leaves, fn, backend=case.backend, vocab_parallel_group=dist.group.WORLD, **tuning)
 
     grad = lambda x: None if x is None else x.grad  # noqa: E731
     ref_bias_grad = None if ref_leaves[2] is None else ref_leaves[2].grad[shard]

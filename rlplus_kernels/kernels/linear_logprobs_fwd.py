@@ -256,6 +256,9 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
     """
     big = m.max(0).values
+    # relative to a finite max, as in the kernel: -inf where every logit of this shard is -inf (a
+    # vocabulary-parallel shard masked by its bias), whose lse is then -inf and sum_pz 0, not NaN
+    big = torch.where(big == float("-inf"), 0.0, big)
     shift = (m - big).clamp(min=LOG_P_FLOOR.value)  # floored as in the kernel: s * shift stays finite
     scale = torch.exp(shift)
     s_tot = (s * scale).sum(0)
@@ -264,7 +267,7 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     if not with_entropy:
         return lse, target_logit, None, None
     t_tot = ((t + s * shift) * scale).sum(0)
-    mean_zc = t_tot / s_tot
+    mean_zc = torch.where(s_tot > 0, t_tot / s_tot, 0.0)
     return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
 
 
