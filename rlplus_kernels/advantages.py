@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .backends.common import compute_dtype
+
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = False,
                      eps: float = 1e-6) -> torch.Tensor:
@@ -21,12 +23,14 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
         raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
     _, group = torch.unique(group_ids, return_inverse=True)
     num_groups = int(group.max()) + 1 if group.numel() else 0
-    count = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
-        0, group, torch.ones_like(rewards))
-    mean = torch.zeros_like(count).index_add_(0, group, rewards) / count
-    centred = rewards - mean[group]
-    if not normalize_std:
-        return centred
-    sq = torch.zeros_like(count).index_add_(0, group, centred * centred)
-    std = torch.sqrt(sq / (count - 1).clamp(min=1))
-    return centred / (std[group] + eps)
+    # counts and sums in float32 (float64 for float64), returned in the rewards' dtype: bfloat16 stops counting at 256
+    values = rewards.to(compute_dtype(rewards.dtype))
+    count = torch.zeros(num_groups, dtype=values.dtype, device=rewards.device).index_add_(
+        0, group, torch.ones_like(values))
+    mean = torch.zeros_like(count).index_add_(0, group, values) / count
+    centred = values - mean[group]
+    if normalize_std:
+        sq = torch.zeros_like(count).index_add_(0, group, centred * centred)
+        std = torch.sqrt(sq / (count - 1).clamp(min=1))
+        centred = centred / (std[group] + eps)
+    return centred.to(rewards.dtype)

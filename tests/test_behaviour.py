@@ -355,6 +355,12 @@ def test_group_advantages():
     torch.testing.assert_close(group_advantages(rewards, groups), expected)
     std = torch.tensor([0.5, 0.5, 0.5, 0.5, 2**0.5, 2**0.5])
     torch.testing.assert_close(group_advantages(rewards, groups, normalize_std=True, eps=0.0), expected / std)
+    # half precision: a group of 600 (300 ones) has advantages +-0.5; bfloat16 sums stop counting at 256
+    large = torch.arange(600) % 2 == 0
+    for dtype in (torch.bfloat16, torch.float16):
+        got = group_advantages(large.to(dtype), torch.zeros(600, dtype=torch.long))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, torch.where(large, 0.5, -0.5).to(dtype), rtol=0, atol=0)
     with pytest.raises(TypeError, match="group_ids"):
         group_advantages(rewards, torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="rewards"):
