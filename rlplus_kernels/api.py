@@ -12,8 +12,8 @@ from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
 from .distributed import vocab_parallel_layout
 from .head import TokenBatch, rlplus_head, sequence_layout
-from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_per_token, check_targets,
-                         require_tensor, shape_text)
+from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_normalizer_value,
+                         check_per_token, check_targets, require_tensor, shape_text)
 
 
 class RLPlusOutput(NamedTuple):
@@ -119,8 +119,9 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
         sequence_ids=sequence_ids,
         num_sequences=num_sequences,
     )
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(dtype)
+    if isinstance(normalizer, torch.Tensor):  # data, like the per-token tensors: no gradient flows into it
+        check_normalizer_value(normalizer, valid)
+        normalizer = normalizer.detach().to(dtype)
 
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
     op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
@@ -186,4 +187,5 @@ class RLPlusLoss(nn.Module):
                                    cu_seqlens=cu_seqlens, vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.config.as_kwargs().items())
+        fields = {**self.config.as_kwargs(), "normalizer": self.normalizer}
+        return ", ".join(f"{k}={v!r}" for k, v in fields.items())

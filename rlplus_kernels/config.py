@@ -94,6 +94,10 @@ class RLPlusConfig:
             raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {self.loss_agg!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not -2**63 <= self.ignore_index < 2**63:  # the targets are int64
+            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
+        if not isinstance(plain_number(self.return_entropy), bool):
+            raise TypeError(f"return_entropy must be a bool, got {type(self.return_entropy).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("chunk_tokens", "chunk_vocab"):

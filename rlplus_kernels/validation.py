@@ -139,7 +139,7 @@ def check_per_token(name: str, x, targets, *, kind: str, num_sequences: Optional
 
 
 def check_normalizer(normalizer, device: torch.device):
-    """A positive number, or a 0-dim tensor (its value is not read: that would cost a host sync)."""
+    """A positive number, or a 0-dim tensor (whose value `check_normalizer_value` checks)."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
@@ -156,3 +156,14 @@ def check_normalizer(normalizer, device: torch.device):
     if not normalizer > 0 or normalizer == float("inf"):
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
     return float(normalizer)
+
+
+def check_normalizer_value(normalizer: torch.Tensor, valid: torch.Tensor) -> None:
+    """A tensor normalizer is finite and > 0, or 0 when no token enters the loss (a global count over
+    ranks that have none). One host sync, as for the targets; on the device inside torch.compile."""
+    bad = ~torch.isfinite(normalizer) | (normalizer < 0) | ((normalizer == 0) & valid.any())
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad, "normalizer must be finite and > 0 (0 only when no token enters the loss)")
+    elif bool(bad):
+        raise ValueError(f"normalizer must be finite and > 0 (0 only when no token enters the loss), "
+                         f"got {normalizer.item()}")

@@ -272,7 +272,7 @@ def test_module_equals_function_and_takes_the_preset():
     assert out.entropy is not None  # the preset's entropy bonus computes entropies
     override = module(hidden, weight, targets, advantages, old, external_mask=external, normalizer=2.0)
     torch.testing.assert_close(override.loss, direct.loss * 8192 / 2.0)
-    assert "loss_agg='sum'" in repr(module)
+    assert "loss_agg='sum'" in repr(module) and "normalizer=8192" in repr(module)  # both define the objective
 
 
 def test_official_preset_is_the_papers_recipe():
@@ -312,16 +312,16 @@ def test_gradients_flow_into_the_head_only(backend):
     targets = torch.randint(0, 30, (2, 5))
     per_token = {name: (-torch.rand(2, 5)).requires_grad_()
                  for name in ("old_logprobs", "behavior_logprobs", "ref_logprobs")}
-    advantages = torch.randn(2).requires_grad_()
+    advantages, normalizer = torch.randn(2).requires_grad_(), torch.tensor(7.0, requires_grad=True)
     kwargs = dict(external_mask=torch.tensor([False, True]), kl_coef=0.1, entropy_coef=0.01, backend=backend)
-    attached = rlplus_loss(hidden, weight, targets, advantages, **per_token, **kwargs)
+    attached = rlplus_loss(hidden, weight, targets, advantages, **per_token, normalizer=normalizer, **kwargs)
     attached.loss.backward()
     grads = (hidden.grad.clone(), weight.grad.clone())
-    for x in (advantages, *per_token.values()):
+    for x in (advantages, normalizer, *per_token.values()):
         assert x.grad is None
     hidden.grad = weight.grad = None
     detached = rlplus_loss(hidden, weight, targets, advantages.detach(),
-                           **{k: v.detach() for k, v in per_token.items()}, **kwargs)
+                           **{k: v.detach() for k, v in per_token.items()}, normalizer=normalizer.detach(), **kwargs)
     detached.loss.backward()
     assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
 

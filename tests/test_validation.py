@@ -69,7 +69,12 @@ CASES = [
     ("normalizer negative", good(normalizer=-4.0), ValueError, "normalizer"),
     ("normalizer string", good(normalizer="8192"), TypeError, "normalizer"),
     ("normalizer 1-D tensor", good(normalizer=torch.ones(2)), ValueError, "normalizer"),
+    ("normalizer tensor negative", good(normalizer=torch.tensor(-1.0)), ValueError, "normalizer"),
+    ("normalizer tensor 0 with valid tokens", good(normalizer=torch.tensor(0.0)), ValueError, "normalizer"),
+    ("normalizer tensor nan", good(normalizer=torch.tensor(float("nan"))), ValueError, "normalizer"),
     ("unknown backend", good(backend="cuda"), ValueError, "backend"),
+    ("ignore_index beyond int64", good(ignore_index=2**64), ValueError, "ignore_index"),
+    ("string return_entropy", good(return_entropy="no"), TypeError, "return_entropy"),
     ("per-sequence advantages wrong length", batched(advantages=torch.randn(3)), ValueError, "advantages"),
     ("string gamma", good(gamma="0.5"), TypeError, "gamma"),
 ]
