@@ -148,11 +148,12 @@ def _rlplus_head_fwd_kernel(
     # tokens outside the loss contribute exactly 0, whatever their (unused) inputs hold
     tl.store(weighted_loss_ptr + offs, tl.where(valid, agg * loss, 0.0), mask=mask)
     tl.store(dloss_dlogp_ptr + offs, tl.where(valid, agg * d_loss, 0.0), mask=mask)
+    row = tl.cast(N, tl.int64)  # the [5, N] stats: 4 * N passes 2^31 from 2^29 tokens (N may be constexpr 1)
     tl.store(stats_ptr + offs, ratio, mask=mask)
-    tl.store(stats_ptr + N + offs, clipped.to(logp.dtype), mask=mask)
-    tl.store(stats_ptr + 2 * N + offs, mis_weight, mask=mask)
-    tl.store(stats_ptr + 3 * N + offs, explore, mask=mask)
-    tl.store(stats_ptr + 4 * N + offs, kl, mask=mask)
+    tl.store(stats_ptr + row + offs, clipped.to(logp.dtype), mask=mask)
+    tl.store(stats_ptr + 2 * row + offs, mis_weight, mask=mask)
+    tl.store(stats_ptr + 3 * row + offs, explore, mask=mask)
+    tl.store(stats_ptr + 4 * row + offs, kl, mask=mask)
 
 
 def kernel_float(x: float) -> float:
