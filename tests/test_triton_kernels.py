@@ -626,3 +626,45 @@ def test_tma_only_on_aligned_rows(monkeypatch):
         for name, got, ref in zip(("hidden", "weight", "bias"), (gh, gw, gb),
                                   ref_backward(h, w, b, t, lse, ent, gl, None, temperature=1.0)):
             check(f"grad_{name}", got, ref, 2e-5)
+
+
+@pytest.mark.parametrize("logits", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float16, True)],
+                         ids=["fp32 (product in dl)", "fp16 bias (fp32 product slices)"])
+def test_launched_row_strides_are_what_the_static_check_compiles(monkeypatch, logits, dtype, bias):
+    """scripts/check_kernels.py compiles the kernels for 16-divisible row strides of the cuBLAS product
+    and of the dlogits chunk; an odd one (V = 37, and its last chunk) launched an unchecked variant that
+    spills on a GPU (98 spill stores in the product-reading forward). Every launch must get the checked kind."""
+    from rlplus_kernels.kernels import linear_logprobs_bwd as bwd_module
+    from rlplus_kernels.kernels import linear_logprobs_fwd as fwd_module
+
+    seen = []
+
+    def recording(module, name, strides):
+        kernel = getattr(module, name)
+        names = kernel.arg_names
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    bound = dict(zip(names, args), **kwargs)
+                    seen.extend((name, s, bound[s]) for s in strides if bound.get("prod_ptr") is not None
+                                or s.startswith("stride_dl"))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Recorder())
+
+    recording(fwd_module, "_linear_logprobs_fwd_kernel", ["stride_prod_n"])
+    recording(bwd_module, "_linear_logprobs_bwd_kernel",
+              ["stride_dl_n", "stride_dl_v", "stride_prod_n", "stride_prod_v"])
+    n, d, v = 21, 32, 37
+    h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
+    lse, _, _ = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=False,
+                                        logits=logits, chunk_elems=16 * 64)
+    linear_logprobs_backward(h, w, b, t, lse, None, torch.randn(n, device=DEVICE), None, temperature=1.0,
+                             ignore_index=IGN, needs_grad=(True, True, True), logits=logits, chunk_elems=16 * 24)
+    assert any(name.endswith("bwd_kernel") for name, _, _ in seen)
+    if logits == "cublas":
+        assert any(s == "stride_prod_n" and name.endswith("fwd_kernel") for name, s, _ in seen)
+    odd = [(name, s, value) for name, s, value in seen if value != 1 and value % 16]
+    assert not odd, odd

@@ -198,6 +198,23 @@ def operand_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: KernelC
             descriptor.from_tensor(weight, [cfg.BLOCK_V, cfg.BLOCK_D]))
 
 
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def padded_elements(rows: int, cols: int) -> int:
+    """Storage for `padded_matrix(storage, r, c)` with r <= rows and c <= cols."""
+    return rows * _pad16(cols)
+
+
+def padded_matrix(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] view of flat `storage` whose row stride is cols rounded up to 16 elements. The
+    kernels that read or write such buffers (the cuBLAS product, the dlogits chunk) are compiled for
+    16-divisible row strides; an odd one (a vocabulary or its last chunk not a multiple of 16) would
+    launch a variant the static check never sees, which spills (98 stores in the product-reading forward)."""
+    return storage[: rows * _pad16(cols)].view(rows, _pad16(cols))[:, :cols]
+
+
 # Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).
 PRODUCT_CONFIG = KernelConfig(64, 128, 16, num_warps=8, num_stages=3)
 

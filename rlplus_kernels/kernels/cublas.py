@@ -47,7 +47,7 @@ def _half_addmm_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> b
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (fp32, contiguous) = a @ b."""
+    """out (fp32, unit column stride, any row stride) = a @ b."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
     if a.is_cuda:

@@ -57,8 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (check_interpreter, dot_precision, kernel_operand, logits_source, operand_descriptors, pick_config,
-                      product_config, rows_aligned, sm_count, uses_descriptors)
+from ._config import (check_interpreter, dot_precision, kernel_operand, logits_source, operand_descriptors,
+                      padded_elements, padded_matrix, pick_config, product_config, rows_aligned, sm_count,
+                      uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, source_logits_tile
 
@@ -370,7 +371,9 @@ def linear_logprobs_backward(
     def unscaled(acc32):
         return acc32 if unscale is None else acc32.mul_(unscale)
 
-    buf = torch.empty(min(cn, n_tokens) * min(cv, n_vocab), device=device, dtype=dtype)
+    # dl chunks are [rows, cols] ([cols, rows] seen transposed when it holds the product) with padded rows
+    buf = torch.empty(padded_elements(min(cv, n_vocab), min(cn, n_tokens)) if product_in_dl
+                      else padded_elements(min(cn, n_tokens), min(cv, n_vocab)), device=device, dtype=dtype)
     gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
     # scaled float16 grad_weight rows that need no cross-chunk sum still leave cuBLAS in fp32
     gw_chunk32 = (torch.empty(min(cv, n_vocab) * dim, device=device, dtype=torch.float32)
@@ -380,7 +383,7 @@ def linear_logprobs_backward(
     # the column slices of a dl chunk that one fp32 product covers (the whole chunk otherwise)
     fp32_products = from_product and not product_in_dl
     slice_cols = max(cfg.BLOCK_V, cv // PRODUCT_SLICES // cfg.BLOCK_V * cfg.BLOCK_V) if fp32_products else cv
-    product = torch.empty(min(cn, n_tokens) * min(slice_cols, n_vocab), device=device,
+    product = torch.empty(padded_elements(min(cn, n_tokens), min(slice_cols, n_vocab)), device=device,
                           dtype=torch.float32) if fp32_products else None
 
     def fill_dl(dl, n0, n1, c0, c1):
@@ -393,7 +396,7 @@ def linear_logprobs_backward(
             addmm_rounded_once(neg_shift[n0:n1], wk, hk.t(), out=dl.t())
             prod = dl
         elif from_product:
-            prod = mm_fp32(hk, wk.t(), out=product[: rows * cols].view(rows, cols))
+            prod = mm_fp32(hk, wk.t(), out=padded_matrix(product, rows, cols))
         h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
         tiles = triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V)
         grid = (min(tiles, sm_count(device)) if cfg.PIPELINE_TILES else tiles,)
@@ -420,7 +423,7 @@ def linear_logprobs_backward(
         for v0 in range(0, n_vocab, cv):
             v1 = min(v0 + cv, n_vocab)
             rows, cols = n1 - n0, v1 - v0
-            dl = buf[: rows * cols].view(cols, rows).t() if product_in_dl else buf[: rows * cols].view(rows, cols)
+            dl = padded_matrix(buf, cols, rows).t() if product_in_dl else padded_matrix(buf, rows, cols)
             for c0 in range(v0, v1, slice_cols):
                 c1 = min(c0 + slice_cols, v1)
                 fill_dl(dl[:, c0 - v0:c1 - v0], n0, n1, c0, c1)
