@@ -13,8 +13,11 @@ a TMA variant without UTMALDG).
 
     python scripts/check_kernels.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
 
---quick keeps the flag combinations that bound register pressure (all flags on, all off, and
-the bias-free / odd-D variants of the heaviest kernel) instead of the full cross product.
+--quick keeps, instead of the full cross product, the flag combinations that bound register
+pressure: every flag on (the heaviest), and for the forward also every flag off (the bias-free
+LM head without entropy: another specialisation), with each alignment/source/tiling variant.
+The RLPLUS_AUTOTUNE=1 candidates are compiled where the launcher autotunes (sm_80/sm_90, fp16/bf16,
+aligned rows, D % 64 == 0).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ HEAD_FLAGS = ("HAS_ENTROPY", "HAS_OLD", "HAS_EXTERNAL", "HAS_BEHAVIOR", "HAS_KL"
 
 def _cases(targets, dtypes, quick):
     """Yield (kernel, target, dtype, flags dict) for every launchable configuration."""
-    from rlplus_kernels.kernels._config import pipelining_supported, tensor_descriptor_class
+    from rlplus_kernels.kernels._config import AUTOTUNE_CANDIDATES, pipelining_supported, tensor_descriptor_class
 
     # the per-token RL head runs in float32 whatever the input dtype; each flag also says whether
     # its optional pointer is passed
@@ -81,12 +84,20 @@ def _cases(targets, dtypes, quick):
                 if gl or ge  # no upstream gradient: the launcher returns zeros without a launch
             ]
             if quick:
-                fwd = [f for f in fwd if f["HAS_BIAS"] and f["WITH_ENTROPY"] and f.get("BD_DIV", 1) == 1]
+                fwd = [f for f in fwd if f["HAS_BIAS"] == f["WITH_ENTROPY"] and f.get("BD_DIV", 1) == 1]
                 bwd = [f for f in bwd if f["HAS_BIAS"] and f["HAS_GRAD_LOGP"] and f["HAS_GRAD_ENT"] and f.get("BD_DIV", 1) == 1]
             for flags in fwd:
                 yield ("fwd", target, dtype, dict(flags, DOT_PRECISION=prec))
             for flags in bwd:
                 yield ("bwd", target, dtype, dict(flags, DOT_PRECISION=prec))
+        # RLPLUS_AUTOTUNE=1 (forward only): each candidate, where `autotune_applies`
+        if dtype != "fp32":
+            for index, candidate in enumerate(AUTOTUNE_CANDIDATES):
+                if candidate.PIPELINE_TILES and not pipelining_supported():
+                    continue
+                for b, e in [(True, True)] if quick else itertools.product([True, False], [True, False]):
+                    yield ("fwd", target, dtype, dict(HAS_BIAS=b, WITH_ENTROPY=e, EVEN_D=True, ALIGNED=True,
+                                                      AUTOTUNE=index, DOT_PRECISION="ieee"))
         # the cuBLAS logits source (RLPLUS_LOGITS=cublas): the same kernels read an fp32 product, no tl.dot;
         # the backward's bf16 without a bias and fp32 read it from the dl chunk itself ([V, N] layout)
         fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e) for b, e in itertools.product([True, False], [True, False])]
@@ -229,6 +240,8 @@ def compile_one(case):
             cfg = SimpleNamespace(BLOCK=rlplus_head.BLOCK, num_warps=4, num_stages=3)
         elif flags.get("FROM_PRODUCT"):
             cfg = _config.PRODUCT_CONFIG
+        elif "AUTOTUNE" in flags:
+            cfg = _config.AUTOTUNE_CANDIDATES[flags["AUTOTUNE"]]
         else:
             cfg = _config.table_config(fam, dtype == "fp32", aligned=flags.get("ALIGNED", True), kernel=kernel)
         if flags.get("PIPELINE_TILES"):
@@ -269,7 +282,8 @@ def compile_one(case):
 def _flag_str(flags):
     parts = [k for k, v in flags.items() if v is True and k != "ALIGNED"] + ([] if flags.get("ALIGNED", True) else ["unaligned"])
     prec = flags.get("DOT_PRECISION")
-    return ",".join(parts + ([prec] if prec and prec != "ieee" else [])) or "-"
+    tuned = [f"autotune{flags['AUTOTUNE']}"] if "AUTOTUNE" in flags else []
+    return ",".join(parts + tuned + ([prec] if prec and prec != "ieee" else [])) or "-"
 
 
 def main(argv=None):

@@ -1,11 +1,12 @@
 """scripts/check_kernels.py: every kernel compiles ahead of time for sm_80/sm_90 without spills.
 
 Needs triton's CUDA backend (ptxas and cuobjdump ship in the wheel), no GPU. The test runs the
-check TRIMMED with `--quick`: 88 kernels (sm_80 and sm_90; bf16, fp16, fp32 IEEE and TF32;
+check TRIMMED with `--quick`: 138 kernels (sm_80 and sm_90; bf16, fp16, fp32 IEEE and TF32;
 aligned, unaligned and odd-D variants, the sm_90 TMA-descriptor variants, which must show UTMALDG,
-the half-precision PIPELINE_TILES variants, and the kernels reading cuBLAS products) with every flag
-on, the heaviest combination for registers, and the RL head kernel with every optional input
-present and absent; ~90 s on 2 cores with a cold Triton cache. The full cross product (every flag
+the half-precision PIPELINE_TILES variants, the kernels reading cuBLAS products and the RLPLUS_AUTOTUNE
+candidates) with every flag on, the heaviest combination for registers, the forward also with every flag
+off (the bias-free LM head), and the RL head kernel with every optional input present and absent;
+~2.5 min on 2 cores with a cold Triton cache. The full cross product (every flag
 combination and the BLOCK_D=16 fallback) is `python scripts/check_kernels.py`:
 ~6 min on 2 cores (522 kernels); run it by hand, under triton 3.9 and 3.6 (kernels/README.md),
 before changing the table or a kernel.

@@ -97,6 +97,23 @@ _UNALIGNED = {
 
 FAMILIES = ("sm80", "sm90")
 
+# RLPLUS_AUTOTUNE=1: candidates around the half-precision table tile, tried only where that tile
+# applies (`autotune_applies`); scripts/check_kernels.py compiles each, spill-free. Elsewhere the
+# table stands: for fp32 and unaligned rows every candidate spills (fp32's also exceed the shared
+# memory of sm_86/89), 128x256 tiles spill on sm_80 and sm_90, and 128x64 at 4 warps on sm_80 (triton 3.6).
+AUTOTUNE_CANDIDATES = (
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+    KernelConfig(128, 128, 64, num_warps=8, num_stages=4, PIPELINE_TILES=True),
+    KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
+)
+
+
+def autotune_applies(device: torch.device, dtype: torch.dtype, aligned: bool, dim: int) -> bool:
+    """Where RLPLUS_AUTOTUNE=1 autotunes the forward: sm_80/sm_90, float16/bfloat16, aligned rows, D % 64 == 0."""
+    return (autotune_enabled() and family_of(device) in FAMILIES and dtype != torch.float32 and aligned
+            and dim % 64 == 0)
+
 
 def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
     if not aligned and family != "interpret":

@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 
 from ._config import (
-    autotune_enabled,
+    AUTOTUNE_CANDIDATES,
+    autotune_applies,
     check_interpreter,
     dot_precision,
-    interpreting,
     kernel_operand,
     logits_source,
     operand_descriptors,
@@ -213,21 +213,14 @@ _AUTOTUNED = None
 
 
 def _autotuned_kernel():
-    """``RLPLUS_AUTOTUNE=1`` only: a small search around the fixed table (keyed on shapes)."""
+    """``RLPLUS_AUTOTUNE=1`` only: the candidates of `AUTOTUNE_CANDIDATES` (keyed on shapes)."""
     global _AUTOTUNED
     if _AUTOTUNED is None:
         configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 8, "PIPELINE_TILES": flat},
-                          num_warps=w, num_stages=s)
-            for bn, bv, bd, w, s, flat in [
-                (128, 128, 64, 8, 3, False),
-                (128, 128, 64, 8, 4, False),
-                (128, 128, 64, 8, 4, True),
-                (128, 256, 64, 8, 3, False),
-                (64, 128, 64, 4, 4, False),
-                (128, 64, 64, 4, 4, False),
-            ]
-            if pipelining_supported() or not flat
+            triton.Config({"BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V, "BLOCK_D": c.BLOCK_D, "GROUP_N": c.GROUP_N,
+                           "PIPELINE_TILES": c.PIPELINE_TILES}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in AUTOTUNE_CANDIDATES
+            if pipelining_supported() or not c.PIPELINE_TILES
         ]
         _AUTOTUNED = triton.autotune(configs=configs, key=["N", "V", "D", "WITH_ENTROPY"])(
             _linear_logprobs_fwd_kernel
@@ -235,46 +228,8 @@ def _autotuned_kernel():
     return _AUTOTUNED
 
 
-def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, device: torch.device,
-                  min_splits: int = 16, waves: int = 8) -> tuple[int, int]:
-    """Vocabulary splits so that a few thousand tokens still fill every SM several times over.
-
-    Returns (splits, vocab columns per split); every split holds at least one column, so each
-    partial max is finite. Extra splits cost only [splits, N] floats (the hidden block is
-    re-read per vocabulary tile anyway).
-    """
-    n_blocks = triton.cdiv(n_tokens, block_n)
-    v_tiles = triton.cdiv(n_vocab, block_v)
-    want = max(min_splits, triton.cdiv(waves * sm_count(device), n_blocks))
-    splits = max(1, min(v_tiles, want))
-    per_split = triton.cdiv(v_tiles, splits) * block_v
-    return triton.cdiv(n_vocab, per_split), per_split
-
-
-def merge_partials(m, s, t, tz, with_entropy: bool):
-    """Merge [splits, N] partials: lse = M + log sum_k s_k e^(m_k - M), and likewise for t.
-
-    Returns (lse, target_logit, sum_pz | None, entropy | None). ``entropy`` is
-    log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
-    """
-    big = m.max(0).values
-    # relative to a finite max, as in the kernel: -inf where every logit of this shard is -inf (a
-    # vocabulary-parallel shard masked by its bias), whose lse is then -inf and sum_pz 0, not NaN
-    big = torch.where(big == float("-inf"), 0.0, big)
-    shift = (m - big).clamp(min=LOG_P_FLOOR.value)  # floored as in the kernel: s * shift stays finite
-    scale = torch.exp(shift)
-    s_tot = (s * scale).sum(0)
-    lse = big + torch.log(s_tot)
-    target_logit = tz.sum(0)
-    if not with_entropy:
-        return lse, target_logit, None, None
-    t_tot = ((t + s * shift) * scale).sum(0)
-    mean_zc = torch.where(s_tot > 0, t_tot / s_tot, 0.0)
-    return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
-
-
 def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperature, ignore_index, vocab_start,
-            with_entropy, precision, descriptors=False):
+            with_entropy, precision, descriptors=False, autotune=False):
     """One launch over the [N, w.shape[0]] logits (from tl.dot, or read from `prod`) into parts [k, splits, N]."""
     n_tokens, dim = h.shape
     part_t = parts[3] if with_entropy else parts[0]  # placeholder pointer when unused, never written
@@ -286,7 +241,7 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
         b.stride(0) if b is not None else 0, targets.stride(0), prod.stride(0) if prod is not None else 0,
         float(temperature), int(ignore_index), int(vocab_start),
     )
-    if autotune_enabled() and not interpreting() and prod is None and not descriptors:  # descriptors fix the blocks
+    if autotune:
         grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
         _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
         return
@@ -370,6 +325,8 @@ def linear_logprobs_forward_parts(
     else:
         descriptors = uses_descriptors(source, device, h, w)
         cfg = pick_config(device, hidden.dtype, config, aligned=rows_aligned(h, w), dim=dim, descriptors=descriptors)
+        # descriptors fix the blocks; an explicit config is taken as given
+        autotune = not descriptors and not config and autotune_applies(device, hidden.dtype, rows_aligned(h, w), dim)
         if config and "splits" in config:
             splits = max(1, min(int(config["splits"]), triton.cdiv(n_vocab, cfg.BLOCK_V)))
             per_split = triton.cdiv(triton.cdiv(n_vocab, cfg.BLOCK_V), splits) * cfg.BLOCK_V
@@ -377,9 +334,10 @@ def linear_logprobs_forward_parts(
         else:
             # with autotuning BLOCK_V may change: a split length that is a multiple of 256 fits all
             splits, per_split = choose_splits(n_tokens, n_vocab, cfg.BLOCK_N,
-                                              256 if autotune_enabled() else cfg.BLOCK_V, device)
+                                              256 if autotune else cfg.BLOCK_V, device)
         parts = _parts(with_entropy, splits, n_tokens, device)
-        _launch(h, w, b, targets, parts, None, per_split, splits, cfg, descriptors=descriptors, **launch)
+        _launch(h, w, b, targets, parts, None, per_split, splits, cfg, descriptors=descriptors, autotune=autotune,
+                **launch)
     return merge_partials(parts[0], parts[1], parts[3] if with_entropy else None, parts[2], with_entropy)
 
 
