@@ -228,6 +228,44 @@ def _autotuned_kernel():
     return _AUTOTUNED
 
 
+def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, device: torch.device,
+                  min_splits: int = 16, waves: int = 8) -> tuple[int, int]:
+    """Vocabulary splits so that a few thousand tokens still fill every SM several times over.
+
+    Returns (splits, vocab columns per split); every split holds at least one column, so each
+    partial max is finite. Extra splits cost only [splits, N] floats (the hidden block is
+    re-read per vocabulary tile anyway).
+    """
+    n_blocks = triton.cdiv(n_tokens, block_n)
+    v_tiles = triton.cdiv(n_vocab, block_v)
+    want = max(min_splits, triton.cdiv(waves * sm_count(device), n_blocks))
+    splits = max(1, min(v_tiles, want))
+    per_split = triton.cdiv(v_tiles, splits) * block_v
+    return triton.cdiv(n_vocab, per_split), per_split
+
+
+def merge_partials(m, s, t, tz, with_entropy: bool):
+    """Merge [splits, N] partials: lse = M + log sum_k s_k e^(m_k - M), and likewise for t.
+
+    Returns (lse, target_logit, sum_pz | None, entropy | None). ``entropy`` is
+    log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
+    """
+    big = m.max(0).values
+    # relative to a finite max, as in the kernel: -inf where every logit of this shard is -inf (a
+    # vocabulary-parallel shard masked by its bias), whose lse is then -inf and sum_pz 0, not NaN
+    big = torch.where(big == float("-inf"), 0.0, big)
+    shift = (m - big).clamp(min=LOG_P_FLOOR.value)  # floored as in the kernel: s * shift stays finite
+    scale = torch.exp(shift)
+    s_tot = (s * scale).sum(0)
+    lse = big + torch.log(s_tot)
+    target_logit = tz.sum(0)
+    if not with_entropy:
+        return lse, target_logit, None, None
+    t_tot = ((t + s * shift) * scale).sum(0)
+    mean_zc = torch.where(s_tot > 0, t_tot / s_tot, 0.0)
+    return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
+
+
 def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperature, ignore_index, vocab_start,
             with_entropy, precision, descriptors=False, autotune=False):
     """One launch over the [N, w.shape[0]] logits (from tl.dot, or read from `prod`) into parts [k, splits, N]."""
