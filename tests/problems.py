@@ -29,6 +29,9 @@ class Problem:
     with_ignored: bool = False
     per_sequence_advantages: bool = False
     normalizer: object = None  # None | float | "tensor"
+    # std of old/behaviour log-probs around the current ones: 0.3 straddles the clip bounds; 2 puts many
+    # ratios past the dual clip (3) and MIS weights past their cap (2); 25 past the +-20 log-ratio clamp
+    log_ratio_spread: float = 0.3
     options: dict = field(default_factory=dict)
 
 
@@ -39,11 +42,12 @@ def problems(draw, dtypes, max_tokens=40, max_hidden=24, max_vocab=120, chunked=
         shape = (draw(st.integers(1, 4)), draw(st.integers(1, max(1, max_tokens // 4))))
     else:
         shape = (draw(st.integers(1, max_tokens)),)
+    dtype = draw(st.sampled_from(dtypes))
     problem = Problem(
         shape=shape,
         hidden_size=draw(st.integers(1, max_hidden)),
         vocab_size=draw(st.integers(2, max_vocab)),
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=dtype,
         seed=draw(st.integers(0, 2**31 - 1)),
         logit_scale=draw(st.sampled_from([0.3, 1.0, 4.0])),
         with_bias=draw(st.booleans()),
@@ -54,6 +58,8 @@ def problems(draw, dtypes, max_tokens=40, max_hidden=24, max_vocab=120, chunked=
         with_ignored=draw(st.booleans()),
         per_sequence_advantages=batched and draw(st.booleans()),
         normalizer=draw(st.sampled_from([None, 7.0, "tensor"])),
+        # not float16 past the clamp: ratios of e^20 make gradients beyond its range (65504)
+        log_ratio_spread=draw(st.sampled_from([0.3, 2.0] if dtype == torch.float16 else [0.3, 2.0, 25.0])),
     )
     kl_coef = draw(st.sampled_from([0.0, 0.05]))
     problem.options = dict(
@@ -86,8 +92,8 @@ def build(problem: Problem, device="cpu"):
         targets[torch.rand(shape, generator=g) < 0.25] = -100
     true_logp = linear_logprobs_reference(hidden, weight, targets, bias=bias,
                                           temperature=problem.options.get("temperature", 1.0))
-    # old log-probs near the current ones, so that ratios straddle the clip bounds
-    old = (true_logp + 0.3 * rand(*shape)).clamp(max=0) if problem.with_old else None
+    spread = problem.log_ratio_spread
+    old = (true_logp + spread * rand(*shape)).clamp(max=0) if problem.with_old else None
     adv_shape = shape[:1] if problem.per_sequence_advantages else shape
     kwargs = dict(bias=bias, **problem.options)
     if problem.external == "token":
@@ -95,7 +101,7 @@ def build(problem: Problem, device="cpu"):
     elif problem.external == "sequence":
         kwargs["external_mask"] = torch.rand(shape[:1], generator=g) < 0.5
     if problem.with_behavior:
-        kwargs["behavior_logprobs"] = -torch.rand(shape, generator=g, dtype=torch.float64) * 3
+        kwargs["behavior_logprobs"] = (true_logp + spread * rand(*shape)).clamp(max=0)
     if problem.with_loss_mask:
         kwargs["loss_mask"] = torch.rand(shape, generator=g) < 0.7
     if problem.options.get("kl_coef", 0) > 0:
