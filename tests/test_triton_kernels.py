@@ -449,15 +449,23 @@ def test_custom_op_autograd(compiled):
         check(f"grad_{name}", x.grad, r.grad, 2e-5)
 
 
-def test_custom_op_frozen_head_and_no_entropy():
+def test_custom_op_frozen_head_and_no_entropy(monkeypatch):
+    """A frozen head (LoRA): the backward asks the kernels for grad_hidden only, so the grad_weight GEMM
+    never runs (w.grad being None alone says nothing: autograd drops an unwanted gradient anyway)."""
+    from rlplus_kernels import kernels
     from rlplus_kernels.backends.triton_op import triton_linear_logprobs
 
+    asked = []
+    backward = kernels.linear_logprobs_backward
+    monkeypatch.setattr(kernels, "linear_logprobs_backward",
+                        lambda *args, **kw: asked.append(kw["needs_grad"]) or backward(*args, **kw))
     n, d, v = 7, 5, 37
     h0, w, _, t = make_inputs(n, d, v, torch.float32, bias=False)
     h = h0.clone().requires_grad_()
     logp, ent = triton_linear_logprobs(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
     assert ent is None
     logp.sum().backward()
+    assert asked == [(True, False, False)]
     hd = h0.double().clone().requires_grad_()
     r_logp, _ = _ref_logp_entropy(hd, w, None, t, 1.0)
     r_logp.sum().backward()
