@@ -142,3 +142,28 @@ def test_a_bad_shape_after_a_dynamic_recompile_is_named(backend):
         compiled(torch.randn(n_tokens, D), torch.randint(0, V, (n_tokens,)), torch.randn(n_tokens))
     with pytest.raises(Exception, match=r"advantages must have shape \[8\], got \[3\]"):
         compiled(torch.randn(8, D), torch.randint(0, V, (8,)), torch.randn(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_custom_ops_pass_opcheck(backend, with_entropy):
+    """torch.library.opcheck on every custom op: schema, autograd registration, and each fake (what
+    torch.compile traces with) against the real outputs, including the empty stand-ins of an absent
+    entropy or of a gradient that was not asked for, which nothing else reads."""
+    from rlplus_kernels.backends import raw_ops, triton_op  # noqa: F401  (registers the ops)
+
+    n, d, v = 5, 8, 37
+    hidden, weight, bias = torch.randn(n, d), torch.randn(v, d), torch.randn(v)
+    targets = torch.randint(0, v, (n,))
+    targets[1] = -100
+    forward = (hidden, weight, bias, targets, 0.8, -100, 3, with_entropy, backend, 0, 0)
+    torch.library.opcheck(torch.ops.rlplus.linear_logprobs_fwd.default, forward)
+    lse, _, sum_pz = torch.ops.rlplus.linear_logprobs_fwd(*forward)
+    entropy, grad_entropy = (lse - sum_pz, torch.randn(n)) if with_entropy else (None, None)
+    for needs in [(True, False, True), (False, True, False)]:
+        torch.library.opcheck(torch.ops.rlplus.linear_logprobs_bwd.default,
+                              (hidden, weight, bias, targets, lse, entropy, torch.randn(n), grad_entropy,
+                               0.8, -100, 3, *needs, backend, 0, 0))
+    if backend == "triton":
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        torch.library.opcheck(torch.ops.rlplus.linear_logprobs.default, (*leaves, targets, 0.8, -100, with_entropy))
