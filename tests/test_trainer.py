@@ -362,26 +362,35 @@ def test_build_group_batch(padding_side):
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batching_does_not_change_the_step(loss_agg):
-    """Gradient accumulation with a global normalizer: same update as one big batch."""
+    """Gradient accumulation with a global normalizer: the loss, every metric and the update of one
+    rlplus_model_loss call on the whole batch (its own normalizer: target tokens after the prompt,
+    sequences with a target), whole or in micro-batches. Ratios differ from 1 (clipping active), and
+    one row has no target token."""
     ids, am, lm = padded_batch()
+    lm[3] = False
     adv = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5], dtype=torch.float64)
     ext = torch.tensor([False, True, False, False, True])
-    batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv, external_mask=ext)
-    params = []
+    old = score_logprobs(make_model("llama", tied=True), ids, am).double() + 0.3 * torch.randn(ids.shape,
+                                                                                              dtype=torch.float64)
+    batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv, external_mask=ext, old_logprobs=old)
+    hyper = dict(loss_agg=loss_agg, entropy_coef=0.01)
+    model = make_model("llama", tied=True)
+    direct = rlplus_model_loss(model, **batch, **hyper)
+    direct.loss.backward()
+    with torch.no_grad():
+        params = [torch.cat([(p - 0.1 * p.grad).flatten() for p in model.parameters()])]
+    assert 0 < float(direct.metrics["clip_frac"]) < 1
     for micro in (None, 2):
         model = make_model("llama", tied=True)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        trainer = RLPlusTrainer(model, opt, micro_batch_size=micro, loss_agg=loss_agg,
-                                normalizer=None, max_grad_norm=None)
+        trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro,
+                                preset={}, max_grad_norm=None, **hyper)
         metrics = trainer.step(batch)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        if micro is None:
-            full = metrics
-        else:
-            for key in ("loss", "grad_norm", "num_tokens", "num_external_tokens", "logprob_mean",
-                        "mis_ratio_mean", "explore_coef_mean", "entropy_mean"):
-                assert math.isclose(metrics[key], full[key], rel_tol=1e-6, abs_tol=1e-9), key
-    torch.testing.assert_close(params[0], params[1], rtol=1e-10, atol=1e-12)
+        assert math.isclose(metrics["loss"], float(direct.loss.detach()), rel_tol=1e-9)
+        for key, value in direct.metrics.items():
+            assert math.isclose(metrics[key], float(value), rel_tol=1e-9, abs_tol=1e-12), (micro, key)
+    for step in params[1:]:
+        torch.testing.assert_close(step, params[0], rtol=1e-10, atol=1e-12)
 
 
 def test_trainer_metrics_and_preset():
