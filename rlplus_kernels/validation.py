@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,16 @@ def shape_text(shape) -> str:
     """A shape as "[3, 4]", also inside torch.compile: dynamo cannot trace str() of a tuple of symbolic
     sizes, while an f-string of one size specialises it (on an error path, where that costs nothing)."""
     return str([int(f"{size}") for size in shape])
+
+
+def _refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[[], str]) -> None:
+    """Raise ValueError(eager_message()) where the 0-dim bool `bad` holds: one host sync. Inside
+    torch.compile, where a host sync would be a data-dependent guard, the check runs on the device
+    (torch._assert_async, asynchronously) with `compiled_message`, which reads no tensor value."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad, compiled_message)
+    elif bool(bad):
+        raise ValueError(eager_message())
 
 
 def require_tensor(name: str, x) -> torch.Tensor:
@@ -81,13 +91,9 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
-    if torch.compiler.is_compiling():
-        # no host sync inside a compiled graph: the check runs on the device, asynchronously
-        torch._assert_async(~out_of_range.any(), f"targets must lie in [0, {vocab_size}) or equal ignore_index")
-        return targets
-    if targets.numel() and bool(out_of_range.any()):
-        bad = targets[out_of_range][0].item()
-        raise ValueError(f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, found {bad}")
+    rule = f"targets must lie in [0, {vocab_size}) or equal ignore_index"
+    _refuse_if(out_of_range.any(), rule,
+               lambda: f"{rule}={ignore_index}, found {targets[out_of_range][0].item()}")
     return targets
 
 
@@ -106,12 +112,9 @@ def check_cu_seqlens(cu_seqlens, targets) -> None:
     if cu_seqlens.device != targets.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
-    if torch.compiler.is_compiling():  # no host sync inside a compiled graph, as for the targets
-        torch._assert_async(~bad, "cu_seqlens must start at 0, end at N and never decrease")
-        return
-    if bool(bad):
-        raise ValueError(f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "
-                         f"got {cu_seqlens.tolist()}")
+    _refuse_if(bad, "cu_seqlens must start at 0, end at N and never decrease",
+               lambda: f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "
+                       f"got {cu_seqlens.tolist()}")
 
 
 def check_per_token(name: str, x, targets, *, kind: str, num_sequences: Optional[int] = None,
@@ -162,8 +165,5 @@ def check_normalizer_value(normalizer: torch.Tensor, valid: torch.Tensor) -> Non
     """A tensor normalizer is finite and > 0, or 0 when no token enters the loss (a global count over
     ranks that have none). One host sync, as for the targets; on the device inside torch.compile."""
     bad = ~torch.isfinite(normalizer) | (normalizer < 0) | ((normalizer == 0) & valid.any())
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad, "normalizer must be finite and > 0 (0 only when no token enters the loss)")
-    elif bool(bad):
-        raise ValueError(f"normalizer must be finite and > 0 (0 only when no token enters the loss), "
-                         f"got {normalizer.item()}")
+    rule = "normalizer must be finite and > 0 (0 only when no token enters the loss)"
+    _refuse_if(bad, rule, lambda: f"{rule}, got {normalizer.item()}")
