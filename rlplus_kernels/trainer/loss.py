@@ -85,8 +85,7 @@ def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     num_embeddings = getattr(embeddings, "num_embeddings", None)
     # padding positions too: the embedding looks every id up ("index out of range in self" otherwise)
-    if num_embeddings is not None and input_ids.numel() and not (
-            0 <= int(input_ids.min()) and int(input_ids.max()) < num_embeddings):
+    if num_embeddings is not None and bool(((input_ids < 0) | (input_ids >= num_embeddings)).any()):
         raise ValueError(f"input_ids must lie in [0, {num_embeddings}) (the model's input embedding), padding "
                          f"included; got ids from {int(input_ids.min())} to {int(input_ids.max())}")
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)

@@ -155,9 +155,10 @@ class RLPlusTrainer:
         num_sequences = batch["input_ids"].shape[0]
         if num_sequences == 0:
             raise ValueError("RLPlusTrainer.step: the batch has no sequences (input_ids is [0, T])")
-        if rewards is not None and tuple(torch.as_tensor(rewards).shape) != (num_sequences,):
+        reward_shape = None if rewards is None else tuple(torch.as_tensor(rewards).shape)
+        if reward_shape not in (None, (num_sequences,)):
             raise ValueError(f"rewards must have shape ({num_sequences},), one per sequence of input_ids, "
-                             f"got {tuple(torch.as_tensor(rewards).shape)}")
+                             f"got {reward_shape}")
         batch.setdefault("attention_mask", None)
         batch.setdefault("loss_mask", None)
 
