@@ -4,9 +4,9 @@ A custom op is opaque to torch.compile: a compiled step neither traces the Trito
 the torch backend's chunk loops, which specialise on the token count (a recompile for every new
 batch size, then torch._dynamo's recompile limit error).
 
-Ops (namespace ``rlplus``), not differentiable (a second backward raises): their caller owns autograd (`LinearLogprobsFunction`,
-which also merges partials across a vocabulary-parallel group, and the Triton backend's
-differentiable op in ``triton_op.py``):
+Ops (namespace ``rlplus``), not differentiable (a second backward raises): their caller owns
+autograd (`LinearLogprobsFunction`, which also merges partials across a vocabulary-parallel group,
+and the Triton backend's differentiable op in ``triton_op.py``):
 - ``rlplus::linear_logprobs_fwd`` / ``rlplus::linear_logprobs_bwd``: `backend` names the
   implementation ("torch" or "triton"); `chunk_tokens` / `chunk_vocab` are the torch backend's
   chunk sizes (0: its defaults; the Triton kernels take their tiles from their config table).
