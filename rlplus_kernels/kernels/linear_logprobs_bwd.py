@@ -249,6 +249,29 @@ def _dlogits_tile(
     tl.store(dl_ptrs, dl.to(dl_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
+def launch_dlogits(hk, wk, bk, targets, lse, ent, grad_logp, grad_entropy, dl, prod, cfg, *, temperature,
+                   ignore_index, col_start, precision, descriptors=False):
+    """dl[:, :] = d loss / d logits of the rows of hk and vocabulary rows of wk (global ids from
+    col_start), one launch of `_linear_logprobs_bwd_kernel`: logits by tl.dot, or read from `prod`
+    (fp32, or dl itself). `ent` is read only with `grad_entropy`; [rows] tensors are fp32 and contiguous."""
+    rows, cols = hk.shape[0], wk.shape[0]
+    h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
+    tiles = triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V)
+    grid = (min(tiles, sm_count(hk.device)) if cfg.PIPELINE_TILES else tiles,)
+    _linear_logprobs_bwd_kernel[grid](
+        hk, wk, bk, targets, lse, ent, grad_logp, grad_entropy, dl, prod, h_desc, w_desc,
+        rows, cols, hk.shape[1],
+        hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
+        bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0), dl.stride(1),
+        prod.stride(0) if prod is not None else 0, prod.stride(1) if prod is not None else 1,
+        float(temperature), int(ignore_index), int(col_start),
+        DOT_PRECISION=precision,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
+        PIPELINE_TILES=cfg.PIPELINE_TILES,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def _plan_chunks(n_tokens, n_vocab, need_vocab_side, budget, cfg):
     """(token chunk, vocab chunk) within ``budget`` elements; see the module docstring."""
     if not need_vocab_side:
@@ -397,24 +420,11 @@ def linear_logprobs_backward(
             prod = dl
         elif from_product:
             prod = mm_fp32(hk, wk.t(), out=padded_matrix(product, rows, cols))
-        h_desc, w_desc = operand_descriptors(hk, wk, cfg) if descriptors else (None, None)
-        tiles = triton.cdiv(rows, cfg.BLOCK_N) * triton.cdiv(cols, cfg.BLOCK_V)
-        grid = (min(tiles, sm_count(device)) if cfg.PIPELINE_TILES else tiles,)
-        _linear_logprobs_bwd_kernel[grid](
-            hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
-            grad_logp[n0:n1] if grad_logp is not None else None,
-            grad_entropy[n0:n1] if grad_entropy is not None else None,
-            dl, prod, h_desc, w_desc,
-            rows, cols, dim,
-            hk.stride(0), hk.stride(1), wk.stride(0), wk.stride(1),
-            bk.stride(0) if bk is not None else 0, targets.stride(0), dl.stride(0), dl.stride(1),
-            prod.stride(0) if prod is not None else 0, prod.stride(1) if prod is not None else 1,
-            float(temperature), int(ignore_index), int(vocab_start) + c0,
-            DOT_PRECISION=precision,
-            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
-            PIPELINE_TILES=cfg.PIPELINE_TILES,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        launch_dlogits(hk, wk, bk, targets[n0:n1], lse[n0:n1], ent_arg[n0:n1],
+                       grad_logp[n0:n1] if grad_logp is not None else None,
+                       grad_entropy[n0:n1] if grad_entropy is not None else None, dl, prod, cfg,
+                       temperature=temperature, ignore_index=ignore_index, col_start=int(vocab_start) + c0,
+                       precision=precision, descriptors=descriptors)
 
     for n0 in range(0, n_tokens, cn):
         n1 = min(n0 + cn, n_tokens)
