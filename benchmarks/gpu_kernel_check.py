@@ -169,6 +169,115 @@ def kernel_breakdown(fn, top=12):
     return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
+def bare_gemms(h, w, rep, res):
+    """Times the three bare GEMMs of a naive implementation in the input dtype, as cuBLAS runs them
+    (logits = h @ W^T, grad_hidden = dl @ W, grad_weight = dl^T @ h), into res; returns their sum (ms)."""
+    dl = torch.randn(h.shape[0], w.shape[0], device="cuda").to(h.dtype)
+    res["gemm_logits"] = bench(lambda: h @ w.T, rep)
+    res["gemm_grad_hidden"] = bench(lambda: dl @ w, rep)
+    res["gemm_grad_weight"] = bench(lambda: dl.T @ h, rep)
+    del dl
+    torch.cuda.empty_cache()
+    res["gemm_sum_ms"] = res["gemm_logits"]["p50"] + res["gemm_grad_hidden"]["p50"] + res["gemm_grad_weight"]["p50"]
+    return res["gemm_sum_ms"]
+
+
+# ----------------------------------------------------------------------------- the loss, end to end
+ENTROPY_COEF = 0.01
+
+
+def loss_inputs(n, d, v, dtype, seed=0):
+    """Hidden, weight, targets (every 7th ignored) and advantages of an on-policy batch."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = (torch.randn(n, d, device="cuda", generator=g) / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    t[::7] = IGN
+    return h, w, t, torch.randn(n, device="cuda", generator=g)
+
+
+def loss_step(h, w, t, adv):
+    """rlplus_loss (triton backend, token-mean, entropy bonus) and its backward: a user's step."""
+    from rlplus_kernels import rlplus_loss
+
+    out = rlplus_loss(h, w, t, adv, entropy_coef=ENTROPY_COEF, backend="triton")
+    out.loss.backward()
+    return out
+
+
+def with_schedule(schedule, logits):
+    os.environ["RLPLUS_SCHEDULE"] = schedule
+    os.environ["RLPLUS_LOGITS"] = logits
+
+
+def check_loss(n, d, v, dtype, schedule, logits):
+    """rlplus_loss's loss and gradients against the float32/float64 reference. On-policy (no old log-probs)
+    every ratio is 1, nothing is clipped, so d loss / d logp = -A / count and d loss / d H = -coef / count."""
+    with_schedule(schedule, logits)
+    h, w, t, adv = loss_inputs(n, d, v, dtype, seed=1)
+    valid = t != IGN
+    count = valid.sum()
+    gl = torch.where(valid, -adv / count, 0.0)
+    ge = torch.where(valid, torch.full_like(adv, -ENTROPY_COEF) / count, 0.0)
+    big = n * v * d > 2**36
+    ref_dtype = torch.float32 if big else torch.float64
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = reference(h, w, None, t, gl, ge, 1.0, ref_dtype, chunk=1024 if big else 4096)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    entropy = ref["lse"] - ref["sum_pz"]
+    ref_loss = gl.to(ref_dtype).sum() + (ge.to(ref_dtype) * entropy).sum()  # ratio 1: the surrogate is -A / count
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = loss_step(hr, wr, t, adv)
+    torch.cuda.synchronize()
+    rows = []
+    for k, got, expected, kind in (("loss", out.loss.detach()[None], ref_loss[None], "fwd"),
+                                   ("grad_hidden", hr.grad, ref["grad_hidden"], "bwd"),
+                                   ("grad_weight", wr.grad, ref["grad_weight"], "bwd")):
+        r, m = rel_err(got, expected)
+        rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=False, upstream=1.0,
+                         logits=f"{schedule}/{logits}", out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind],
+                         ok=bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind],
+                         ref=str(ref_dtype).replace("torch.", "")))
+    del ref, out, hr, wr
+    torch.cuda.empty_cache()
+    return rows
+
+
+def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
+    """rlplus_loss forward+backward (the user's step) vs the three bare GEMMs, and its peak extra memory
+    beyond the inputs and the two gradients it returns."""
+    with_schedule(schedule, logits)
+    h, w, t, adv = loss_inputs(n, d, v, dtype)
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def step():
+        hr.grad = wr.grad = None
+        loss_step(hr, wr, t, adv)
+
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=f"{schedule}/{logits}",
+               schedule=schedule, loss=True)
+    res["ours_fwd_bwd"] = bench(step, rep)
+    if profile:
+        res["kernels"] = kernel_breakdown(step)
+    hr.grad = wr.grad = None
+    gemms = bare_gemms(h, w, rep, res)
+    res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
+    res["tflops_fwd_bwd"] = 6 * n * v * d / res["ours_fwd_bwd"]["p50"] / 1e9
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    grads = hr.grad.numel() * hr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
+    res["ours_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
+    del hr, wr
+    torch.cuda.empty_cache()
+    return res
+
+
 def naive(h, w, b, t, temperature):
     z = h @ w.T
     if b is not None:
@@ -214,15 +323,7 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
     if profile:
         res["kernels"] = kernel_breakdown(fwd_bwd)
-    # three bare GEMMs in the input dtype, as cuBLAS runs them
-    dl = torch.randn(n, v, device="cuda").to(dtype)
-    res["gemm_logits"] = bench(lambda: h @ w.T, rep)
-    res["gemm_grad_hidden"] = bench(lambda: dl @ w, rep)
-    res["gemm_grad_weight"] = bench(lambda: dl.T @ h, rep)
-    del dl
-    torch.cuda.empty_cache()
-    gemms = res["gemm_logits"]["p50"] + res["gemm_grad_hidden"]["p50"] + res["gemm_grad_weight"]["p50"]
-    res["gemm_sum_ms"] = gemms
+    gemms = bare_gemms(h, w, rep, res)
     res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
     res["tflops_fwd_bwd"] = 6 * n * v * d / res["ours_fwd_bwd"]["p50"] / 1e9
 
@@ -264,6 +365,9 @@ def main():
     ap.add_argument("--logits", default="fused", help="comma-separated logits sources: fused,tma,cublas")
     ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd per timing")
     ap.add_argument("--config", default=None, help='launch-table override as JSON, e.g. \'{"PIPELINE_TILES": true}\'')
+    ap.add_argument("--loss", default=None, metavar="SCHEDULES",
+                    help="instead of the launchers, rlplus_loss forward+backward end to end under these comma-separated "
+                         "schedules (RLPLUS_SCHEDULE: two-pass, single-pass); two-pass once per --logits source")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     os.environ.pop("TRITON_INTERPRET", None)
@@ -306,6 +410,31 @@ def main():
         finally:
             save()
 
+    if args.loss:  # (schedule, logits source) pairs: the single pass reads cuBLAS products whatever the source
+        runs = [(schedule, logits) for schedule in args.loss.split(",")
+                for logits in (sources if schedule == "two-pass" else ["cublas"])]
+        loss_checks = [(257, 1000, 5003, torch.float32), (2048, 4096, 151936, torch.bfloat16)]
+        if not args.quick:
+            loss_checks.append((16384, 4096, 151936, torch.bfloat16))
+        check_cases = []  # the launchers' checks and timings are the other mode's
+        for (n, d, v, dtype), (schedule, logits) in ((case, run) for run in runs for case in loss_checks):
+            rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}", lambda: check_loss(n, d, v, dtype, schedule, logits))
+            if rows is not None:
+                checks += rows
+                worst = max(rows, key=lambda r: r["rel_err"] / r["tol"])
+                print(f"loss check {schedule}/{logits} {n}x{d}x{v} {dtype} {'OK' if all(r['ok'] for r in rows) else 'FAIL'} "
+                      f"worst {worst['out']} rel {worst['rel_err']:.2e} (tol {worst['tol']:.0e})", flush=True)
+        for (n, d, v), (schedule, logits) in ((shape, run) for run in runs
+                                               for shape in ([(4096, 4096, 151936)] if args.quick
+                                                             else [(4096, 4096, 151936), (16384, 4096, 151936)])):
+            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}",
+                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile))
+            if timing is not None:
+                timings.append(timing)
+                print(json.dumps(timing), flush=True)
+                save()
+        sources = []
+
     for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()
         rows = attempt(f"check {logits} {case[:4]}", lambda: check_shape(*case, logits=logits, config=config))
@@ -338,7 +467,8 @@ def main():
           f"{'TFLOP/s':>8} {'naive':>8} {'peak MB':>9} {'naive MB':>9}")
     for r in timings:
         nv = r.get("naive_fwd_bwd")
-        print(f"{'':16} {r['logits']:6} {r['shape']:>18} {r['ours_fwd']['p50']:7.2f} {r['ours_bwd']['p50']:7.2f} "
+        part = lambda key: r[key]["p50"] if key in r else float("nan")  # noqa: E731  (a loss timing: fwd+bwd only)
+        print(f"{'':16} {r['logits']:6} {r['shape']:>18} {part('ours_fwd'):7.2f} {part('ours_bwd'):7.2f} "
               f"{r['ours_fwd_bwd']['p50']:8.2f} {r['gemm_sum_ms']:8.2f} {r['ratio_fwd_bwd_over_gemms']:6.2f} "
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
               f"{r.get('naive_peak_extra_mb', float('nan')):9.0f}")

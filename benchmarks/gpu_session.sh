@@ -5,7 +5,8 @@
 # start costs minutes of the budget): they run in order until SESSION_SECONDS (default 560, under the
 # device tool's 600 s limit) are spent, each under `timeout`, so a step cut short still leaves its log.
 #
-#   bash benchmarks/gpu_session.sh kernels pipelined   # the issue-3 bar first: ~5-7 min together
+#   bash benchmarks/gpu_session.sh loss kernels pipelined   # the issue-3 bar first: ~7-9 min together
+#   bash benchmarks/gpu_session.sh loss       # rlplus_loss fwd+bwd end to end, two-pass (fused, cublas) and single-pass
 #   bash benchmarks/gpu_session.sh kernels    # the three logits sources vs the GEMMs of the same run, per-kernel profile
 #   bash benchmarks/gpu_session.sh pipelined  # the same with the PIPELINE_TILES launch option (fused, tma)
 #   bash benchmarks/gpu_session.sh tests      # property/kernel/head tests on CUDA tensors (~3-8 min)
@@ -16,7 +17,7 @@
 # Pass GIT_COMMIT=<hash> when the tree was copied without .git; PYTHON overrides the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-STEPS=(kernels pipelined tests configs sweep static)
+STEPS=(loss kernels pipelined tests configs sweep static)
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_session.sh STEP... (${STEPS[*]})" >&2; exit 2; }
 for step in "$@"; do
     [[ " ${STEPS[*]} " == *" $step "* ]] || { echo "unknown step '$step' (${STEPS[*]})" >&2; exit 2; }
@@ -49,6 +50,9 @@ run() {  # run LOG COMMAND...: the command under the time left, its output to th
 status=0
 for step in "$@"; do
     case "$step" in
+        loss)
+            run gpu_loss_check.txt "$PY" benchmarks/gpu_kernel_check.py --loss two-pass,single-pass --logits fused,cublas \
+                --rep 500 --profile --json "$OUT/gpu_loss_check.json" ;;
         kernels)
             run gpu_kernel_check.txt "$PY" benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive \
                 --rep 100 --profile --json "$OUT/gpu_kernel_check.json" ;;

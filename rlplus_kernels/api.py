@@ -7,7 +7,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 from torch import nn
 
-from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend
+from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend, single_pass_applies
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
 from .distributed import vocab_parallel_layout
@@ -125,8 +125,16 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
 
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
     op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
-    logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, vocab_parallel_group)
-    loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
+    needs_grad = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
+    if single_pass_applies(backend, vocab_parallel_group, hidden, needs_grad):
+        from .backends.single_pass_op import single_pass_loss
+
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, logp, entropy, metrics = single_pass_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                                            op_targets, batch, config, normalizer, needs_grad)
+    else:
+        logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, vocab_parallel_group)
+        loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
     return RLPlusOutput(
         loss=loss,
         logprobs=logp.detach().view(targets.shape),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlplus_kernels.backends import triton_installed, triton_interpreting
 
@@ -107,3 +108,46 @@ def assert_grad_close(actual, expected, *, rtol, name, allowance=None):
 def reference_inputs(*tensors):
     """float64 leaf copies of the (already rounded) inputs, for the reference."""
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+class SeesInsideCustomOps(TorchDispatchMode):
+    """A dispatch mode that observes every op, also those inside the backends' raw custom ops and the
+    single-pass op, which a mode otherwise sees as one op: it runs their bodies under itself."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from rlplus_kernels.backends import raw_ops, single_pass_op
+
+        body = {torch.ops.rlplus.linear_logprobs_fwd.default: raw_ops.linear_logprobs_fwd_body,
+                torch.ops.rlplus.linear_logprobs_bwd.default: raw_ops.linear_logprobs_bwd_body,
+                torch.ops.rlplus.rlplus_loss_single_pass.default: single_pass_op.single_pass_body}.get(func)
+        if body is not None:
+            with self:
+                return body(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.observe(func, out)
+        return out
+
+
+class CountMatmuls(SeesInsideCustomOps):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def observe(self, func, out):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+
+
+class LargestAllocation(SeesInsideCustomOps):
+    """The largest tensor any op returned, in elements and in bytes (Triton's interpreter views each kernel
+    argument's storage as bytes: its element count is then the byte count)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = self.largest_bytes = 0
+
+    def observe(self, func, out):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())

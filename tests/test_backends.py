@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -218,6 +219,32 @@ def test_torch_backend_logprobs_match_reference(problem):
 @given(problems(TRITON_DTYPES, max_tokens=24, max_hidden=20, max_vocab=80, chunked=False))
 def test_triton_backend_loss_matches_reference(problem):
     check_rlplus_loss(problem, "triton")
+
+
+@contextlib.contextmanager
+def single_pass_schedule(chunk_elems):
+    """RLPLUS_SCHEDULE=single-pass (and RLPLUS_CHUNK_ELEMS) for one hypothesis example (no fixtures there)."""
+    saved = {k: os.environ.get(k) for k in ("RLPLUS_SCHEDULE", "RLPLUS_CHUNK_ELEMS")}
+    os.environ["RLPLUS_SCHEDULE"] = "single-pass"
+    os.environ["RLPLUS_CHUNK_ELEMS"] = str(chunk_elems)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@needs_triton
+@settings(max_examples=TRITON_LOSS_EXAMPLES or settings.default.max_examples)
+@given(problems([torch.float32, torch.bfloat16], max_tokens=40, max_hidden=20, max_vocab=80, chunked=False))
+def test_triton_single_pass_loss_matches_reference(problem):
+    """The single-pass schedule (kernels/single_pass.py), on odd seeds with one interpreter tile of tokens
+    (16) per chunk, so that larger batches take several chunks; same tolerances as the two-pass one."""
+    with single_pass_schedule(chunk_elems=1 if problem.seed % 2 else 2**26):
+        check_rlplus_loss(problem, "triton")
 
 
 @needs_triton

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import CPU_BACKENDS, TOLERANCES, assert_close, assert_grad_close, reference_inputs
+from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, LargestAllocation, assert_close, assert_grad_close,
+                     reference_inputs)
 from reference import rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
@@ -191,39 +191,12 @@ def test_autocast_casts_like_a_linear_layer():
     assert out64.loss.item() == expected64.loss.item()
 
 
-class _SeesInsideRawOps(TorchDispatchMode):
-    """A dispatch mode that observes every op, also those inside the backends' raw custom ops, which a
-    mode otherwise sees as one op: it runs their bodies under itself."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from rlplus_kernels.backends import raw_ops
-
-        body = {torch.ops.rlplus.linear_logprobs_fwd.default: raw_ops.linear_logprobs_fwd_body,
-                torch.ops.rlplus.linear_logprobs_bwd.default: raw_ops.linear_logprobs_bwd_body}.get(func)
-        if body is not None:
-            with self:
-                return body(*args, **(kwargs or {}))
-        out = func(*args, **(kwargs or {}))
-        self.observe(func, out)
-        return out
-
-
-class _CountMatmuls(_SeesInsideRawOps):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def observe(self, func, out):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.count += 1
-
-
 def _backward_matmuls(weight_requires_grad):
     torch.manual_seed(1)
     hidden, weight = leaf(40, 8), torch.randn(100, 8, requires_grad=weight_requires_grad)
     out = rlplus_loss(hidden, weight, torch.randint(0, 100, (40,)), torch.randn(40), backend="torch",
                       chunk_tokens=16, chunk_vocab=32)
-    with _CountMatmuls() as counter:
+    with CountMatmuls() as counter:
         out.loss.backward()
     return counter.count, hidden.grad
 
@@ -237,23 +210,12 @@ def test_frozen_head_skips_the_grad_weight_gemm():
     torch.testing.assert_close(grad_frozen, grad_trained)
 
 
-class _LargestAllocation(_SeesInsideRawOps):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def observe(self, func, out):
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-
-
 @pytest.mark.parametrize("with_entropy", [False, True])
 def test_no_tokens_by_vocab_tensor_is_ever_allocated(with_entropy):
     """A vocabulary 64x the chunk: the largest tensor of forward+backward is one chunk (or a weight)."""
     N, D, V, chunk_tokens, chunk_vocab = 96, 4, 16384, 64, 256
     hidden, weight = leaf(N, D), leaf(V, D)
-    with _LargestAllocation() as tracker:
+    with LargestAllocation() as tracker:
         out = rlplus_loss(hidden, weight, torch.randint(0, V, (N,)), torch.randn(N), external_mask=torch.rand(N) < 0.5,
                           entropy_coef=0.01 if with_entropy else 0.0, backend="torch",
                           chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)

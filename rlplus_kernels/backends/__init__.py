@@ -49,6 +49,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+SCHEDULES = ("two-pass", "single-pass")
+SINGLE_PASS_DTYPES = (torch.float32, torch.bfloat16)  # float16's scaled dl would differ per token chunk
+
+
+def schedule() -> str:
+    """How the Triton backend orders the loss's work (env ``RLPLUS_SCHEDULE``): "two-pass" (default: the
+    forward's log-sum-exp, then the backward's recompute) or "single-pass" (kernels/single_pass.py)."""
+    value = os.environ.get("RLPLUS_SCHEDULE", "two-pass")
+    if value not in SCHEDULES:
+        raise ValueError(f"RLPLUS_SCHEDULE (schedule) must be one of {SCHEDULES}, got {value!r}")
+    return value
+
+
+def single_pass_applies(backend: str, group, hidden: torch.Tensor, needs_grad) -> bool:
+    """Whether rlplus_loss takes the single-pass schedule: asked for, on the Triton backend, a single
+    shard, float32 or bfloat16, and a gradient wanted (without one the two-pass forward is the whole work)."""
+    return (schedule() == "single-pass" and backend == "triton" and group is None
+            and hidden.dtype in SINGLE_PASS_DTYPES and any(needs_grad))
+
+
 def linear_logprobs_op(backend: str, group=None):
     """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op.
 

@@ -73,24 +73,35 @@ def _backward(ctx, grad_weighted_loss, _grad_dloss_dlogp, _grad_stats):
 torch.library.register_autograd("rlplus::rlplus_head", _backward, setup_context=_setup_context)
 
 
+def head_inputs(batch: TokenBatch, config: RLPlusConfig, agg_weight: Tensor, dtype: torch.dtype) -> tuple:
+    """The head kernel's arguments after (logp, entropy): per-token tensors (float ones in `dtype`,
+    the log-probs' dtype), then the hyper-parameters, in the order of ``rlplus::rlplus_head``."""
+    as_logp = lambda x: None if x is None else x.to(dtype)  # noqa: E731  (float32, or float64 in tests)
+    optional_float = lambda x: None if x is None else float(x)  # noqa: E731
+    return (
+        as_logp(batch.advantages), as_logp(batch.old_logprobs), batch.external, as_logp(batch.behavior_logprobs),
+        as_logp(batch.ref_logprobs) if config.kl_coef > 0 else None, as_logp(agg_weight),
+        optional_float(config.clip_eps_low), optional_float(config.clip_eps_high), optional_float(config.dual_clip),
+        float(config.gamma), optional_float(config.mis_clip_max), float(config.kl_coef), float(config.entropy_coef),
+    )
+
+
+def terms_from_stats(stats: Tensor, batch: TokenBatch, config: RLPlusConfig) -> PerTokenTerms:
+    """PerTokenTerms (without `loss`) from the head kernel's [5, N] statistics."""
+    ratio, clipped, mis_weight, explore, kl = stats.unbind(0)
+    external = batch.external is not None
+    return PerTokenTerms(loss=None, ratio=ratio, clipped=clipped != 0,
+                         mis_weight=mis_weight if external else None, explore=explore if external else None,
+                         kl=kl if config.kl_coef > 0 else None)
+
+
 def triton_head_terms(logp: Tensor, entropy: Optional[Tensor], batch: TokenBatch, config: RLPlusConfig,
                       agg_weight: Tensor):
     """(weighted_loss [N], PerTokenTerms without `loss`) through the Triton head, in logp's dtype.
 
     `weighted_loss.sum()` is the loss; its gradient reaches `logp` and `entropy` through the op.
     """
-    as_logp = lambda x: None if x is None else x.to(logp.dtype)  # noqa: E731  (float32, or float64 in tests)
-    optional_float = lambda x: None if x is None else float(x)  # noqa: E731
-    weighted_loss, _, stats = torch.ops.rlplus.rlplus_head(
-        logp, as_logp(entropy) if config.entropy_coef != 0 else None, as_logp(batch.advantages),
-        as_logp(batch.old_logprobs), batch.external, as_logp(batch.behavior_logprobs),
-        as_logp(batch.ref_logprobs) if config.kl_coef > 0 else None, as_logp(agg_weight),
-        optional_float(config.clip_eps_low), optional_float(config.clip_eps_high), optional_float(config.dual_clip),
-        float(config.gamma), optional_float(config.mis_clip_max), float(config.kl_coef), float(config.entropy_coef),
-    )
-    ratio, clipped, mis_weight, explore, kl = stats.unbind(0)
-    external = batch.external is not None
-    terms = PerTokenTerms(loss=None, ratio=ratio, clipped=clipped != 0,
-                          mis_weight=mis_weight if external else None, explore=explore if external else None,
-                          kl=kl if config.kl_coef > 0 else None)
-    return weighted_loss, terms
+    head_entropy = entropy.to(logp.dtype) if entropy is not None and config.entropy_coef != 0 else None
+    weighted_loss, _, stats = torch.ops.rlplus.rlplus_head(logp, head_entropy,
+                                                           *head_inputs(batch, config, agg_weight, logp.dtype))
+    return weighted_loss, terms_from_stats(stats, batch, config)

@@ -322,6 +322,17 @@ def _forward_from_products(h, w, b, targets, cfg, chunk_elems, **launch):
     return parts
 
 
+def forward_from_product(h, w, b, targets, prod, cfg, **launch):
+    """Merged (lse, target_logit, sum_pz, entropy) of logits whose matmul part `prod` (fp32 [N, V], the
+    product h @ w^T from cuBLAS) holds for all of w's rows: one launch, its splits merged."""
+    splits, per_split = choose_splits(h.shape[0], w.shape[0], cfg.BLOCK_N, cfg.BLOCK_V, h.device,
+                                      min_splits=1, waves=4)
+    parts = _parts(launch["with_entropy"], splits, h.shape[0], h.device)
+    _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, **launch)
+    return merge_partials(parts[0], parts[1], parts[3] if launch["with_entropy"] else None, parts[2],
+                          launch["with_entropy"])
+
+
 def linear_logprobs_forward_parts(
     hidden: torch.Tensor,
     weight: torch.Tensor,

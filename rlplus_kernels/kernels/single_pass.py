@@ -1,0 +1,124 @@
+"""The RL-PLUS loss and its gradients in one pass over the logits: three GEMMs instead of four.
+
+The default (two-pass) schedule forms every logit twice, for the forward's log-sum-exp and for the
+backward's recompute. But the RL head is per token: d loss / d log p_t and d loss / d H_t depend only
+on token t's log p, entropy and inputs, and on aggregation weights known before any logit. So once a
+chunk of tokens has the logits of the whole vocabulary, its gradients can be formed at once::
+
+    for each chunk of c tokens (c V <= chunk_elems):
+        P = h_c @ W^T                                   cuBLAS, fp32 [c, V]
+        lse, z_y, H          <- forward kernel reading P (FROM_PRODUCT), splits merged
+        loss_t, d loss/d logp_t  <- the head kernel;    d loss/d H_t = -entropy_coef a_t
+        dl = d loss / d logits   <- backward kernel reading P (FROM_PRODUCT), [c, V] input dtype
+        grad_hidden[c]  = dl @ W                        cuBLAS, written once
+        grad_weight    (+)= dl^T @ h_c                  cuBLAS, summed over token chunks in place
+        grad_bias       += dl.sum(0)                    fp32
+
+The gradients are those of the loss itself (upstream gradient 1); the autograd op
+(backends/single_pass_op.py) scales them by the upstream gradient in its backward.
+
+What it costs against the two-pass schedule: grad_weight is summed over the token chunks in its own
+dtype (cuBLAS accumulates each chunk's product in fp32 and rounds the running sum once per chunk:
+N / c roundings where the two-pass schedule rounds once); the gradients exist from the forward on;
+it serves the scalar loss only (not arbitrary upstream gradients of log-probs). float16 is left to the
+two-pass schedule (its dl is stored scaled by a bound of the upstream gradients, which would differ
+per chunk), and so is a vocabulary-parallel head (its log-sum-exp needs every rank's shard first).
+Memory: the fp32 product and the dl chunk, 6 bytes (bf16) or 8 (fp32) per element of a chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..backends import SINGLE_PASS_DTYPES
+from ..backends.common import finish_logprobs
+from ._config import (check_interpreter, dot_precision, kernel_operand, padded_elements, padded_matrix,
+                      product_config)
+from .cublas import mm_fp32
+from .linear_logprobs_bwd import DEFAULT_CHUNK_ELEMS, launch_dlogits
+from .linear_logprobs_fwd import forward_from_product
+from .rlplus_head import STAT_NAMES, rlplus_head_forward
+
+def chunk_tokens(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> int:
+    """Tokens per chunk: as many whole multiples of block_n as keep chunk x vocabulary <= budget (at least one)."""
+    rows = max(block_n, budget // max(n_vocab, 1) // block_n * block_n)
+    return min(n_tokens, rows)
+
+
+def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logprobs, external,
+                            behavior_logprobs, ref_logprobs, agg_weight, *, temperature: float,
+                            ignore_index: int, with_entropy: bool, head: dict, needs_grad=(True, True, True),
+                            chunk_elems: Optional[int] = None):
+    """(loss, logp, entropy | None, stats [5, N], grad_hidden | None, grad_weight | None, grad_bias | None).
+
+    loss = sum_t weighted_loss_t (the head kernel's, float32); logp, entropy [N] float32, 0 at ignored
+    rows; gradients in the input dtype, of the loss itself, computed for `needs_grad` (hidden, weight,
+    bias). Per-token inputs are [N] tensors as `rlplus_head_forward` takes them; `head` holds its
+    keyword hyper-parameters. `chunk_elems` bounds c V (default 2^26, env ``RLPLUS_CHUNK_ELEMS``).
+    """
+    n_tokens, dim = hidden.shape
+    n_vocab = weight.shape[0]
+    dtype, device = hidden.dtype, hidden.device
+    if dtype not in SINGLE_PASS_DTYPES:
+        raise TypeError(f"hidden: the single-pass schedule takes float32 or bfloat16, not {dtype}")
+    need_h, need_w, need_b = (bool(x) for x in needs_grad)
+    need_b = need_b and bias is not None
+    entropy_coef = head["entropy_coef"]
+    with_entropy = with_entropy or entropy_coef != 0
+    f32 = dict(device=device, dtype=torch.float32)
+    logp = torch.zeros(n_tokens, **f32)
+    entropy = torch.zeros(n_tokens, **f32) if with_entropy else None
+    weighted_loss = torch.zeros(n_tokens, **f32)
+    stats = torch.zeros(len(STAT_NAMES), n_tokens, **f32)
+    gh = torch.empty((n_tokens, dim), device=device, dtype=dtype) if need_h else None
+    gw = torch.empty((n_vocab, dim), device=device, dtype=dtype) if need_w else None
+    gb32 = torch.zeros(n_vocab, **f32) if need_b else None
+    if n_tokens == 0:
+        for g in (gh, gw):
+            if g is not None:
+                g.zero_()
+        return (weighted_loss.sum(), logp, entropy, stats, gh, gw,
+                gb32.to(dtype) if gb32 is not None else None)
+
+    check_interpreter()
+    h_k, w_k = kernel_operand(hidden), kernel_operand(weight)
+    b_k = kernel_operand(bias) if bias is not None else None
+    cfg = product_config(device)
+    launch = dict(temperature=temperature, ignore_index=ignore_index, precision=dot_precision(dtype, device))
+    budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
+    rows_per_chunk = chunk_tokens(n_tokens, n_vocab, budget, cfg.BLOCK_N)
+    product = torch.empty(padded_elements(rows_per_chunk, n_vocab), **f32)
+    dl_buf = torch.empty(padded_elements(rows_per_chunk, n_vocab), device=device, dtype=dtype)
+    per_token = lambda x, n0, n1: None if x is None else x[n0:n1]  # noqa: E731
+
+    for n0 in range(0, n_tokens, rows_per_chunk):
+        n1 = min(n0 + rows_per_chunk, n_tokens)
+        rows, h_c, t_c = n1 - n0, h_k[n0:n1], targets[n0:n1]
+        prod = mm_fp32(h_c, w_k.t(), out=padded_matrix(product, rows, n_vocab))
+        lse, target_logit, _, ent = forward_from_product(h_c, w_k, b_k, t_c, prod, cfg, vocab_start=0,
+                                                         with_entropy=with_entropy, **launch)
+        logp_c, _ = finish_logprobs(lse, target_logit, None, t_c, ignore_index)
+        logp[n0:n1] = logp_c
+        if with_entropy:
+            entropy[n0:n1] = torch.where(t_c != ignore_index, ent, 0.0)
+        loss_c, dloss_dlogp, stats_c = rlplus_head_forward(
+            logp_c, entropy[n0:n1] if entropy_coef != 0 else None, advantages[n0:n1],
+            *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
+            agg_weight[n0:n1], **head)
+        weighted_loss[n0:n1], stats[:, n0:n1] = loss_c, stats_c
+        if not (need_h or need_w or need_b):
+            continue
+        grad_entropy = agg_weight[n0:n1] * -entropy_coef if entropy_coef != 0 else None
+        dl = padded_matrix(dl_buf, rows, n_vocab)
+        launch_dlogits(h_c, w_k, b_k, t_c, lse, ent if grad_entropy is not None else lse, dloss_dlogp,
+                       grad_entropy, dl, prod, cfg, col_start=0, **launch)
+        if need_h:
+            torch.mm(dl, weight, out=gh[n0:n1])
+        if need_w:  # the first chunk writes, the others add
+            torch.addmm(gw, dl.t(), hidden[n0:n1], beta=int(n0 > 0), out=gw)
+        if need_b:
+            gb32 += dl.sum(0, dtype=torch.float32)
+    return (weighted_loss.sum(), logp, entropy, stats, gh, gw, gb32.to(dtype) if gb32 is not None else None)

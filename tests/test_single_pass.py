@@ -1,0 +1,177 @@
+"""The Triton backend's single-pass schedule (RLPLUS_SCHEDULE=single-pass, kernels/single_pass.py): when
+rlplus_loss takes it, what it computes (against the two-pass schedule; test_backends.py has the property
+test against the reference), its GEMMs, memory, autograd and torch.compile behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import TRITON_ON_CPU, CountMatmuls, LargestAllocation, assert_grad_close
+from rlplus_kernels import rlplus_loss
+
+pytestmark = pytest.mark.skipif(not TRITON_ON_CPU, reason="triton on CPU tensors needs triton and TRITON_INTERPRET=1")
+
+N, D, V = 40, 8, 100
+BLOCK_N = 16  # the interpreter's product tile (kernels/_config.py): a chunk is a multiple of it
+
+
+def inputs(dtype=torch.float32, bias=True):
+    torch.manual_seed(3)
+    hidden = torch.randn(N, D).to(dtype)
+    weight = torch.randn(V, D).to(dtype)
+    targets = torch.randint(0, V, (N,))
+    targets[5] = -100
+    head = dict(advantages=torch.randn(N), old_logprobs=-torch.rand(N) * 3,
+                external_mask=torch.rand(N) < 0.3, entropy_coef=0.01, kl_coef=0.05, ref_logprobs=-torch.rand(N) * 3,
+                dual_clip=3.0, temperature=0.7, bias=torch.randn(V).to(dtype) if bias else None)
+    return hidden, weight, targets, head
+
+
+def run(schedule, monkeypatch, *, dtype=torch.float32, chunk_elems=None, requires=(True, True, True), scale=1.0):
+    """(loss, metrics, grads of hidden/weight/bias or None) of rlplus_loss under the schedule."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    if chunk_elems is not None:
+        monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(chunk_elems))
+    hidden, weight, targets, head = inputs(dtype)
+    leaves = [x.requires_grad_(r) for x, r in zip((hidden, weight, head.pop("bias")), requires)]
+    out = rlplus_loss(leaves[0], leaves[1], targets, head.pop("advantages"), head.pop("old_logprobs"),
+                      bias=leaves[2], backend="triton", return_entropy=True, **head)
+    (out.loss * scale).backward()
+    monkeypatch.delenv("RLPLUS_CHUNK_ELEMS", raising=False)
+    return out, [x.grad for x in leaves]
+
+
+@pytest.fixture
+def single_pass_calls(monkeypatch):
+    """How often rlplus_loss ran the single-pass launcher."""
+    from rlplus_kernels.kernels import single_pass
+
+    calls = []
+    original = single_pass.rlplus_loss_single_pass
+    monkeypatch.setattr(single_pass, "rlplus_loss_single_pass",
+                        lambda *args, **kwargs: calls.append(kwargs["needs_grad"]) or original(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("chunk_elems", [None, BLOCK_N * V], ids=["one chunk", "three chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_pass_equals_two_pass(monkeypatch, single_pass_calls, dtype, chunk_elems):
+    """Same loss, log-probs, entropies and metrics to float32 rounding; gradients of 2.5 x loss within the
+    dtype's rounding (bfloat16: one more rounding when scaled by the upstream gradient, and grad_weight
+    rounded once per token chunk)."""
+    two, two_grads = run("two-pass", monkeypatch, dtype=dtype, scale=2.5)
+    assert single_pass_calls == []
+    one, one_grads = run("single-pass", monkeypatch, dtype=dtype, chunk_elems=chunk_elems, scale=2.5)
+    assert single_pass_calls == [(True, True, True)]
+    torch.testing.assert_close(one.loss, two.loss, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(one.logprobs, two.logprobs, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(one.entropy, two.entropy, rtol=2e-6, atol=2e-6)
+    assert one.metrics.keys() == two.metrics.keys()
+    for key in two.metrics:
+        torch.testing.assert_close(one.metrics[key], two.metrics[key], rtol=2e-6, atol=2e-6, msg=key)
+    rtol = 2e-6 if dtype == torch.float32 else 2 ** -7
+    for name, got, expected in zip(("hidden", "weight", "bias"), one_grads, two_grads):
+        assert got.dtype == dtype
+        assert_grad_close(got, expected, rtol=rtol, name=f"grad_{name}")
+
+
+@pytest.mark.parametrize("requires,gemms_per_chunk", [((True, True, True), 3), ((True, False, False), 2),
+                                                      ((False, True, False), 2)],
+                         ids=["all", "frozen head", "frozen trunk"])
+def test_three_gemms_per_chunk_and_none_unasked(monkeypatch, single_pass_calls, requires, gemms_per_chunk):
+    """One logits GEMM per token chunk (never a recompute), then only the gradient GEMMs autograd asks for."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(BLOCK_N * V))
+    hidden, weight, targets, head = inputs()
+    leaves = [x.requires_grad_(r) for x, r in zip((hidden, weight, head.pop("bias")), requires)]
+    with CountMatmuls() as counter:
+        out = rlplus_loss(leaves[0], leaves[1], targets, head.pop("advantages"), head.pop("old_logprobs"),
+                          bias=leaves[2], backend="triton", **head)
+        out.loss.backward()
+    assert single_pass_calls == [requires]
+    assert counter.count == gemms_per_chunk * math.ceil(N / BLOCK_N)
+    for x, r in zip(leaves, requires):
+        assert (x.grad is not None) == r
+
+
+def test_two_pass_wherever_single_pass_does_not_apply(monkeypatch, single_pass_calls):
+    """No gradient wanted (scoring), float16 (its dl scale would differ per chunk): the two-pass schedule,
+    which computes the same function."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    head.pop("bias")
+    args = (targets, head.pop("advantages"), head.pop("old_logprobs"))
+    with torch.no_grad():
+        rlplus_loss(hidden.requires_grad_(), weight, *args, backend="triton", **head)
+    rlplus_loss(hidden.detach(), weight, *args, backend="triton", **head)  # nothing requires a gradient
+    out = rlplus_loss(hidden.detach().half().requires_grad_(), weight.half(), *args, backend="triton", **head)
+    out.loss.backward()
+    rlplus_loss(hidden.detach().requires_grad_(), weight, *args, backend="torch", **head)
+    assert single_pass_calls == []
+
+
+def test_largest_allocation_is_one_chunk(monkeypatch):
+    """A vocabulary 64x a chunk's width: forward+backward allocate nothing of N x V, only chunks of it."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    n, d, v = 64, 4, 16384
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(BLOCK_N * v))
+    hidden, weight = torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True)
+    with LargestAllocation() as tracker:
+        out = rlplus_loss(hidden, weight, torch.randint(0, v, (n,)), torch.randn(n), entropy_coef=0.01,
+                          backend="triton")
+        out.loss.backward()
+    chunk_bytes = BLOCK_N * v * 4  # the fp32 product of a chunk (dl, in the input dtype, is no larger)
+    assert tracker.largest_bytes <= max(chunk_bytes, v * d * 4)
+    assert tracker.largest_bytes <= n * v * 4 / 4
+
+
+def test_a_second_backward_is_refused(monkeypatch):
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    out = rlplus_loss(hidden.requires_grad_(), weight, targets, head["advantages"], backend="triton")
+    out.loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    with pytest.raises(RuntimeError, match="single-pass.*retain_graph"):
+        out.loss.backward()
+    torch.testing.assert_close(hidden.grad, first)  # the refused backward added nothing
+
+
+def test_no_valid_token(monkeypatch):
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    out = rlplus_loss(hidden.requires_grad_(), weight.requires_grad_(), torch.full_like(targets, -100),
+                      head["advantages"], backend="triton", entropy_coef=0.1)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_compiled_step_matches_eager(monkeypatch):
+    """torch.compile(fullgraph=True) of a step through the single-pass op: same loss and gradients."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    bias = head.pop("bias")
+    args = (targets, head.pop("advantages"), head.pop("old_logprobs"))
+
+    def step(h, w, b):
+        out = rlplus_loss(h, w, *args, bias=b, backend="triton", **head)
+        return out.loss * 3.0, out.metrics["clip_frac"]
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+        loss, clip_frac = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), clip_frac, *[x.grad for x in leaves]))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_schedule_is_refused(monkeypatch):
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single_pass")
+    hidden, weight, targets, head = inputs()
+    with pytest.raises(ValueError, match="RLPLUS_SCHEDULE"):
+        rlplus_loss(hidden.requires_grad_(), weight, targets, head["advantages"], backend="triton")
