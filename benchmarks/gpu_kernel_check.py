@@ -182,6 +182,26 @@ def bare_gemms(h, w, rep, res):
     return res["gemm_sum_ms"]
 
 
+def fwd_bwd_against_gemms(fwd_bwd, h, w, rep, profile, res):
+    """Times fwd_bwd (and, with profile, its kernels) and the bare GEMMs of the same shapes, into res."""
+    res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
+    if profile:
+        res["kernels"] = kernel_breakdown(fwd_bwd)
+    gemms = bare_gemms(h, w, rep, res)
+    res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
+    res["tflops_fwd_bwd"] = 6 * h.shape[0] * w.shape[0] * h.shape[1] / res["ours_fwd_bwd"]["p50"] / 1e9
+
+
+def peak_extra_mb(fn):
+    """MiB that one call of fn allocated at its peak above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 # ----------------------------------------------------------------------------- the loss, end to end
 ENTROPY_COEF = 0.01
 
@@ -259,20 +279,11 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
 
     res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=f"{schedule}/{logits}",
                schedule=schedule, loss=True)
-    res["ours_fwd_bwd"] = bench(step, rep)
-    if profile:
-        res["kernels"] = kernel_breakdown(step)
+    fwd_bwd_against_gemms(step, h, w, rep, profile, res)
     hr.grad = wr.grad = None
-    gemms = bare_gemms(h, w, rep, res)
-    res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
-    res["tflops_fwd_bwd"] = 6 * n * v * d / res["ours_fwd_bwd"]["p50"] / 1e9
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
+    peak = peak_extra_mb(step)
     grads = hr.grad.numel() * hr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
-    res["ours_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
+    res["ours_peak_extra_mb"] = peak - grads / 2**20
     del hr, wr
     torch.cuda.empty_cache()
     return res
@@ -320,20 +331,9 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     res["ours_fwd"] = bench(fwd, rep)
     res["ours_bwd"] = bench(bwd, rep)
     res["ours_bwd_hidden_only"] = bench(lambda: bwd(needs_grad=(True, False, False)), rep)
-    res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
-    if profile:
-        res["kernels"] = kernel_breakdown(fwd_bwd)
-    gemms = bare_gemms(h, w, rep, res)
-    res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
-    res["tflops_fwd_bwd"] = 6 * n * v * d / res["ours_fwd_bwd"]["p50"] / 1e9
-
+    fwd_bwd_against_gemms(fwd_bwd, h, w, rep, profile, res)
     # peak extra memory above inputs (+ parameter grads, which both implementations must hold)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    res["ours_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    res["ours_peak_extra_mb"] = peak_extra_mb(fwd_bwd)
     if do_naive:
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
         torch.cuda.synchronize()
