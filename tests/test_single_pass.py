@@ -139,6 +139,15 @@ def test_a_second_backward_is_refused(monkeypatch):
     torch.testing.assert_close(hidden.grad, first)  # the refused backward added nothing
 
 
+def test_create_graph_is_refused(monkeypatch):
+    """Its gradients carry no graph: a gradient penalty on them would silently add nothing."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    out = rlplus_loss(hidden.requires_grad_(), weight, targets, head["advantages"], backend="triton")
+    with pytest.raises(NotImplementedError, match="single-pass.*create_graph"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)
+
+
 def test_no_valid_token(monkeypatch):
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     hidden, weight, targets, head = inputs()

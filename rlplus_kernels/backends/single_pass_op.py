@@ -3,7 +3,8 @@
 Its forward returns the loss with the gradients of hidden, weight and bias already formed
 (kernels/single_pass.py: three GEMMs); its backward multiplies them by the loss's upstream gradient,
 in place, so the graph holds each gradient once. The backward therefore runs once per forward:
-``retain_graph=True`` and a second backward are refused.
+``retain_graph=True`` and a second backward are refused, and so is ``create_graph=True`` (the gradients
+carry no graph: a gradient penalty on them would silently be 0).
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
@@ -84,6 +85,11 @@ def _backward(ctx, grad_loss, *_unused):
             "rlplus_loss: the single-pass schedule (RLPLUS_SCHEDULE=single-pass) forms the gradients in the "
             "forward and hands them out once; it cannot backward a second time (retain_graph=True). Use the "
             "default two-pass schedule for that.")
+    if torch.is_grad_enabled():  # create_graph=True: the gradients below carry no graph to differentiate
+        raise NotImplementedError(
+            "rlplus_loss: the single-pass schedule (RLPLUS_SCHEDULE=single-pass) forms first derivatives only, "
+            "without a graph (create_graph=True); the two-pass schedule takes create_graph=True for the first "
+            "derivative")
     ctx.used = True
     grads = ctx.saved_tensors
     # in place: each gradient exists once (its saved copy is dropped with the graph)
