@@ -21,6 +21,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # op's backward a warm cache replays the old one (pytorch/pytorch#144344): the tests compile afresh.
 if hasattr(torch._functorch.config, "enable_autograd_cache"):
     torch._functorch.config.enable_autograd_cache = False
+# Inductor's FX graph cache likewise replayed code compiled against a custom op's earlier fake (its strides)
+os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 
 
 @pytest.fixture(autouse=True)

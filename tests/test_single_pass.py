@@ -148,6 +148,16 @@ def test_create_graph_is_refused(monkeypatch):
         torch.autograd.grad(out.loss, hidden, create_graph=True)
 
 
+def test_no_tokens(monkeypatch):
+    """hidden [2, 0, D]: its gradient is an empty [2, 0, D] tensor, as on the two-pass schedule, not None."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight = torch.randn(2, 0, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    out = rlplus_loss(hidden, weight, torch.zeros(2, 0, dtype=torch.long), torch.randn(2), backend="triton")
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and hidden.grad.shape == (2, 0, D)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_no_valid_token(monkeypatch):
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     hidden, weight, targets, head = inputs()
@@ -177,6 +187,59 @@ def test_compiled_step_matches_eager(monkeypatch):
         results.append((loss.detach(), clip_frac, *[x.grad for x in leaves]))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_step_with_a_transposed_head(monkeypatch):
+    """An LM head stored [D, V] (weight = P.t(), column-major): the op's fake must describe the gradients
+    the launcher returns (row-major) or the compiled graph's stride asserts fail."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    hidden, weight, targets, head = inputs()
+    stored = weight.t().contiguous()
+
+    def step(h, p):
+        return rlplus_loss(h, p.t(), targets, head["advantages"], backend="triton").loss
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [hidden.clone().requires_grad_(), stored.clone().requires_grad_()]
+        fn(*leaves).backward()
+        grads.append([x.grad for x in leaves])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_op_passes_opcheck():
+    """Schema, autograd registration and the fake against the real op (also for a column-major weight).
+    Not opcheck's AOT-dispatch comparison: in eager the backward scales the op's gradient outputs in
+    place (the wrapper never hands them out; a compiled graph takes the out-of-place product), which
+    that comparison of outputs after the backward reports as a difference."""
+    hidden, weight, targets, head = inputs()
+    n = hidden.shape[0]
+    for w in (weight, weight.t().contiguous().t()):
+        args = (hidden.clone().requires_grad_(), w.clone().requires_grad_(), None, targets, head["advantages"],
+                None, None, None, None, torch.full((n,), 1.0 / n), 0.2, 0.2, None, 0.5, None, 0.0, 0.01, 1.0,
+                -100, False, True, True, False)
+        torch.library.opcheck(torch.ops.rlplus.rlplus_loss_single_pass.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_chunks_grow_rather_than_pass_max_token_chunks(monkeypatch):
+    """bf16 grad_weight rounds once per chunk: past MAX_TOKEN_CHUNKS chunks, the chunks grow instead."""
+    from rlplus_kernels.kernels import single_pass
+
+    assert single_pass.chunk_tokens(16384, 151936, 2**26, 64) == 384  # the bar's shape: 43 chunks of the budget
+    for n_tokens in (1, 63, 64 * 400, 100_000, 1_000_000):
+        rows = single_pass.chunk_tokens(n_tokens, 151936, 2**26, 64)
+        assert math.ceil(n_tokens / rows) <= single_pass.MAX_TOKEN_CHUNKS and (rows % 64 == 0 or rows == n_tokens)
+    monkeypatch.setattr(single_pass, "MAX_TOKEN_CHUNKS", 2)  # N = 40: 2 chunks of 32, not 3 of the budget's 16
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", "1")
+    hidden, weight, targets, head = inputs()
+    with CountMatmuls() as counter:
+        out = rlplus_loss(hidden.requires_grad_(), weight.requires_grad_(), targets, head["advantages"],
+                          backend="triton")
+        out.loss.backward()
+    assert counter.count == 3 * 2
 
 
 def test_unknown_schedule_is_refused(monkeypatch):

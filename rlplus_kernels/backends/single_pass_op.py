@@ -2,9 +2,10 @@
 
 Its forward returns the loss with the gradients of hidden, weight and bias already formed
 (kernels/single_pass.py: three GEMMs); its backward multiplies them by the loss's upstream gradient,
-in place, so the graph holds each gradient once. The backward therefore runs once per forward:
-``retain_graph=True`` and a second backward are refused, and so is ``create_graph=True`` (the gradients
-carry no graph: a gradient penalty on them would silently be 0).
+in place (in eager), so the graph holds each gradient once. The backward therefore runs once per
+forward: a second backward (after ``retain_graph=True``) is refused, and so is ``create_graph=True`` (the
+gradients carry no graph: a gradient penalty on them would silently be 0). Until the backward, the graph
+holds full-size gradients of hidden, weight and bias (the weight's: its size again).
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
@@ -66,7 +67,8 @@ def _(hidden, weight, bias, targets, advantages, old_logprobs, external, behavio
       ignore_index, with_entropy, need_hidden, need_weight, need_bias):
     n = hidden.shape[0]
     f32 = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    grad = lambda needed, like: torch.empty_like(like) if needed else hidden.new_empty((0,))  # noqa: E731
+    # row-major like the launcher's, whatever the input's layout (a transposed weight is column-major)
+    grad = lambda needed, like: like.new_empty(like.shape) if needed else hidden.new_empty((0,))  # noqa: E731
     return (f32(), f32(n), f32(n if with_entropy or entropy_coef != 0 else 0), f32(5, n),
             grad(need_hidden, hidden), grad(need_weight, weight), grad(need_bias and bias is not None, bias))
 
@@ -92,8 +94,12 @@ def _backward(ctx, grad_loss, *_unused):
             "derivative")
     ctx.used = True
     grads = ctx.saved_tensors
-    # in place: each gradient exists once (its saved copy is dropped with the graph)
-    scaled = [g.mul_(grad_loss) if needed and g.numel() else None for g, needed in zip(grads, ctx.needs)]
+    # In eager, in place: each gradient exists once (its saved copy is dropped with the graph). A compiled
+    # graph traces this with tensor subclasses and gets the out-of-place product (AOTAutograd would turn
+    # the mutation of the op's outputs into a copy anyway).
+    eager = all(type(t) is torch.Tensor for t in (grad_loss, *grads))
+    scaled = [(g.mul_(grad_loss) if eager else g * grad_loss) if needed else None
+              for g, needed in zip(grads, ctx.needs)]
     return tuple(scaled) + (None,) * 20
 
 
