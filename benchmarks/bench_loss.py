@@ -6,7 +6,8 @@
     python benchmarks/bench_loss.py --json benchmarks/results/cpu/bench_loss.json   # + PNG plots beside it
 
 Providers (benchmarks/providers.py): naive (full logits), compile (torch.compile of naive), torch and
-triton (this library), liger (Liger-Kernel's chunked GRPO loss), cce (Cut Cross-Entropy log-probs).
+triton (this library), triton-single-pass (the triton backend with RLPLUS_SCHEDULE=single-pass; its
+`fwd` is triton's), liger (Liger-Kernel's chunked GRPO loss), cce (Cut Cross-Entropy log-probs).
 Modes: `fwd` = no-grad log-prob scoring (old/ref log-probs); `fwd+bwd` = loss and its gradients
 with respect to hidden and weight.
 

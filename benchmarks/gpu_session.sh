@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh pipelined  # the same with the PIPELINE_TILES launch option (fused, tma)
 #   bash benchmarks/gpu_session.sh tests      # property/kernel/head tests on CUDA tensors (~3-8 min)
 #   bash benchmarks/gpu_session.sh configs    # launch-config sweep of the fused and tma kernels (bf16)
-#   bash benchmarks/gpu_session.sh sweep      # bench_loss.py sweep, bf16: naive, torch.compile and triton
+#   bash benchmarks/gpu_session.sh sweep      # bench_loss.py sweep, bf16: naive, torch.compile, triton (both schedules)
 #   bash benchmarks/gpu_session.sh static     # static check on the image's triton (also runs without a GPU)
 #
 # Pass GIT_COMMIT=<hash> when the tree was copied without .git; PYTHON overrides the interpreter.
@@ -68,7 +68,7 @@ for step in "$@"; do
                     || status=$?
             done ;;
         sweep)  # the torch backend is left out: on a GPU it is the slow fallback (about 300 s of the sweep)
-            run bench_loss.txt "$PY" benchmarks/bench_loss.py --device cuda --providers naive compile triton \
+            run bench_loss.txt "$PY" benchmarks/bench_loss.py --device cuda --providers naive compile triton triton-single-pass \
                 --json "$OUT/bench_loss.json" ;;
         static)
             run static_check_quick.txt "$PY" scripts/check_kernels.py --quick -j "$(nproc)" \

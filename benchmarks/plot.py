@@ -10,7 +10,8 @@ import os
 import sys
 
 STYLE = {"naive": ("black", "o", "--"), "compile": ("grey", "s", "--"), "torch": ("tab:blue", "o", "-"),
-         "triton": ("tab:red", "D", "-"), "liger": ("tab:green", "^", "-"), "cce": ("tab:purple", "v", "-")}
+         "triton": ("tab:red", "D", "-"), "triton-single-pass": ("tab:orange", "D", ":"),
+         "liger": ("tab:green", "^", "-"), "cce": ("tab:purple", "v", "-")}
 
 
 def _series(records, sweep, x_key, provider, mode, y_key):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import math
+import os
 from dataclasses import dataclass, asdict
 from typing import Callable
 
@@ -245,6 +246,29 @@ class OursTriton(_Ours):
         return why
 
 
+class OursTritonSinglePass(OursTriton):
+    """The Triton backend under RLPLUS_SCHEDULE=single-pass (rlplus_kernels/kernels/README.md, "Schedule"):
+    the loss's gradients formed in its forward, three GEMMs. Log-probs alone are the two-pass op's."""
+
+    name = "triton-single-pass"
+    note = "rlplus_kernels, Triton backend, RLPLUS_SCHEDULE=single-pass"
+
+    def loss(self, inp):
+        run = super().loss(inp)
+
+        def call():
+            previous = os.environ.get("RLPLUS_SCHEDULE")
+            os.environ["RLPLUS_SCHEDULE"] = "single-pass"
+            try:
+                return run()
+            finally:
+                if previous is None:
+                    del os.environ["RLPLUS_SCHEDULE"]
+                else:
+                    os.environ["RLPLUS_SCHEDULE"] = previous
+        return call
+
+
 class Liger(Provider):
     """Liger-Kernel's chunked GRPO loss set to our loss: no KL (beta=0), clip 0.2/0.2, token-mean
     ("dapo": sum over tokens / number of tokens), temperature 1, TRL's defaults otherwise
@@ -312,4 +336,5 @@ class CutCrossEntropy(Provider):
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in
-                                  (Naive(), NaiveCompile(), OursTorch(), OursTriton(), Liger(), CutCrossEntropy())}
+                                  (Naive(), NaiveCompile(), OursTorch(), OursTriton(), OursTritonSinglePass(), Liger(),
+                                   CutCrossEntropy())}
