@@ -241,9 +241,10 @@ def single_pass_schedule(chunk_elems):
 @settings(max_examples=TRITON_LOSS_EXAMPLES or settings.default.max_examples)
 @given(problems([torch.float32, torch.bfloat16], max_tokens=40, max_hidden=20, max_vocab=80, chunked=False))
 def test_triton_single_pass_loss_matches_reference(problem):
-    """The single-pass schedule (kernels/single_pass.py), on odd seeds with one interpreter tile of tokens
-    (16) per chunk, so that larger batches take several chunks; same tolerances as the two-pass one."""
-    with single_pass_schedule(chunk_elems=1 if problem.seed % 2 else 2**26):
+    """The single-pass schedule (kernels/single_pass.py), by seed: one chunk; chunks of one interpreter
+    tile (16 tokens); chunks of 32 tokens in product slices of 16. Same tolerances as the two-pass one."""
+    budget = (2**26, 1, 16 * problem.vocab_size)[problem.seed % 3]
+    with single_pass_schedule(chunk_elems=budget):
         check_rlplus_loss(problem, "triton")
 
 

@@ -56,7 +56,8 @@ def single_pass_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("chunk_elems", [None, BLOCK_N * V], ids=["one chunk", "three chunks"])
+# BLOCK_N * V: product slices of 16 tokens (budget / 2, at least one block), chunks of 32 (2 budget)
+@pytest.mark.parametrize("chunk_elems", [None, BLOCK_N * V], ids=["one chunk", "two chunks of slices"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_single_pass_equals_two_pass(monkeypatch, single_pass_calls, dtype, chunk_elems):
     """Same loss, log-probs, entropies and metrics to float32 rounding; gradients of 2.5 x loss within the
@@ -78,11 +79,13 @@ def test_single_pass_equals_two_pass(monkeypatch, single_pass_calls, dtype, chun
         assert_grad_close(got, expected, rtol=rtol, name=f"grad_{name}")
 
 
-@pytest.mark.parametrize("requires,gemms_per_chunk", [((True, True, True), 3), ((True, False, False), 2),
-                                                      ((False, True, False), 2)],
+@pytest.mark.parametrize("requires,gradient_gemms", [((True, True, True), 2), ((True, False, False), 1),
+                                                     ((False, True, False), 1)],
                          ids=["all", "frozen head", "frozen trunk"])
-def test_three_gemms_per_chunk_and_none_unasked(monkeypatch, single_pass_calls, requires, gemms_per_chunk):
-    """One logits GEMM per token chunk (never a recompute), then only the gradient GEMMs autograd asks for."""
+def test_one_logits_gemm_per_slice_and_no_unasked_gradient_gemm(monkeypatch, single_pass_calls, requires,
+                                                                  gradient_gemms):
+    """One logits GEMM per product slice of 16 tokens (never a recompute), then per chunk of 32 tokens only
+    the gradient GEMMs autograd asks for."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(BLOCK_N * V))
     hidden, weight, targets, head = inputs()
@@ -92,7 +95,7 @@ def test_three_gemms_per_chunk_and_none_unasked(monkeypatch, single_pass_calls, 
                           bias=leaves[2], backend="triton", **head)
         out.loss.backward()
     assert single_pass_calls == [requires]
-    assert counter.count == gemms_per_chunk * math.ceil(N / BLOCK_N)
+    assert counter.count == math.ceil(N / BLOCK_N) + gradient_gemms * math.ceil(N / (2 * BLOCK_N))
     for x, r in zip(leaves, requires):
         assert (x.grad is not None) == r
 
@@ -116,15 +119,16 @@ def test_two_pass_wherever_single_pass_does_not_apply(monkeypatch, single_pass_c
 def test_largest_allocation_is_one_chunk(monkeypatch):
     """A vocabulary 64x a chunk's width: forward+backward allocate nothing of N x V, only chunks of it."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
-    n, d, v = 64, 4, 16384
-    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(BLOCK_N * v))
+    n, d, v = 128, 4, 16384
+    budget = BLOCK_N * v
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", str(budget))
     hidden, weight = torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True)
     with LargestAllocation() as tracker:
         out = rlplus_loss(hidden, weight, torch.randint(0, v, (n,)), torch.randn(n), entropy_coef=0.01,
                           backend="triton")
         out.loss.backward()
-    chunk_bytes = BLOCK_N * v * 4  # the fp32 product of a chunk (dl, in the input dtype, is no larger)
-    assert tracker.largest_bytes <= max(chunk_bytes, v * d * 4)
+    # a chunk's dl (2 budget elements, float32 here; a slice's fp32 product holds budget / 2)
+    assert tracker.largest_bytes <= max(2 * budget * 4, v * d * 4)
     assert tracker.largest_bytes <= n * v * 4 / 4
 
 
@@ -227,10 +231,12 @@ def test_chunks_grow_rather_than_pass_max_token_chunks(monkeypatch):
     """bf16 grad_weight rounds once per chunk: past MAX_TOKEN_CHUNKS chunks, the chunks grow instead."""
     from rlplus_kernels.kernels import single_pass
 
-    assert single_pass.chunk_tokens(16384, 151936, 2**26, 64) == 384  # the bar's shape: 43 chunks of the budget
+    # the bar's shape: 22 chunks of 768 tokens, each 4 product slices of 192
+    assert single_pass.plan_chunks(16384, 151936, 2**26, 64) == (768, 192)
     for n_tokens in (1, 63, 64 * 400, 100_000, 1_000_000):
-        rows = single_pass.chunk_tokens(n_tokens, 151936, 2**26, 64)
-        assert math.ceil(n_tokens / rows) <= single_pass.MAX_TOKEN_CHUNKS and (rows % 64 == 0 or rows == n_tokens)
+        rows, slice_rows = single_pass.plan_chunks(n_tokens, 151936, 2**26, 64)
+        assert math.ceil(n_tokens / rows) <= single_pass.MAX_TOKEN_CHUNKS
+        assert rows == n_tokens or (rows % slice_rows == 0 and slice_rows % 64 == 0)
     monkeypatch.setattr(single_pass, "MAX_TOKEN_CHUNKS", 2)  # N = 40: 2 chunks of 32, not 3 of the budget's 16
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", "1")
@@ -239,7 +245,7 @@ def test_chunks_grow_rather_than_pass_max_token_chunks(monkeypatch):
         out = rlplus_loss(hidden.requires_grad_(), weight.requires_grad_(), targets, head["advantages"],
                           backend="triton")
         out.loss.backward()
-    assert counter.count == 3 * 2
+    assert counter.count == 3 + 2 * 2  # slices of 16 (one block): 3 logits GEMMs; 2 chunks x 2 gradient GEMMs
 
 
 def test_unknown_schedule_is_refused(monkeypatch):

@@ -5,14 +5,15 @@ backward's recompute. But the RL head is per token: d loss / d log p_t and d los
 on token t's log p, entropy and inputs, and on aggregation weights known before any logit. So once a
 chunk of tokens has the logits of the whole vocabulary, its gradients can be formed at once::
 
-    for each chunk of c tokens (c V <= chunk_elems):
-        P = h_c @ W^T                                   cuBLAS, fp32 [c, V]
-        lse, z_y, H          <- forward kernel reading P (FROM_PRODUCT), splits merged
-        loss_t, d loss/d logp_t  <- the head kernel;    d loss/d H_t = -entropy_coef a_t
-        dl = d loss / d logits   <- backward kernel reading P (FROM_PRODUCT), [c, V] input dtype
-        grad_hidden[c]  = dl @ W                        cuBLAS, written once
-        grad_weight    (+)= dl^T @ h_c                  cuBLAS, summed over token chunks in place
-        grad_bias       += dl.sum(0)                    fp32
+    for each chunk of c tokens (dl [c, V] <= 2 chunk_elems elements):
+        for each slice of s of its tokens (fp32 P [s, V] <= chunk_elems / 2 elements):
+            P = h_s @ W^T                                   cuBLAS, fp32
+            lse, z_y, H          <- forward kernel reading P (FROM_PRODUCT), splits merged
+            loss_t, d loss/d logp_t  <- the head kernel;    d loss/d H_t = -entropy_coef a_t
+            dl[s] = d loss / d logits  <- backward kernel reading P (FROM_PRODUCT), input dtype
+        grad_hidden[c]  = dl @ W                            cuBLAS, written once
+        grad_weight    (+)= dl^T @ h_c                      cuBLAS, summed over token chunks in place
+        grad_bias       += dl.sum(0)                        fp32
 
 The gradients are those of the loss itself (upstream gradient 1); the autograd op
 (backends/single_pass_op.py) scales them by the upstream gradient in its backward.
@@ -23,7 +24,7 @@ N / c roundings where the two-pass schedule rounds once); the gradients exist fr
 it serves the scalar loss only (not arbitrary upstream gradients of log-probs). float16 is left to the
 two-pass schedule (its dl is stored scaled by a bound of the upstream gradients, which would differ
 per chunk), and so is a vocabulary-parallel head (its log-sum-exp needs every rank's shard first).
-Memory: the fp32 product and the dl chunk, 6 bytes (bf16) or 8 (fp32) per element of a chunk.
+Memory: a slice's fp32 product and a chunk's dl, 6 bytes (bf16) or 10 (fp32) per element of chunk_elems.
 """
 
 from __future__ import annotations
@@ -42,19 +43,25 @@ from .linear_logprobs_bwd import DEFAULT_CHUNK_ELEMS, launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
 from .rlplus_head import STAT_NAMES, rlplus_head_forward
 
-# bf16 grad_weight is rounded once per token chunk: its error grows as sqrt(chunks) (3.2x one rounding
-# at 43). Past this many chunks the chunks grow instead, so memory stays a fraction of naive's (N V 6 / 64
-# bytes, ~0.5 %) and the error bounded (~4x one rounding).
+# bf16 grad_weight is rounded once per token chunk: its error grows as sqrt(chunks) (2.2x one rounding
+# at 16, 3.6x at 64). Past this many chunks the chunks grow instead: the error stays bounded and memory a
+# fraction of naive's (dl: 2 N V / 64 bytes in bf16, ~0.2 % of naive's ~18 N V).
 MAX_TOKEN_CHUNKS = 64
 
 
-def chunk_tokens(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> int:
-    """Tokens per chunk: a multiple of block_n, as many as keep chunk x vocabulary <= budget, but at least
-    one block and at least N / MAX_TOKEN_CHUNKS; at most N."""
-    within_budget = budget // max(n_vocab, 1) // block_n * block_n
-    at_most_max_chunks = -(-n_tokens // MAX_TOKEN_CHUNKS)  # ceil
-    at_most_max_chunks = -(-at_most_max_chunks // block_n) * block_n  # rounded up to whole blocks
-    return min(n_tokens, max(block_n, within_budget, at_most_max_chunks))
+def _whole_blocks(rows: int, block: int) -> int:
+    return -(-rows // block) * block
+
+
+def plan_chunks(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> tuple:
+    """(rows of a token chunk, rows of its product slices): a slice's fp32 product holds at most budget / 2
+    elements and a chunk's dl at most 2 budget (6 bytes per budget element in bf16: at most 384 MiB at the
+    default 2^26); a chunk is whole slices, a slice whole blocks of block_n rows
+    (at least one), and chunks number at most MAX_TOKEN_CHUNKS. Both at most N."""
+    slice_rows = max(block_n, budget // 2 // max(n_vocab, 1) // block_n * block_n)
+    chunk_rows = max(slice_rows, 2 * budget // max(n_vocab, 1) // slice_rows * slice_rows,
+                     _whole_blocks(-(-n_tokens // MAX_TOKEN_CHUNKS), slice_rows))
+    return min(n_tokens, chunk_rows), min(n_tokens, slice_rows)
 
 
 def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logprobs, external,
@@ -66,7 +73,8 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
     loss = sum_t weighted_loss_t (the head kernel's, float32); logp, entropy [N] float32, 0 at ignored
     rows; gradients in the input dtype, of the loss itself, computed for `needs_grad` (hidden, weight,
     bias). Per-token inputs are [N] tensors as `rlplus_head_forward` takes them; `head` holds its
-    keyword hyper-parameters. `chunk_elems` bounds c V (default 2^26, env ``RLPLUS_CHUNK_ELEMS``).
+    keyword hyper-parameters. `chunk_elems` sizes the chunks and slices (`plan_chunks`; default 2^26, env
+    ``RLPLUS_CHUNK_ELEMS``).
     """
     n_tokens, dim = hidden.shape
     n_vocab = weight.shape[0]
@@ -98,36 +106,38 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
     cfg = product_config(device)
     launch = dict(temperature=temperature, ignore_index=ignore_index, precision=dot_precision(dtype, device))
     budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
-    rows_per_chunk = chunk_tokens(n_tokens, n_vocab, budget, cfg.BLOCK_N)
-    product = torch.empty(padded_elements(rows_per_chunk, n_vocab), **f32)
-    dl_buf = torch.empty(padded_elements(rows_per_chunk, n_vocab), device=device, dtype=dtype)
+    chunk_rows, slice_rows = plan_chunks(n_tokens, n_vocab, budget, cfg.BLOCK_N)
+    product = torch.empty(padded_elements(slice_rows, n_vocab), **f32)
+    dl_buf = torch.empty(padded_elements(chunk_rows, n_vocab), device=device, dtype=dtype)
+    need_any = need_h or need_w or need_b
     per_token = lambda x, n0, n1: None if x is None else x[n0:n1]  # noqa: E731
 
-    for n0 in range(0, n_tokens, rows_per_chunk):
-        n1 = min(n0 + rows_per_chunk, n_tokens)
-        rows, h_c, t_c = n1 - n0, h_k[n0:n1], targets[n0:n1]
-        prod = mm_fp32(h_c, w_k.t(), out=padded_matrix(product, rows, n_vocab))
-        lse, target_logit, _, ent = forward_from_product(h_c, w_k, b_k, t_c, prod, cfg, vocab_start=0,
-                                                         with_entropy=with_entropy, **launch)
-        logp_c, _ = finish_logprobs(lse, target_logit, None, t_c, ignore_index)
-        logp[n0:n1] = logp_c
-        if with_entropy:
-            entropy[n0:n1] = torch.where(t_c != ignore_index, ent, 0.0)
-        loss_c, dloss_dlogp, stats_c = rlplus_head_forward(
-            logp_c, entropy[n0:n1] if entropy_coef != 0 else None, advantages[n0:n1],
-            *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
-            agg_weight[n0:n1], **head)
-        weighted_loss[n0:n1], stats[:, n0:n1] = loss_c, stats_c
-        if not (need_h or need_w or need_b):
-            continue
-        grad_entropy = agg_weight[n0:n1] * -entropy_coef if entropy_coef != 0 else None
-        dl = padded_matrix(dl_buf, rows, n_vocab)
-        launch_dlogits(h_c, w_k, b_k, t_c, lse, ent if grad_entropy is not None else lse, dloss_dlogp,
-                       grad_entropy, dl, prod, cfg, col_start=0, **launch)
+    for c0 in range(0, n_tokens, chunk_rows):
+        c1 = min(c0 + chunk_rows, n_tokens)
+        dl = padded_matrix(dl_buf, c1 - c0, n_vocab)
+        for n0 in range(c0, c1, slice_rows):  # the log-probs, head and dl of one product slice
+            n1 = min(n0 + slice_rows, c1)
+            h_s, t_s = h_k[n0:n1], targets[n0:n1]
+            prod = mm_fp32(h_s, w_k.t(), out=padded_matrix(product, n1 - n0, n_vocab))
+            lse, target_logit, _, ent = forward_from_product(h_s, w_k, b_k, t_s, prod, cfg, vocab_start=0,
+                                                             with_entropy=with_entropy, **launch)
+            logp_s, _ = finish_logprobs(lse, target_logit, None, t_s, ignore_index)
+            logp[n0:n1] = logp_s
+            if with_entropy:
+                entropy[n0:n1] = torch.where(t_s != ignore_index, ent, 0.0)
+            loss_s, dloss_dlogp, stats_s = rlplus_head_forward(
+                logp_s, entropy[n0:n1] if entropy_coef != 0 else None, advantages[n0:n1],
+                *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
+                agg_weight[n0:n1], **head)
+            weighted_loss[n0:n1], stats[:, n0:n1] = loss_s, stats_s
+            if need_any:
+                grad_entropy = agg_weight[n0:n1] * -entropy_coef if entropy_coef != 0 else None
+                launch_dlogits(h_s, w_k, b_k, t_s, lse, ent if grad_entropy is not None else lse, dloss_dlogp,
+                               grad_entropy, dl[n0 - c0:n1 - c0], prod, cfg, col_start=0, **launch)
         if need_h:
-            torch.mm(dl, weight, out=gh[n0:n1])
+            torch.mm(dl, weight, out=gh[c0:c1])
         if need_w:  # the first chunk writes, the others add
-            torch.addmm(gw, dl.t(), hidden[n0:n1], beta=int(n0 > 0), out=gw)
+            torch.addmm(gw, dl.t(), hidden[c0:c1], beta=int(c0 > 0), out=gw)
         if need_b:
             gb32 += dl.sum(0, dtype=torch.float32)
     return (weighted_loss.sum(), logp, entropy, stats, gh, gw, gb32.to(dtype) if gb32 is not None else None)
