@@ -41,7 +41,7 @@ from ._config import (check_interpreter, dot_precision, kernel_operand, padded_e
 from .cublas import mm_fp32
 from .linear_logprobs_bwd import DEFAULT_CHUNK_ELEMS, launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
-from .rlplus_head import STAT_NAMES, rlplus_head_forward
+from .rlplus_head import STAT_NAMES, kernel_float, rlplus_head_forward
 
 # bf16 grad_weight is rounded once per token chunk: its error grows as sqrt(chunks) (2.2x one rounding
 # at 16, 3.6x at 64). Past this many chunks the chunks grow instead: the error stays bounded and memory a
@@ -131,7 +131,8 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
                 agg_weight[n0:n1], **head)
             weighted_loss[n0:n1], stats[:, n0:n1] = loss_s, stats_s
             if need_any:
-                grad_entropy = agg_weight[n0:n1] * -entropy_coef if entropy_coef != 0 else None
+                # the coefficient as the head kernel rounds it (the two-pass head's backward does the same)
+                grad_entropy = agg_weight[n0:n1] * -kernel_float(entropy_coef) if entropy_coef != 0 else None
                 launch_dlogits(h_s, w_k, b_k, t_s, lse, ent if grad_entropy is not None else lse, dloss_dlogp,
                                grad_entropy, dl[n0 - c0:n1 - c0], prod, cfg, col_start=0, **launch)
         if need_h:
