@@ -47,17 +47,18 @@ def env_info():
 
 
 # ----------------------------------------------------------------------------- reference
-def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024):
-    """lse, target_logit, sum_pz, entropy and the three gradients, token-chunked, in ref_dtype."""
+def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024, with_grads=True):
+    """lse, target_logit, sum_pz, entropy and the three gradients (None without with_grads), token-chunked,
+    in ref_dtype."""
     n, d = h.shape
     w_r = w.to(ref_dtype)
     b_r = b.to(ref_dtype) if b is not None else None
     lse = torch.empty(n, dtype=ref_dtype, device=h.device)
     tl = torch.empty_like(lse)
     spz = torch.empty_like(lse)
-    gh = torch.empty(n, d, dtype=ref_dtype, device=h.device)
-    gw = torch.zeros_like(w_r)
-    gb = torch.zeros(w.shape[0], dtype=ref_dtype, device=h.device)
+    gh = torch.empty(n, d, dtype=ref_dtype, device=h.device) if with_grads else None
+    gw = torch.zeros_like(w_r) if with_grads else None
+    gb = torch.zeros(w.shape[0], dtype=ref_dtype, device=h.device) if with_grads and b is not None else None
     for n0 in range(0, n, chunk):
         n1 = min(n, n0 + chunk)
         hc = h[n0:n1].to(ref_dtype)
@@ -72,19 +73,20 @@ def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024):
         tc = t[n0:n1]
         valid = tc != IGN
         tl_c = torch.where(valid, z.gather(1, tc.clamp(min=0)[:, None])[:, 0], 0.0)
+        lse[n0:n1], tl[n0:n1], spz[n0:n1] = lse_c, tl_c, spz_c
+        if not with_grads:
+            continue
         # dz = g_logp (onehot - p) + g_ent (-p (z - lse + H))
         dz = -p * (gl[n0:n1].to(ref_dtype)[:, None] + ge[n0:n1].to(ref_dtype)[:, None] * (z - lse_c[:, None] + ent_c[:, None]))
         dz.scatter_add_(1, tc.clamp(min=0)[:, None], gl[n0:n1].to(ref_dtype)[:, None])
         dz = torch.where(valid[:, None], dz, 0.0) / temperature
         del z, p
-        lse[n0:n1], tl[n0:n1], spz[n0:n1] = lse_c, tl_c, spz_c
         gh[n0:n1] = dz @ w_r
         gw += dz.T @ hc
         if b_r is not None:
             gb += dz.sum(0)
         del dz
-    return dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw,
-                grad_bias=gb if b is not None else None)
+    return dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
 
 
 def rel_err(got, ref):
@@ -186,7 +188,10 @@ def fwd_bwd_against_gemms(fwd_bwd, h, w, rep, profile, res):
     """Times fwd_bwd (and, with profile, its kernels) and the bare GEMMs of the same shapes, into res."""
     res["ours_fwd_bwd"] = bench(fwd_bwd, rep)
     if profile:
-        res["kernels"] = kernel_breakdown(fwd_bwd)
+        try:  # never yet run on CUDA: a profiler failure must not cost the timing
+            res["kernels"] = kernel_breakdown(fwd_bwd)
+        except Exception as e:  # noqa: BLE001  recorded with the timing
+            res["kernels_error"] = repr(e)
     gemms = bare_gemms(h, w, rep, res)
     res["ratio_fwd_bwd_over_gemms"] = res["ours_fwd_bwd"]["p50"] / gemms
     res["tflops_fwd_bwd"] = 6 * h.shape[0] * w.shape[0] * h.shape[1] / res["ours_fwd_bwd"]["p50"] / 1e9
@@ -207,20 +212,23 @@ ENTROPY_COEF = 0.01
 
 
 def loss_inputs(n, d, v, dtype, seed=0):
-    """Hidden, weight, targets (every 7th ignored) and advantages of an on-policy batch."""
+    """Hidden, weight, targets (every 7th ignored), advantages (mean 1: a loss without cancellation, so its
+    relative error means something) and external tokens (every 5th) of a batch."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     h = (torch.randn(n, d, device="cuda", generator=g) / d**0.25).to(dtype)
     w = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
     t = torch.randint(0, v, (n,), device="cuda", generator=g)
     t[::7] = IGN
-    return h, w, t, torch.randn(n, device="cuda", generator=g)
+    adv = torch.randn(n, device="cuda", generator=g) + 1.0
+    return h, w, t, adv, torch.arange(n, device="cuda") % 5 == 0
 
 
-def loss_step(h, w, t, adv):
+def loss_step(h, w, t, adv, old=None, external=None):
     """rlplus_loss (triton backend, token-mean, entropy bonus) and its backward: a user's step."""
     from rlplus_kernels import rlplus_loss
 
-    out = rlplus_loss(h, w, t, adv, entropy_coef=ENTROPY_COEF, backend="triton")
+    out = rlplus_loss(h, w, t, adv, old, external_mask=external, entropy_coef=ENTROPY_COEF, return_entropy=True,
+                      backend="triton")
     out.loss.backward()
     return out
 
@@ -230,38 +238,61 @@ def with_schedule(schedule, logits):
     os.environ["RLPLUS_LOGITS"] = logits
 
 
-def check_loss(n, d, v, dtype, schedule, logits):
-    """rlplus_loss's loss and gradients against the float32/float64 reference. On-policy (no old log-probs)
-    every ratio is 1, nothing is clipped, so d loss / d logp = -A / count and d loss / d H = -coef / count."""
-    with_schedule(schedule, logits)
-    h, w, t, adv = loss_inputs(n, d, v, dtype, seed=1)
-    valid = t != IGN
-    count = valid.sum()
-    gl = torch.where(valid, -adv / count, 0.0)
-    ge = torch.where(valid, torch.full_like(adv, -ENTROPY_COEF) / count, 0.0)
+def loss_reference(n, d, v, dtype):
+    """The reference of `check_loss`'s batch: log-probs and entropies (float32, TF32 off, or float64), old
+    log-probs 0.3 nats from them (ratios on both sides of the clip), the loss and d loss / d (log p, H) from
+    the package's reference head (reference/, float64), and the gradients they give."""
+    from reference import rlplus_loss_from_logprobs_reference
+
+    h, w, t, adv, external = loss_inputs(n, d, v, dtype, seed=1)
     big = n * v * d > 2**36
     ref_dtype = torch.float32 if big else torch.float64
+    chunk = 1024 if big else 4096
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        ref = reference(h, w, None, t, gl, ge, 1.0, ref_dtype, chunk=1024 if big else 4096)
+        zero = torch.zeros(n, device="cuda")
+        fwd = reference(h, w, None, t, zero, zero, 1.0, ref_dtype, chunk=chunk, with_grads=False)
+        valid = t != IGN
+        logp = torch.where(valid, fwd["target_logit"] - fwd["lse"], 0.0)
+        entropy = torch.where(valid, fwd["lse"] - fwd["sum_pz"], 0.0)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        old = (logp + 0.3 * torch.randn(n, device="cuda", generator=g, dtype=logp.dtype)).float()
+        lp, en = logp.double().requires_grad_(), entropy.double().requires_grad_()
+        head = rlplus_loss_from_logprobs_reference(lp, en, t, adv, old, external_mask=external,
+                                                   entropy_coef=ENTROPY_COEF, return_entropy=True)
+        gl, ge = torch.autograd.grad(head.loss, (lp, en))
+        grads = reference(h, w, None, t, gl.float(), ge.float(), 1.0, ref_dtype, chunk=chunk)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    entropy = ref["lse"] - ref["sum_pz"]
-    ref_loss = gl.to(ref_dtype).sum() + (ge.to(ref_dtype) * entropy).sum()  # ratio 1: the surrogate is -A / count
+    return dict(ref_dtype=ref_dtype, old=old, loss=head.loss.detach(), logprobs=logp, entropy=entropy,
+                grad_hidden=grads["grad_hidden"], grad_weight=grads["grad_weight"])
+
+
+def check_loss(n, d, v, dtype, schedule, logits, references):
+    """rlplus_loss's loss, log-probs, entropies and gradients against `loss_reference` (kept in `references`
+    per shape: every schedule is checked against the same one). Off-policy and external tokens: the
+    ratios, clips, MIS weights and exploration coefficients all depend on the log-probs."""
+    with_schedule(schedule, logits)
+    key = (n, d, v, dtype)
+    if key not in references:
+        references[key] = loss_reference(n, d, v, dtype)
+    ref = references[key]
+    h, w, t, adv, external = loss_inputs(n, d, v, dtype, seed=1)
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = loss_step(hr, wr, t, adv)
+    out = loss_step(hr, wr, t, adv, ref["old"], external)
     torch.cuda.synchronize()
     rows = []
-    for k, got, expected, kind in (("loss", out.loss.detach()[None], ref_loss[None], "fwd"),
-                                   ("grad_hidden", hr.grad, ref["grad_hidden"], "bwd"),
-                                   ("grad_weight", wr.grad, ref["grad_weight"], "bwd")):
+    for k, got, kind in (("loss", out.loss.detach()[None], "fwd"), ("logprobs", out.logprobs, "fwd"),
+                         ("entropy", out.entropy, "fwd"), ("grad_hidden", hr.grad, "bwd"),
+                         ("grad_weight", wr.grad, "bwd")):
+        expected = ref[k][None] if k == "loss" else ref[k]
         r, m = rel_err(got, expected)
         rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=False, upstream=1.0,
                          logits=f"{schedule}/{logits}", out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind],
                          ok=bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind],
-                         ref=str(ref_dtype).replace("torch.", "")))
-    del ref, out, hr, wr
+                         ref=str(ref["ref_dtype"]).replace("torch.", "")))
+    del out, hr, wr
     torch.cuda.empty_cache()
     return rows
 
@@ -270,12 +301,13 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
     """rlplus_loss forward+backward (the user's step) vs the three bare GEMMs, and its peak extra memory
     beyond the inputs and the two gradients it returns."""
     with_schedule(schedule, logits)
-    h, w, t, adv = loss_inputs(n, d, v, dtype)
+    h, w, t, adv, external = loss_inputs(n, d, v, dtype)
+    old = -torch.rand(n, device="cuda") * 5
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
 
     def step():
         hr.grad = wr.grad = None
-        loss_step(hr, wr, t, adv)
+        loss_step(hr, wr, t, adv, old, external)
 
     res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=f"{schedule}/{logits}",
                schedule=schedule, loss=True)
@@ -417,13 +449,19 @@ def main():
         if not args.quick:
             loss_checks.append((16384, 4096, 151936, torch.bfloat16))
         check_cases = []  # the launchers' checks and timings are the other mode's
-        for (n, d, v, dtype), (schedule, logits) in ((case, run) for run in runs for case in loss_checks):
-            rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}", lambda: check_loss(n, d, v, dtype, schedule, logits))
+        references = {}  # per shape, shared by the runs
+        for (n, d, v, dtype), (schedule, logits) in ((case, run) for case in loss_checks for run in runs):
+            rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}",
+                           lambda: check_loss(n, d, v, dtype, schedule, logits, references))
             if rows is not None:
                 checks += rows
                 worst = max(rows, key=lambda r: r["rel_err"] / r["tol"])
                 print(f"loss check {schedule}/{logits} {n}x{d}x{v} {dtype} {'OK' if all(r['ok'] for r in rows) else 'FAIL'} "
                       f"worst {worst['out']} rel {worst['rel_err']:.2e} (tol {worst['tol']:.0e})", flush=True)
+            if len(references) > 1:  # shapes in order: drop the finished one's (GBs at the largest shape)
+                references.pop(next(iter(references)))
+        references.clear()
+        torch.cuda.empty_cache()
         for (n, d, v), (schedule, logits) in ((shape, run) for run in runs
                                                for shape in ([(4096, 4096, 151936)] if args.quick
                                                              else [(4096, 4096, 151936), (16384, 4096, 151936)])):

@@ -117,7 +117,7 @@ def test_two_pass_wherever_single_pass_does_not_apply(monkeypatch, single_pass_c
 
 
 def test_largest_allocation_is_one_chunk(monkeypatch):
-    """A vocabulary 64x a chunk's width: forward+backward allocate nothing of N x V, only chunks of it."""
+    """128 tokens, chunks of 32: forward+backward allocate nothing of N x V, only a chunk's dl and a slice's product."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     n, d, v = 128, 4, 16384
     budget = BLOCK_N * v
