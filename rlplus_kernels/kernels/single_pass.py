@@ -137,8 +137,11 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
                                grad_entropy, dl[n0 - c0:n1 - c0], prod, cfg, col_start=0, **launch)
         if need_h:
             torch.mm(dl, weight, out=gh[c0:c1])
-        if need_w:  # the first chunk writes, the others add
-            torch.addmm(gw, dl.t(), hidden[c0:c1], beta=int(c0 > 0), out=gw)
+        if need_w:  # the first chunk writes, the others add in place (cuBLAS beta = 1, no copy of gw)
+            if c0 == 0:
+                torch.mm(dl.t(), hidden[c0:c1], out=gw)
+            else:
+                gw.addmm_(dl.t(), hidden[c0:c1])
         if need_b:
             gb32 += dl.sum(0, dtype=torch.float32)
     return (weighted_loss.sum(), logp, entropy, stats, gh, gw, gb32.to(dtype) if gb32 is not None else None)
