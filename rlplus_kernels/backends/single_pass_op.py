@@ -74,7 +74,7 @@ def _(hidden, weight, bias, targets, advantages, old_logprobs, external, behavio
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, stats, gh, gw, gb = output
+    *_, gh, gw, gb = output
     ctx.save_for_backward(gh, gw, gb)
     ctx.needs = inputs[-3:]
     ctx.used = False
