@@ -10,7 +10,7 @@ from torch import nn
 from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend, single_pass_applies
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
-from .distributed import vocab_parallel_layout
+from .distributed import vocab_shard
 from .head import TokenBatch, rlplus_head, sequence_layout
 from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_normalizer_value,
                          check_per_token, check_targets, require_tensor, shape_text)
@@ -36,7 +36,7 @@ def _autocast_head(hidden, weight, bias):
 
 
 def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_parallel_group=None):
-    """Validated, autocast head tensors, the backend name and the op options."""
+    """Validated, autocast head tensors, the backend name, the op options and the vocabulary shard (or None)."""
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
     if bias is not None:
@@ -44,20 +44,21 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_par
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     backend = resolve_backend(config.backend, hidden.device)
     check_head_tensors(hidden, weight, bias, backend=backend)
-    vocab_size = weight.shape[0]
-    if vocab_parallel_group is not None:  # weight is this rank's shard; targets are global ids
-        _, vocab_size = vocab_parallel_layout(weight.shape[0], vocab_parallel_group)
-    targets = check_targets(targets, hidden, vocab_size, config.ignore_index)
+    shard = None  # weight is this rank's shard with a group; targets are global ids
+    if vocab_parallel_group is not None:
+        shard = vocab_shard(weight.shape[0], vocab_parallel_group, weight.device)
+    targets = check_targets(targets, hidden, weight.shape[0] if shard is None else shard.vocab_size,
+                            config.ignore_index)
     options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,
                               with_entropy=config.with_entropy,
                               chunk_tokens=config.chunk_tokens, chunk_vocab=config.chunk_vocab)
-    return hidden, weight, bias, targets, backend, options
+    return hidden, weight, bias, targets, backend, options, shard
 
 
-def _run_op(backend, hidden, weight, bias, flat_targets, options, vocab_parallel_group=None):
+def _run_op(backend, hidden, weight, bias, flat_targets, options, shard=None):
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):
-        return linear_logprobs_op(backend, vocab_parallel_group)(flat_hidden, weight, bias, flat_targets, options)
+        return linear_logprobs_op(backend, shard)(flat_hidden, weight, bias, flat_targets, options)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
@@ -71,9 +72,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     """
     config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                           backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config,
-                                                                   vocab_parallel_group)
-    logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, vocab_parallel_group)
+    hidden, weight, bias, targets, backend, options, shard = _prepare_head(hidden, weight, bias, targets, config,
+                                                                          vocab_parallel_group)
+    logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, shard)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
@@ -83,8 +84,8 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
                         ref_logprobs=None, normalizer=None, cu_seqlens=None,
                         vocab_parallel_group=None) -> RLPlusOutput:
     """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config,
-                                                                   vocab_parallel_group)
+    hidden, weight, bias, targets, backend, options, shard = _prepare_head(hidden, weight, bias, targets, config,
+                                                                          vocab_parallel_group)
     check_cu_seqlens(cu_seqlens, targets)
     sequence_ids, num_sequences = sequence_layout(targets, cu_seqlens)
     if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:
@@ -126,14 +127,14 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
     op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
     needs_grad = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
-    if single_pass_applies(backend, vocab_parallel_group, hidden, needs_grad):
+    if single_pass_applies(backend, shard, hidden, needs_grad):
         from .backends.single_pass_op import single_pass_loss
 
         with torch.autocast(hidden.device.type, enabled=False):
             loss, logp, entropy, metrics = single_pass_loss(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                                             op_targets, batch, config, normalizer, needs_grad)
     else:
-        logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, vocab_parallel_group)
+        logp, entropy = _run_op(backend, hidden, weight, bias, op_targets, options, shard)
         loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
     return RLPlusOutput(
         loss=loss,
@@ -158,7 +159,7 @@ def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
     `(1 - p)^gamma` to external ones. `chunk_tokens`/`chunk_vocab` set the torch backend's chunk sizes.
     `cu_seqlens` ([S + 1] int, 0 .. N) marks the sequences of packed [N] inputs: the seq modes and [S]
     per-sequence advantages/external_mask then work without padding. With `vocab_parallel_group`,
-    weight/bias are this rank's equal, contiguous vocabulary shard (docs/distributed.md).
+    weight/bias are this rank's contiguous vocabulary shard (docs/distributed.md).
     """
     config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
                           clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,

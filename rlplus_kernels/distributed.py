@@ -1,9 +1,10 @@
 """The loss beyond one device: a vocabulary-parallel LM head, and normalizers for data parallelism.
 
-Vocabulary (tensor) parallelism, Megatron-style: rank r of `group` (P ranks) holds rows
-[r * V_s, (r + 1) * V_s) of the LM head, V = P * V_s; `hidden`, the global `targets` and every
-per-token tensor are the same on all ranks. Each rank runs its backend's raw forward on its shard
-(CONTRACT.md, `vocab_start = r * V_s`) and merges the per-token partials exactly:
+Vocabulary (tensor) parallelism: rank r of `group` (P ranks) holds the V_r rows
+[V_0 + ... + V_{r-1}, V_0 + ... + V_r) of the LM head, V = V_0 + ... + V_{P-1}: Megatron's equal
+shards, or the uneven ones of `torch.chunk` and DTensor's `Shard(0)`. `hidden`, the global `targets`
+and every per-token tensor are the same on all ranks. Each rank runs its backend's raw forward on its
+shard (CONTRACT.md, `vocab_start` = its first row's global id) and merges the per-token partials exactly:
 
     M      = max_r lse_r                                   all_reduce(MAX),  [N]
     S      = sum_r exp(lse_r - M)                          \\
@@ -24,7 +25,7 @@ the optimiser step, so that the sum of the per-rank, per-micro-batch losses is t
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -41,13 +42,29 @@ def _require_initialised(argument: str) -> None:
                          "call torch.distributed.init_process_group first")
 
 
-def vocab_parallel_layout(shard_rows: int, group) -> Tuple[int, int]:
-    """(vocab_start of this rank's shard, global vocabulary size) for equal contiguous shards in rank order."""
+class VocabShard(NamedTuple):
+    """This rank's part of a vocabulary-parallel LM head."""
+    group: Any  # the torch.distributed process group of the vocabulary split
+    start: int  # global id of the shard's first row (CONTRACT.md's vocab_start)
+    vocab_size: int  # V, all shards together
+
+
+def vocab_shard(shard_rows: int, group, device: torch.device) -> VocabShard:
+    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P integers, one host sync.
+
+    Exchanging the sizes is what makes uneven shards right: assuming equal ones would give every rank
+    after an uneven one the wrong target ids, silently.
+    """
     _require_initialised("vocab_parallel_group")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("vocab_parallel_group does not contain this process")
-    return rank * shard_rows, dist.get_world_size(group) * shard_rows
+    # on `device`: NCCL reduces CUDA tensors only
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
+    sizes[rank] = shard_rows
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    sizes = sizes.tolist()
+    return VocabShard(group=group, start=sum(sizes[:rank]), vocab_size=sum(sizes))
 
 
 def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: Optional[torch.Tensor], group):

@@ -25,7 +25,7 @@ from rlplus_kernels.distributed import global_normalizer, global_sequence_count,
 
 WORLD_SIZES = (2, 3)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
-SHARD_ROWS, HIDDEN = 37, 10  # V = 37 * P; no communicated tensor may have a dimension of 37 or 37 * P
+SHARD_ROWS, HIDDEN = 37, 10  # V = 37 * P; no communicated tensor may have a dimension of a shard or of V
 BATCH, LENGTH = 3, 7
 PACKED_CU_SEQLENS = [0, 6, 6, 15, 23]  # 4 sequences, one of them empty, N = 23
 
@@ -44,6 +44,7 @@ class Case:
     all_masked: bool = False
     normalizer: Optional[str] = None  # None, "float" or "tensor"
     masked_last_shard: bool = False  # the last rank's rows masked by bias = float32 min (logits -inf at T < 1)
+    uneven: bool = False  # rank r holds SHARD_ROWS - 1 + r rows instead of SHARD_ROWS
     backend: str = "torch"
     kwargs: tuple = ()  # hyper-parameters of rlplus_loss / linear_logprobs
 
@@ -69,6 +70,9 @@ TP_CASES = [
     *[Case(f"{backend}: the last shard masked by its bias", dtype=torch.float32, masked_last_shard=True,
            backend=backend, external="mis", kwargs=(("entropy_coef", 0.05), ("temperature", 0.7)))
       for backend in ("torch", "triton") if backend == "torch" or TRITON_ON_CPU],
+    *[Case(f"{backend}: uneven shards, entropy", dtype=torch.float32, uneven=True, backend=backend, external="mis",
+           kwargs=(("entropy_coef", 0.05), ("return_entropy", True)))
+      for backend in ("torch", "triton") if backend == "torch" or TRITON_ON_CPU],
 ]
 
 DP_AGG = [("token-mean", "BT"), ("sum", "BT"), ("seq-mean-token-mean", "BT"), ("seq-mean-token-sum", "BT"),
@@ -84,8 +88,15 @@ def _error(actual, expected) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def _make_batch(case: Case, vocab: int, seed: int):
+def _shard_starts(case: Case, world: int) -> list:
+    """The global id of each rank's first row, and V last."""
+    sizes = [SHARD_ROWS - 1 + r if case.uneven else SHARD_ROWS for r in range(world)]
+    return [sum(sizes[:r]) for r in range(world + 1)]
+
+
+def _make_batch(case: Case, starts: list, seed: int):
     """Full-vocabulary inputs, identical on every rank (seeded)."""
+    vocab = starts[-1]
     gen = torch.Generator().manual_seed(seed)
     shape = (BATCH, LENGTH) if case.layout == "BT" else (BATCH * LENGTH,) if case.layout == "N" else \
         (PACKED_CU_SEQLENS[-1],)
@@ -98,13 +109,14 @@ def _make_batch(case: Case, vocab: int, seed: int):
         targets=torch.randint(0, vocab, shape, generator=gen),
     )
     flat = batch["targets"].view(-1)
-    # the shards' first and last rows, and ignored tokens
-    edges = torch.tensor([0, SHARD_ROWS - 1, SHARD_ROWS, vocab - SHARD_ROWS, vocab - 1])
+    # every shard's first and last rows, and ignored tokens
+    edges = torch.tensor([edge for start in starts[1:] for edge in (start - 1, start)][:-1])
+    flat[0] = 0
     flat[1:1 + len(edges)] = edges
     flat[-2] = -100
     if case.masked_last_shard:  # no target there: its probability is 0
-        batch["bias"][-SHARD_ROWS:] = torch.finfo(torch.float32).min
-        flat[flat >= 0] %= vocab - SHARD_ROWS
+        batch["bias"][starts[-2]:] = torch.finfo(torch.float32).min
+        flat[flat >= 0] %= starts[-2]
     cu_seqlens = torch.tensor(PACKED_CU_SEQLENS) if case.layout == "packed" else None
     batch["cu_seqlens"] = cu_seqlens
     batch["advantages"] = randn(num_sequences if case.per_sequence else shape)
@@ -134,10 +146,10 @@ def _to(device, tensors: dict) -> dict:
 
 
 def _run_tp_case(case: Case, rank: int, world: int, device: str):
-    vocab = SHARD_ROWS * world
-    batch, kwargs = _make_batch(case, vocab, seed=1234)
+    starts = _shard_starts(case, world)
+    batch, kwargs = _make_batch(case, starts, seed=1234)
     batch = _to(device, batch)
-    shard = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
+    shard = slice(starts[rank], starts[rank + 1])
     gen = torch.Generator().manual_seed(99)
     leaf = lambda x, dtype: None if x is None else x.detach().to(dtype).requires_grad_()  # noqa: E731
 
@@ -279,7 +291,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
         with _communication_log() as log:
             results["tp"][case.name] = _run_tp_case(case, rank, world, device)
         num_tokens = BATCH * LENGTH if case.layout != "packed" else PACKED_CU_SEQLENS[-1]
-        results["communication"][case.name] = dict(shapes=log["shapes"], bytes_per_token=log["bytes"] / num_tokens,
+        results["communication"][case.name] = dict(shapes=log["shapes"], bytes=log["bytes"], num_tokens=num_tokens,
                                                     itemsize=torch.empty((), dtype=case.dtype).element_size())
     for loss_agg, layout in DP_AGG:
         results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
@@ -321,17 +333,22 @@ def test_data_parallel_global_normalizer_matches_big_batch(world, loss_agg, layo
 
 
 def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
-    """Per token: forward all_reduce MAX of 1 and SUM of 3 (2 without entropy) values, backward D values."""
+    """Per call: the P shard sizes (int64). Per token: forward all_reduce MAX of 1 and SUM of 3 (2 without
+    entropy) values, backward D values."""
     size, results = world
+    cases = {case.name: case for case in TP_CASES}
+    layout_bytes = 8 * size
     for per_rank in results:
         for name, log in per_rank["communication"].items():
+            starts = _shard_starts(cases[name], size)
+            vocabulary_sizes = {b - a for a, b in zip(starts, starts[1:])} | {starts[-1]}
             for shape in log["shapes"]:
-                assert SHARD_ROWS not in shape and SHARD_ROWS * size not in shape, (name, shape)
-            assert log["bytes_per_token"] <= (1 + 3 + HIDDEN) * log["itemsize"], (name, log)
+                assert not vocabulary_sizes & set(shape), (name, shape)
+            assert log["bytes"] <= (1 + 3 + HIDDEN) * log["itemsize"] * log["num_tokens"] + layout_bytes, (name, log)
     with_entropy = results[0]["communication"]["token-mean defaults, return_entropy"]
-    assert with_entropy["bytes_per_token"] == (1 + 3 + HIDDEN) * 8
+    assert with_entropy["bytes"] == (1 + 3 + HIDDEN) * 8 * with_entropy["num_tokens"] + layout_bytes
     without_entropy = results[0]["communication"]["seq-mean-token-mean, dual clip, behaviour logprobs, KL, mis_clip_max"]
-    assert without_entropy["bytes_per_token"] == (1 + 2 + HIDDEN) * 8
+    assert without_entropy["bytes"] == (1 + 2 + HIDDEN) * 8 * without_entropy["num_tokens"] + layout_bytes
 
 
 # ---------------------------------------------------------------------------- single process

@@ -62,19 +62,20 @@ def schedule() -> str:
     return value
 
 
-def single_pass_applies(backend: str, group, hidden: torch.Tensor, needs_grad) -> bool:
+def single_pass_applies(backend: str, shard, hidden: torch.Tensor, needs_grad) -> bool:
     """Whether rlplus_loss takes the single-pass schedule: asked for, on the Triton backend, a single
     shard, float32 or bfloat16, and a gradient wanted (without one the two-pass forward is the whole work)."""
-    return (schedule() == "single-pass" and backend == "triton" and group is None
+    return (schedule() == "single-pass" and backend == "triton" and shard is None
             and hidden.dtype in SINGLE_PASS_DTYPES and any(needs_grad))
 
 
-def linear_logprobs_op(backend: str, group=None):
+def linear_logprobs_op(backend: str, shard=None):
     """The differentiable (hidden, weight, bias, targets, options) -> (logp, entropy | None) op.
 
-    With a vocabulary-parallel `group`, weight and bias are this rank's shard (docs/distributed.md).
+    With a vocabulary-parallel `shard` (`distributed.VocabShard`), weight and bias are this rank's
+    shard (docs/distributed.md).
     """
-    if backend == "triton" and group is None:
+    if backend == "triton" and shard is None:
         from .triton_op import triton_linear_logprobs  # a custom op: opaque to torch.compile
 
         def triton_op(hidden, weight, bias, targets, options):
@@ -86,7 +87,7 @@ def linear_logprobs_op(backend: str, group=None):
 
     def op(hidden, weight, bias, targets, options):
         raw_ops = linear_logprobs_raw_ops(backend, options)
-        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, group)
+        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, shard)
 
     return op
 

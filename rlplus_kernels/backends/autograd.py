@@ -1,6 +1,6 @@
 """The one autograd function around a backend's raw (forward, backward) pair of CONTRACT.md.
 
-Single device: the partials of the whole vocabulary are final. With a vocabulary-parallel group,
+Single device: the partials of the whole vocabulary are final. With a vocabulary-parallel shard,
 the partials of this rank's shard are merged across ranks (`rlplus_kernels.distributed`) before the
 log-probs are formed, and grad_hidden is summed over ranks after the backward.
 """
@@ -15,18 +15,15 @@ from .common import finish_logprobs
 class LinearLogprobsFunction(torch.autograd.Function):
     """(logp, entropy | None) of the targets; backward recomputes the logits (CONTRACT.md).
 
-    `raw_ops` is a backend's (forward, backward) pair; with `group`, every rank of it must call this
-    with the same hidden, targets and options (a collective).
+    `raw_ops` is a backend's (forward, backward) pair; with a `shard` (`distributed.VocabShard`), every
+    rank of its group must call this with the same hidden, targets and options (a collective).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options, raw_ops, group):
+    def forward(ctx, hidden, weight, bias, targets, options, raw_ops, shard):
         raw_forward, raw_backward = raw_ops
-        vocab_start = 0
-        if group is not None:
-            from ..distributed import vocab_parallel_layout
-
-            vocab_start, _ = vocab_parallel_layout(weight.shape[0], group)
+        group = None if shard is None else shard.group
+        vocab_start = 0 if shard is None else shard.start
         # no_grad as in eager autograd.Function.forward: torch 2.4's dynamo traced it with grad on,
         # where the torch backend's torch.mm(..., out=) buffers are refused
         with torch.no_grad():
