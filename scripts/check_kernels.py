@@ -1,23 +1,24 @@
 #!/usr/bin/env python
 """Static check of every Triton kernel, no GPU needed.
 
-Compiles each kernel ahead of time for sm_80 and sm_90 at every configuration its launcher can
+Compiles each kernel ahead of time for sm_80, sm_90 and sm_100 at every configuration its launcher can
 pick (the fixed table of rlplus_kernels/kernels/_config.py, every dtype, every constexpr flag
 combination that can launch), then reads the cubin with the cuobjdump shipped in the triton
-wheel: registers and stack (-res-usage), spill stores/loads (STL/LDL in -sass), HGMMA/HMMA, and for
-the RLPLUS_LOGITS=tma variants the TMA loads (UTMALDG).
+wheel: registers and stack (-res-usage), spill stores/loads (STL/LDL in -sass), the matrix instruction
+(HGMMA: Hopper's wgmma; UTCHMMA: Blackwell's tcgen05; HMMA: mma.sync), and for the RLPLUS_LOGITS=tma
+variants the TMA loads (UTMALDG).
 Shared memory is Triton's dynamic allocation (metadata.shared).
 
-Exit status: 1 on any compile error or any spill (or a sm_90 half-precision kernel without HGMMA, or
-a TMA variant without UTMALDG).
+Exit status: 1 on any compile error or any spill (or a half-precision tl.dot kernel without HGMMA on
+sm_90 or without tcgen05 on sm_100, or a TMA variant without UTMALDG).
 
-    python scripts/check_kernels.py [--targets 80,90] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
+    python scripts/check_kernels.py [--targets 80,90,100] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
 
 --quick keeps, instead of the full cross product, the flag combinations that bound register
 pressure: every flag on (the heaviest), and for the forward also every flag off (the bias-free
 LM head without entropy: another specialisation), with each alignment/source/tiling variant.
-The RLPLUS_AUTOTUNE=1 candidates are compiled where the launcher autotunes (sm_80/sm_90, fp16/bf16,
-aligned rows, D % 64 == 0).
+The RLPLUS_AUTOTUNE=1 candidates and the PIPELINE_TILES option are compiled where the launcher can
+take them (sm_80/sm_90; autotune: fp16/bf16, aligned rows, D % 64 == 0).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ HEAD_FLAGS = ("HAS_ENTROPY", "HAS_OLD", "HAS_EXTERNAL", "HAS_BEHAVIOR", "HAS_KL"
 
 def _cases(targets, dtypes, quick):
     """Yield (kernel, target, dtype, flags dict) for every launchable configuration."""
-    from rlplus_kernels.kernels._config import AUTOTUNE_CANDIDATES, pipelining_supported, tensor_descriptor_class
+    from rlplus_kernels.kernels._config import (AUTOTUNE_CANDIDATES, FAMILIES, TARGET_FAMILIES, pipelining_supported,
+                                                tensor_descriptor_class)
 
     # the per-token RL head runs in float32 whatever the input dtype; each flag also says whether
     # its optional pointer is passed
@@ -64,6 +66,7 @@ def _cases(targets, dtypes, quick):
     for target, flags in itertools.product(targets, head):
         yield ("head", target, "fp32", flags)
     for target, dtype in itertools.product(targets, dtypes):
+        tunable = TARGET_FAMILIES[target] in FAMILIES  # autotune candidates, PIPELINE_TILES sweeps
         precisions = ["ieee", "tf32"] if dtype == "fp32" else ["ieee"]
         for prec in precisions:
             # aligned rows (D % 16 == 0): the launcher takes BLOCK_D = 16 when the table's does
@@ -75,7 +78,7 @@ def _cases(targets, dtypes, quick):
             if target == 90 and tensor_descriptor_class() is not None:
                 dims.append(dict(EVEN_D=True, ALIGNED=True, USE_TMA=True))
             # the PIPELINE_TILES launch option (a sweep candidate) on the table's tile, from triton 3.3
-            if dtype != "fp32" and pipelining_supported():
+            if dtype != "fp32" and tunable and pipelining_supported():
                 dims += [dict(d, PIPELINE_TILES=True) for d in dims if d["ALIGNED"] and d.get("BD_DIV", 1) == 1]
             fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e, **dd) for b, e, dd in itertools.product([True, False], [True, False], dims)]
             bwd = [
@@ -91,7 +94,7 @@ def _cases(targets, dtypes, quick):
             for flags in bwd:
                 yield ("bwd", target, dtype, dict(flags, DOT_PRECISION=prec))
         # RLPLUS_AUTOTUNE=1 (forward only): each candidate, where `autotune_applies`
-        if dtype != "fp32":
+        if dtype != "fp32" and tunable:
             for index, candidate in enumerate(AUTOTUNE_CANDIDATES):
                 if candidate.PIPELINE_TILES and not pipelining_supported():
                     continue
@@ -233,7 +236,7 @@ def compile_one(case):
         from rlplus_kernels.kernels.linear_logprobs_bwd import _linear_logprobs_bwd_kernel
         from rlplus_kernels.kernels.linear_logprobs_fwd import _linear_logprobs_fwd_kernel
 
-        fam = "sm90" if target == 90 else "sm80"
+        fam = _config.TARGET_FAMILIES[target]
         if kernel == "head":  # launched with Triton's defaults: 4 warps, 3 stages
             from types import SimpleNamespace
 
@@ -272,7 +275,8 @@ def compile_one(case):
         row.update(
             regs=int(m.group(1)), stack=int(m.group(2)),
             spill_st=len(re.findall(r"\bSTL(\.\w+)*\b", sass)), spill_ld=len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
-            hgmma="HGMMA" in sass, hmma="HMMA" in sass, tma="UTMALDG" in sass,
+            hgmma="HGMMA" in sass, tcgen05=bool(re.search(r"\bUTC\w*MMA", sass)),
+            hmma=bool(re.search(r"\bHMMA", sass)), tma="UTMALDG" in sass,
         )
     except Exception as exc:  # noqa: BLE001 - reported in the table, turns the exit status to 1
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -290,7 +294,7 @@ def main(argv=None):
     import triton
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="80,90")
+    ap.add_argument("--targets", default="80,90,100")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--quick", action="store_true", help="fewer flag combinations (see module docstring)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
@@ -310,12 +314,15 @@ def main(argv=None):
             bad += 1
             print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {'':20} {r['flags']:44} ERROR {r['error']}")
             continue
-        mma = "HGMMA" if r["hgmma"] else ("HMMA" if r["hmma"] else "FFMA")
+        mma = "HGMMA" if r["hgmma"] else "TCGEN5" if r["tcgen05"] else "HMMA" if r["hmma"] else "FFMA"
+        tensor_core_dot = r["dtype"] != "fp32" and "FROM_PRODUCT" not in r["flags"] and r["kernel"] != "head"
         flag = ""
         if r["spill_st"] or r["spill_ld"]:
             flag, bad = "  <-- SPILL", bad + 1
-        elif r["target"] == "sm_90" and r["dtype"] != "fp32" and not r["hgmma"] and "FROM_PRODUCT" not in r["flags"]:
+        elif r["target"] == "sm_90" and tensor_core_dot and not r["hgmma"]:
             flag, bad = "  <-- no HGMMA", bad + 1
+        elif r["target"] == "sm_100" and tensor_core_dot and not r["tcgen05"]:
+            flag, bad = "  <-- no tcgen05 (UTCHMMA)", bad + 1
         elif "USE_TMA" in r["flags"] and not r["tma"]:
             flag, bad = "  <-- no TMA load (UTMALDG)", bad + 1
         print(f"{r['kernel']:6} {r['target']:6} {r['dtype']:5} {r['config']:20} {r['flags']:44} {r['regs']:>4} "

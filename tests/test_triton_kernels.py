@@ -676,3 +676,27 @@ def test_launched_row_strides_are_what_the_static_check_compiles(monkeypatch, lo
         assert any(s == "stride_prod_n" and name.endswith("fwd_kernel") for name, s, _ in seen)
     odd = [(name, s, value) for name, s, value in seen if value != 1 and value % 16]
     assert not odd, odd
+
+
+@pytest.mark.parametrize("capability, family", [
+    ((8, 0), "sm80"), ((8, 6), "other"), ((8, 9), "other"), ((9, 0), "sm90"),
+    ((10, 0), "sm100"), ((10, 3), "sm100"), ((12, 0), "sm80"),
+])
+def test_each_gpu_launches_the_table_of_its_family(monkeypatch, capability, family):
+    """A Blackwell (sm_100) launches its own tiles, which the static check compiles spill-free: the
+    128x128 forward that sm_80's entry would give it spills there with a bias."""
+    from rlplus_kernels.kernels import _config
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    _config._device_family.cache_clear()
+    try:
+        assert _config._device_family(0) == family
+    finally:
+        _config._device_family.cache_clear()
+    forward, backward = (_config.table_config(family, False, kernel=k) for k in ("fwd", "bwd"))
+    if family == "sm100":
+        assert (forward.BLOCK_N, forward.BLOCK_V, forward.num_warps) == (128, 64, 8)
+        assert (backward.BLOCK_N, backward.BLOCK_V, backward.num_warps) == (128, 128, 8)
+        assert family in _config.TARGET_FAMILIES.values() and family not in _config.FAMILIES  # no autotune
+    else:
+        assert forward == backward

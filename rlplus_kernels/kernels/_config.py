@@ -71,6 +71,12 @@ _TABLE = {
     ("sm90", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     ("sm80", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
     ("sm80", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
+    # Blackwell (sm_100: tcgen05 MMA into tensor memory, then the epilogue in registers), chosen from
+    # register reports alone, never timed there: the 128x128 forward spills on sm_100 with a bias (15-17
+    # stores, triton 3.6 and 3.9) and, at 3 stages, with entropy (4, triton 3.9), so the forward takes
+    # 128x64 (183-213 registers, no spill); the backward keeps 128x128 (_TABLE_BWD), spill-free there.
+    ("sm100", False): KernelConfig(128, 64, 64, num_warps=8, num_stages=4),
+    ("sm100", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages
     ("other", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=2),
     ("other", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
@@ -81,7 +87,9 @@ _TABLE = {
 
 # The backward's dlogits kernel is a plain GEMM tile with an elementwise epilogue (no running
 # softmax state), so it may take a wider tile than the forward; entries here override _TABLE.
-_TABLE_BWD: dict = {}
+_TABLE_BWD: dict = {
+    ("sm100", False): KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+}
 
 # Rows that are not 16-element aligned (D % 16 != 0, odd strides, column-major operands) get
 # neither async copies nor wide loads: every element carries its own 64-bit address and the big
@@ -95,7 +103,9 @@ _UNALIGNED = {
     (True, "bwd"): KernelConfig(32, 64, 16, num_warps=4, num_stages=1),
 }
 
-FAMILIES = ("sm80", "sm90")
+FAMILIES = ("sm80", "sm90")  # where the autotune candidates are compiled spill-free; not sm100 (they spill)
+# The static check's compile targets (GPUTarget arch) and the family whose table each launches.
+TARGET_FAMILIES = {80: "sm80", 90: "sm90", 100: "sm100"}
 
 # RLPLUS_AUTOTUNE=1: candidates around the half-precision table tile, tried only where that tile
 # applies (`autotune_applies`); scripts/check_kernels.py compiles each, spill-free. Elsewhere the
@@ -136,7 +146,9 @@ def _device_family(index: int) -> str:
     major, minor = torch.cuda.get_device_capability(index)
     if major == 9:
         return "sm90"
-    if (major, minor) == (8, 0) or major >= 10:
+    if major == 10:  # B200, GB200, B300: tcgen05
+        return "sm100"
+    if (major, minor) == (8, 0) or major >= 11:  # sm_120 (consumer Blackwell) has sm_80's mma.sync
         return "sm80"
     return "other"
 
