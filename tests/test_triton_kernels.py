@@ -700,3 +700,29 @@ def test_each_gpu_launches_the_table_of_its_family(monkeypatch, capability, fami
         assert family in _config.TARGET_FAMILIES.values() and family not in _config.FAMILIES  # no autotune
     else:
         assert forward == backward
+
+
+@pytest.mark.parametrize("family", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtype):
+    """The launchers with a GPU family's table tiles (sm_100: a 128x64 forward and a 128x128 backward),
+    run by the interpreter: no launcher assumes the interpreter's tile or one tile for both kernels.
+    D = 48 takes the BLOCK_D = 16 fallback; 130 tokens span two 128-row blocks."""
+    from rlplus_kernels.kernels import _config
+
+    if not triton_interpreting():
+        pytest.skip("compiled kernels launch their own GPU's family only")
+    monkeypatch.setattr(_config, "family_of", lambda device: family)
+    for n, d, v in [(130, 64, 200), (37, 48, 300)]:
+        h, w, b, t = make_inputs(n, d, v, dtype, ignored=(3,))
+        lse, target_logit, sum_pz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN,
+                                                            with_entropy=True)
+        r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+        for name, got, ref in (("lse", lse, r_lse), ("target_logit", target_logit, r_tl), ("sum_pz", sum_pz, r_spz)):
+            check(f"{family} {name}", got, ref, FWD_TOL[dtype])
+        ent = (r_lse - r_spz).float()
+        gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+        grads = linear_logprobs_backward(h, w, b, t, r_lse.float(), ent, gl, ge, temperature=0.7, ignore_index=IGN)
+        refs = ref_backward(h, w, b, t, r_lse, ent, gl, ge, temperature=0.7)
+        for name, got, ref in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, refs):
+            check(f"{family} {name}", got, ref, BWD_TOL[dtype])
