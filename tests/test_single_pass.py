@@ -116,6 +116,18 @@ def test_two_pass_wherever_single_pass_does_not_apply(monkeypatch, single_pass_c
     assert single_pass_calls == []
 
 
+def test_two_pass_for_bfloat16_where_cublas_cannot_return_fp32_products(monkeypatch, single_pass_calls):
+    """torch < 2.8 on CUDA has no mm out_dtype: a bf16 product slice would upcast the whole weight, so the
+    two-pass schedule runs; float32 heads need no upcast and keep the single pass."""
+    from rlplus_kernels.kernels import cublas
+
+    monkeypatch.setattr(cublas, "fp32_products_supported", lambda device: False)
+    run("single-pass", monkeypatch, dtype=torch.bfloat16)
+    assert single_pass_calls == []
+    run("single-pass", monkeypatch, dtype=torch.float32)
+    assert len(single_pass_calls) == 1
+
+
 def test_largest_allocation_is_one_chunk(monkeypatch):
     """128 tokens, chunks of 32: forward+backward allocate nothing of N x V, only a chunk's dl and a slice's product."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")

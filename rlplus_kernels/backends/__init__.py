@@ -64,9 +64,15 @@ def schedule() -> str:
 
 def single_pass_applies(backend: str, shard, hidden: torch.Tensor, needs_grad) -> bool:
     """Whether rlplus_loss takes the single-pass schedule: asked for, on the Triton backend, a single
-    shard, float32 or bfloat16, and a gradient wanted (without one the two-pass forward is the whole work)."""
-    return (schedule() == "single-pass" and backend == "triton" and shard is None
-            and hidden.dtype in SINGLE_PASS_DTYPES and any(needs_grad))
+    shard, float32 or bfloat16, and a gradient wanted (without one the two-pass forward is the whole work).
+    A bfloat16 head also needs fp32 products from cuBLAS: without them (torch < 2.8 on CUDA) each slice's
+    product would upcast the whole weight (2.5 GB at 152k x 4096)."""
+    if not (schedule() == "single-pass" and backend == "triton" and shard is None
+            and hidden.dtype in SINGLE_PASS_DTYPES and any(needs_grad)):
+        return False
+    from ..kernels.cublas import fp32_products_supported
+
+    return hidden.dtype == torch.float32 or fp32_products_supported(hidden.device)
 
 
 def linear_logprobs_op(backend: str, shard=None):

@@ -46,6 +46,12 @@ def _half_addmm_fp32(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> b
                            lambda: torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)) is not None
 
 
+def fp32_products_supported(device: torch.device) -> bool:
+    """Whether half-precision GEMMs leave cuBLAS in fp32 on `device` without upcasting their operands
+    (on CUDA: mm's out_dtype, torch >= 2.8). The CPU upcasts, which costs little at interpreter sizes."""
+    return device.type != "cuda" or "dtype_out" in torch.ops.aten.mm.overloads()
+
+
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (fp32, unit column stride, any row stride) = a @ b."""
     if a.dtype == torch.float32:
