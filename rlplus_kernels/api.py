@@ -43,10 +43,12 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_par
         require_tensor("bias", bias)
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     backend = resolve_backend(config.backend, hidden.device)
-    check_head_tensors(hidden, weight, bias, backend=backend)
     shard = None  # weight is this rank's shard with a group; targets are global ids
-    if vocab_parallel_group is not None:
+    if vocab_parallel_group is not None and weight.dim() == 2:
+        # before any check of this rank's tensors: a rank that raised alone would leave the others
+        # waiting in the collective
         shard = vocab_shard(weight.shape[0], vocab_parallel_group, weight.device)
+    check_head_tensors(hidden, weight, bias, backend=backend)
     targets = check_targets(targets, hidden, weight.shape[0] if shard is None else shard.vocab_size,
                             config.ignore_index)
     options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,

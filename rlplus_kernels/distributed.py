@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .head import segment_sum, sequence_layout
-from .validation import check_cu_seqlens
+from .validation import refuse_if, check_cu_seqlens
 
 MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -63,6 +63,8 @@ def vocab_shard(shard_rows: int, group, device: torch.device) -> VocabShard:
     sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
     sizes[rank] = shard_rows
     dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    rule = "vocab_parallel_group: every rank's weight shard needs at least one row"
+    refuse_if((sizes == 0).any(), rule, lambda: f"{rule}, got shard sizes {sizes.tolist()} in rank order")
     sizes = sizes.tolist()
     return VocabShard(group=group, start=sum(sizes[:rank]), vocab_size=sum(sizes))
 

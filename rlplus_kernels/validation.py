@@ -29,7 +29,7 @@ def shape_text(shape) -> str:
     return str([int(f"{size}") for size in shape])
 
 
-def _refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[[], str]) -> None:
+def refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[[], str]) -> None:
     """Raise ValueError(eager_message()) where the 0-dim bool `bad` holds: one host sync. Inside
     torch.compile, where a host sync would be a data-dependent guard, the check runs on the device
     (torch._assert_async, asynchronously) with `compiled_message`, which reads no tensor value."""
@@ -91,9 +91,11 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
-    rule = f"targets must lie in [0, {vocab_size}) or equal ignore_index"
-    _refuse_if(out_of_range.any(), rule,
-               lambda: f"{rule}={ignore_index}, found {targets[out_of_range][0].item()}")
+    rule = "targets must lie in [0, {}) or equal ignore_index"
+    # the compiled message names no number: a vocabulary-parallel V, exchanged between ranks, is a
+    # data-dependent size there, which a message cannot format
+    refuse_if(out_of_range.any(), rule.format("V") + " (V: the vocabulary size)",
+              lambda: f"{rule.format(vocab_size)}={ignore_index}, found {targets[out_of_range][0].item()}")
     return targets
 
 
@@ -112,7 +114,7 @@ def check_cu_seqlens(cu_seqlens, targets) -> None:
     if cu_seqlens.device != targets.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
-    _refuse_if(bad, "cu_seqlens must start at 0, end at N and never decrease",
+    refuse_if(bad, "cu_seqlens must start at 0, end at N and never decrease",
                lambda: f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "
                        f"got {cu_seqlens.tolist()}")
 
@@ -166,4 +168,4 @@ def check_normalizer_value(normalizer: torch.Tensor, valid: torch.Tensor) -> Non
     ranks that have none). One host sync, as for the targets; on the device inside torch.compile."""
     bad = ~torch.isfinite(normalizer) | (normalizer < 0) | ((normalizer == 0) & valid.any())
     rule = "normalizer must be finite and > 0 (0 only when no token enters the loss)"
-    _refuse_if(bad, rule, lambda: f"{rule}, got {normalizer.item()}")
+    refuse_if(bad, rule, lambda: f"{rule}, got {normalizer.item()}")

@@ -249,6 +249,38 @@ def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str)
     }
 
 
+def _run_empty_shard(rank: int, world: int, device: str) -> str:
+    """The last rank holds no row (DTensor's Shard(0) of a vocabulary smaller than the world): every rank
+    must raise the same error, not leave the others waiting in a collective. Returns the message."""
+    rows = 0 if rank == world - 1 else 3
+    weight, hidden = torch.randn(rows, HIDDEN, device=device), torch.randn(4, HIDDEN, device=device)
+    try:
+        linear_logprobs(hidden, weight, torch.zeros(4, dtype=torch.int64, device=device),
+                        vocab_parallel_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _run_compiled_uneven(rank: int, world: int, device: str) -> float:
+    """torch.compile(fullgraph=True) of a loss step on uneven shards; its error against eager (the shard sizes
+    are exchanged inside the graph, so the bound of the targets' check is a data-dependent size)."""
+    case = Case("compiled", uneven=True, dtype=torch.float32)
+    starts = _shard_starts(case, world)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, HIDDEN, generator=gen).to(device)
+    weight = torch.randn(starts[-1], HIDDEN, generator=gen)[starts[rank]:starts[rank + 1]].to(device)
+    targets = torch.tensor(starts[:-1] + [starts[-1] - 1] * (7 - len(starts))).to(device)
+    advantages = torch.randn(6, generator=gen).to(device)
+
+    def step(weight):
+        return rlplus_loss(hidden, weight, targets, advantages, backend="torch", entropy_coef=0.01,
+                           vocab_parallel_group=dist.group.WORLD).loss
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(weight)
+    return _error(compiled, step(weight))
+
+
 FORBIDDEN_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "gather", "broadcast", "all_to_all",
                          "all_to_all_single", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send", "recv")
 
@@ -295,6 +327,8 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
                                                     itemsize=torch.empty((), dtype=case.dtype).element_size())
     for loss_agg, layout in DP_AGG:
         results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
+    results["empty shard"] = _run_empty_shard(rank, world, device)
+    results["compiled"] = _run_compiled_uneven(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -349,6 +383,19 @@ def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
     assert with_entropy["bytes"] == (1 + 3 + HIDDEN) * 8 * with_entropy["num_tokens"] + layout_bytes
     without_entropy = results[0]["communication"]["seq-mean-token-mean, dual clip, behaviour logprobs, KL, mis_clip_max"]
     assert without_entropy["bytes"] == (1 + 2 + HIDDEN) * 8 * without_entropy["num_tokens"] + layout_bytes
+
+
+def test_a_rank_without_rows_is_refused_on_every_rank(world):
+    size, results = world
+    for rank, per_rank in enumerate(results):
+        assert "every rank's weight shard needs at least one row" in per_rank["empty shard"], rank
+        assert str([3] * (size - 1) + [0]) in per_rank["empty shard"], rank
+
+
+def test_compiled_step_on_uneven_shards_matches_eager(world):
+    size, results = world
+    for per_rank in results:
+        assert per_rank["compiled"] <= TOL[torch.float32]
 
 
 # ---------------------------------------------------------------------------- single process
