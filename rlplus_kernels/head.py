@@ -58,6 +58,12 @@ def segment_sum(x: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int)
     return x.new_zeros(num_sequences).index_add(0, sequence_ids, x)
 
 
+def _as_bound(x: Optional[float], dtype: torch.dtype) -> Optional[float]:
+    """A clamp bound as `dtype` holds it: beyond its range, infinite (no bound), as the Triton head's
+    float32 rounding makes it; torch.clamp refuses a Python float that overflows the tensor's dtype."""
+    return x if x is None or abs(x) <= torch.finfo(dtype).max else math.copysign(math.inf, x)
+
+
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Mean of x over `where`, 0 over an empty set, with no host sync."""
     total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
@@ -112,7 +118,8 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
     if config.clip_eps_low is not None or config.clip_eps_high is not None:
         low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
         high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
-        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, low, high))
+        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, _as_bound(low, ratio.dtype),
+                                                                 _as_bound(high, ratio.dtype)))
     terms = PerTokenTerms(loss=loss_on, ratio=ratio, clipped=loss_on > loss_unclipped)
     if config.dual_clip is not None:
         terms.loss = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)
@@ -127,7 +134,7 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         log_w = logp - torch.logaddexp(o, log_pw) + LOG_2
         terms.mis_weight = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
         if config.mis_clip_max is not None:
-            terms.mis_weight = torch.clamp(terms.mis_weight, max=config.mis_clip_max)
+            terms.mis_weight = torch.clamp(terms.mis_weight, max=_as_bound(config.mis_clip_max, terms.mis_weight.dtype))
         terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
         terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 

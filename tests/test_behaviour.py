@@ -328,3 +328,21 @@ def test_group_advantages():
         group_advantages(rewards, torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="rewards"):
         group_advantages(torch.ones(6, dtype=torch.long), groups)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bound", [dict(clip_eps_high=1e39), dict(clip_eps_low=1e39), dict(mis_clip_max=1e39)])
+def test_a_bound_beyond_float32_is_no_bound(backend, bound):
+    """Finite hyper-parameters past float32's range are valid: as float32 holds them (1 + 1e39 is inf),
+    the bound is absent, on every backend (torch.clamp refused such a Python float on a float32 tensor)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(6, 8), torch.randn(10, 8) / 3
+    targets, advantages, old = torch.randint(0, 10, (6,)), torch.randn(6), torch.randn(6) - 2
+    external = torch.tensor([True, False] * 3)
+    unbounded = {"clip_eps_high": dict(clip_eps_high=None), "clip_eps_low": dict(clip_eps_low=None),
+                 "mis_clip_max": dict(mis_clip_max=None)}[next(iter(bound))]
+    expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, advantages, old,
+                                     external_mask=external, **unbounded).loss
+    got = rlplus_loss(hidden, weight, targets, advantages, old, external_mask=external, backend=backend, **bound).loss
+    rtol, atol = TOLERANCES[torch.float32]["value"]
+    assert_close(got, expected, rtol=rtol, atol=atol, name=f"loss with {bound}")
