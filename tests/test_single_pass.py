@@ -265,3 +265,13 @@ def test_unknown_schedule_is_refused(monkeypatch):
     hidden, weight, targets, head = inputs()
     with pytest.raises(ValueError, match="RLPLUS_SCHEDULE"):
         rlplus_loss(hidden.requires_grad_(), weight, targets, head["advantages"], backend="triton")
+
+
+@pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1e6"])
+def test_a_bad_chunk_size_is_refused_by_name(monkeypatch, schedule, value):
+    """RLPLUS_CHUNK_ELEMS, like the other settings, names itself when it is not a positive integer
+    (a non-number raised int()'s message; 0 and negatives were planned as tiny chunks)."""
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", value)
+    with pytest.raises(ValueError, match="RLPLUS_CHUNK_ELEMS"):
+        run(schedule, monkeypatch)

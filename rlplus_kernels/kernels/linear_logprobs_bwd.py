@@ -64,6 +64,19 @@ from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, source_logits_tile
 
 DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
+
+
+def chunk_budget(chunk_elems: Optional[int] = None) -> int:
+    """The chunk bound in elements: `chunk_elems`, else env RLPLUS_CHUNK_ELEMS, else DEFAULT_CHUNK_ELEMS."""
+    if chunk_elems:
+        return chunk_elems
+    raw = os.environ.get("RLPLUS_CHUNK_ELEMS")
+    if raw is None:
+        return DEFAULT_CHUNK_ELEMS
+    value = int(raw) if raw.strip().isdigit() else 0
+    if value < 1:
+        raise ValueError(f"RLPLUS_CHUNK_ELEMS (chunk elements) must be a positive integer, got {raw!r}")
+    return value
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
 # float16 dl is stored scaled so that its largest possible |value| is below 2^12: far from 65504 even
 # after a sum of the chunk's terms (the fp16 product of cuBLAS on torch without out_dtype), while
@@ -369,7 +382,7 @@ def linear_logprobs_backward(
     cfg = (product_config(device, config) if from_product
            else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd",
                             descriptors=descriptors))
-    budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
+    budget = chunk_budget(chunk_elems)
     cn, cv = _plan_chunks(n_tokens, n_vocab, need_w or need_b, budget, cfg)
     n_tok_chunks = triton.cdiv(n_tokens, cn)
     n_voc_chunks = triton.cdiv(n_vocab, cv)

@@ -29,7 +29,6 @@ Memory: a slice's fp32 product and a chunk's dl, 6 bytes (bf16) or 10 (fp32) per
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -39,7 +38,7 @@ from ..backends.common import finish_logprobs
 from ._config import (check_interpreter, dot_precision, kernel_operand, padded_elements, padded_matrix,
                       product_config)
 from .cublas import mm_fp32
-from .linear_logprobs_bwd import DEFAULT_CHUNK_ELEMS, launch_dlogits
+from .linear_logprobs_bwd import chunk_budget, launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
 from .rlplus_head import STAT_NAMES, kernel_float, rlplus_head_forward
 
@@ -105,7 +104,7 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
     b_k = kernel_operand(bias) if bias is not None else None
     cfg = product_config(device)
     launch = dict(temperature=temperature, ignore_index=ignore_index, precision=dot_precision(dtype, device))
-    budget = chunk_elems or int(os.environ.get("RLPLUS_CHUNK_ELEMS", DEFAULT_CHUNK_ELEMS))
+    budget = chunk_budget(chunk_elems)
     chunk_rows, slice_rows = plan_chunks(n_tokens, n_vocab, budget, cfg.BLOCK_N)
     product = torch.empty(padded_elements(slice_rows, n_vocab), **f32)
     dl_buf = torch.empty(padded_elements(chunk_rows, n_vocab), device=device, dtype=dtype)
