@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .head import segment_sum, sequence_layout
-from .validation import refuse_if, check_cu_seqlens
+from .validation import check_cu_seqlens, refuse_if
 
 MaskOrMasks = Union[torch.Tensor, Sequence[torch.Tensor]]
 

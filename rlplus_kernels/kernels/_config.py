@@ -40,6 +40,22 @@ def logits_source(choice: Optional[str] = None) -> str:
     return source
 
 
+DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
+
+
+def chunk_budget(chunk_elems: Optional[int] = None) -> int:
+    """The chunk bound in elements: `chunk_elems`, else env RLPLUS_CHUNK_ELEMS, else DEFAULT_CHUNK_ELEMS."""
+    if chunk_elems:
+        return chunk_elems
+    raw = os.environ.get("RLPLUS_CHUNK_ELEMS")
+    if raw is None:
+        return DEFAULT_CHUNK_ELEMS
+    value = int(raw) if raw.strip().isdigit() else 0
+    if value < 1:
+        raise ValueError(f"RLPLUS_CHUNK_ELEMS (chunk elements) must be a positive integer, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     BLOCK_N: int
@@ -74,7 +90,7 @@ _TABLE = {
     # Blackwell (sm_100: tcgen05 MMA into tensor memory, then the epilogue in registers), chosen from
     # register reports alone, never timed there: the 128x128 forward spills on sm_100 with a bias (15-17
     # stores, triton 3.6 and 3.9) and, at 3 stages, with entropy (4, triton 3.9), so the forward takes
-    # 128x64 (183-213 registers, no spill); the backward keeps 128x128 (_TABLE_BWD), spill-free there.
+    # 128x64 (168-201 registers, no spill); the backward keeps 128x128 (_TABLE_BWD), spill-free there.
     ("sm100", False): KernelConfig(128, 64, 64, num_warps=8, num_stages=4),
     ("sm100", True): KernelConfig(32, 32, 16, num_warps=4, num_stages=1),
     # consumer parts (sm_86/89: ~100 KiB shared memory per block): two stages

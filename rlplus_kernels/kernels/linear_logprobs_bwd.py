@@ -49,7 +49,6 @@ and ``scale`` stays on the device, so the backward does not synchronise with the
 # No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
 # only by annotation objects, not by the string "tl.constexpr".
 import math
-import os
 from typing import Optional
 
 import torch
@@ -57,26 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (check_interpreter, dot_precision, kernel_operand, logits_source, operand_descriptors,
-                      padded_elements, padded_matrix, pick_config, product_config, rows_aligned, sm_count,
-                      uses_descriptors)
+from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, logits_source,
+                      operand_descriptors, padded_elements, padded_matrix, pick_config, product_config,
+                      rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, source_logits_tile
 
-DEFAULT_CHUNK_ELEMS = 1 << 26  # 128 MiB of bf16 dl: 16k tokens x 4k vocabulary columns
-
-
-def chunk_budget(chunk_elems: Optional[int] = None) -> int:
-    """The chunk bound in elements: `chunk_elems`, else env RLPLUS_CHUNK_ELEMS, else DEFAULT_CHUNK_ELEMS."""
-    if chunk_elems:
-        return chunk_elems
-    raw = os.environ.get("RLPLUS_CHUNK_ELEMS")
-    if raw is None:
-        return DEFAULT_CHUNK_ELEMS
-    value = int(raw) if raw.strip().isdigit() else 0
-    if value < 1:
-        raise ValueError(f"RLPLUS_CHUNK_ELEMS (chunk elements) must be a positive integer, got {raw!r}")
-    return value
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
 # float16 dl is stored scaled so that its largest possible |value| is below 2^12: far from 65504 even
 # after a sum of the chunk's terms (the fp16 product of cuBLAS on torch without out_dtype), while

@@ -35,10 +35,10 @@ import torch
 
 from ..backends import SINGLE_PASS_DTYPES
 from ..backends.common import finish_logprobs
-from ._config import (check_interpreter, dot_precision, kernel_operand, padded_elements, padded_matrix,
-                      product_config)
+from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, padded_elements,
+                      padded_matrix, product_config)
 from .cublas import mm_fp32
-from .linear_logprobs_bwd import chunk_budget, launch_dlogits
+from .linear_logprobs_bwd import launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
 from .rlplus_head import STAT_NAMES, kernel_float, rlplus_head_forward
 
