@@ -346,3 +346,44 @@ def test_a_bound_beyond_float32_is_no_bound(backend, bound):
     got = rlplus_loss(hidden, weight, targets, advantages, old, external_mask=external, backend=backend, **bound).loss
     rtol, atol = TOLERANCES[torch.float32]["value"]
     assert_close(got, expected, rtol=rtol, atol=atol, name=f"loss with {bound}")
+
+
+# (input, index) of one NaN; targets are drawn from rows 0..4, so weight row 7 is never a target
+NAN_PLACES = [("hidden", (3, 2)), ("weight", (7, 1)), ("advantages", (2,)), ("old_logprobs", (2,)),
+              ("ref_logprobs", (2,)), ("behavior_logprobs", (0,))]
+
+
+@pytest.mark.parametrize("backend,schedule", [("torch", None), *[
+    pytest.param("triton", schedule, marks=BACKENDS[1].marks) for schedule in ("two-pass", "single-pass")]])
+@pytest.mark.parametrize("place", NAN_PLACES, ids=[name for name, _ in NAN_PLACES])
+@pytest.mark.parametrize("external", [False, True], ids=["on-policy", "external"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_a_nan_input_gives_the_references_nan_loss_and_metrics(backend, schedule, place, external, monkeypatch):
+    """One NaN in an input the loss reads makes the loss NaN, as in the reference, so that a trainer sees
+    it: the Triton kernels' max/min dropped a NaN operand (a NaN weight row, advantage or old log-prob gave
+    a plausible finite loss). An input that is not read (behavior log-probs of on-policy tokens) changes
+    nothing. The metrics are NaN exactly where the reference's are."""
+    if schedule is not None:
+        monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch.manual_seed(0)
+    n, d, v = 8, 16, 12
+    inputs = dict(hidden=torch.randn(n, d), weight=torch.randn(v, d) / 3, advantages=torch.randn(n),
+                  old_logprobs=-torch.rand(n) - 1, ref_logprobs=-torch.rand(n) - 1,
+                  behavior_logprobs=-torch.rand(n) - 1)
+    name, index = place
+    inputs[name][index] = float("nan")
+    targets = torch.randint(0, 5, (n,))
+    kwargs = dict(external_mask=torch.full((n,), external), kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+    hidden, weight = inputs.pop("hidden"), inputs.pop("weight")
+    expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, **inputs, **kwargs)
+    hidden.requires_grad_()
+    got = rlplus_loss(hidden, weight, targets, **inputs, **kwargs, backend=backend)
+    assert got.loss.isnan() == expected.loss.isnan(), f"loss {got.loss.item()} vs reference {expected.loss.item()}"
+    if not expected.loss.isnan():
+        rtol, atol = TOLERANCES[torch.float32]["value"]
+        assert_close(got.loss.detach(), expected.loss, rtol=rtol, atol=atol, name="loss")
+    nan_metrics = {key for key, value in got.metrics.items() if value.isnan()}
+    assert nan_metrics == {key for key, value in expected.metrics.items() if value.isnan()}
+    if name in ("hidden", "weight"):  # a NaN logit: no finite gradient step either
+        got.loss.backward()
+        assert hidden.grad.isnan().any()

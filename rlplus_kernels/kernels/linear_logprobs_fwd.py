@@ -49,7 +49,7 @@ from ._config import (
     uses_descriptors,
 )
 from .cublas import mm_fp32
-from .tl_utils import LOG_P_FLOOR, source_logits_tile
+from .tl_utils import LOG_P_FLOOR, nan_maximum, source_logits_tile
 
 # fp32 product of one vocabulary chunk on the cuBLAS logits source (256 MiB: 16k tokens x 4k columns)
 DEFAULT_PRODUCT_ELEMS = 1 << 26
@@ -198,7 +198,8 @@ def _online_softmax_step(
     # masked by its bias at T < 1) and floored at LOG_P_FLOOR, where e^shift is 0 anyway
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_ref)  # 0 on the first tile (m_i = -inf)
-    zc = tl.maximum(z - m_ref[:, None], LOG_P_FLOOR)
+    # (a NaN logit makes the sum NaN; the max above skips it)
+    zc = nan_maximum(z - m_ref[:, None], LOG_P_FLOOR)
     p = tl.exp(zc)  # 0 at masked columns
     if WITH_ENTROPY:
         # shift the running sum of e^(z-m)(z-m) to the new max; guarded where s_i is still 0

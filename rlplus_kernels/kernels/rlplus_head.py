@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import head
+from .tl_utils import nan_maximum, nan_minimum
 
 # globals a @triton.jit function reads must be constexpr
 LOG_RATIO_CLAMP = tl.constexpr(head.LOG_RATIO_CLAMP)
@@ -42,8 +43,8 @@ STAT_NAMES = ("ratio", "clipped", "mis_weight", "explore", "kl")
 
 @triton.jit
 def _logaddexp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
+    hi = nan_maximum(a, b)
+    lo = nan_minimum(a, b)
     # log(e^a + e^b) without overflow; -inf for two -inf arguments (as torch.logaddexp)
     return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
 
@@ -96,21 +97,21 @@ def _rlplus_head_fwd_kernel(
 
     # On-policy: clipped PPO/GRPO surrogate and its derivative (r' = r inside the log-ratio clamp).
     log_ratio = logp - old
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
+    ratio = tl.exp(nan_minimum(nan_maximum(log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
     d_ratio = tl.where((log_ratio >= -LOG_RATIO_CLAMP) & (log_ratio <= LOG_RATIO_CLAMP), ratio, 0.0)
     loss_unclipped = -adv * ratio
-    loss_clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    loss_clipped = -adv * nan_minimum(nan_maximum(ratio, ratio_low), ratio_high)
     # where the clipped term is larger its derivative is 0 (ratio outside the bounds); ties give
     # equal derivatives (inside the bounds, or A = 0)
     clipped = loss_clipped > loss_unclipped
-    loss = tl.maximum(loss_unclipped, loss_clipped)
+    loss = nan_maximum(loss_unclipped, loss_clipped)
     d_loss = tl.where(clipped, 0.0, -adv * d_ratio)
     # dual clip, A < 0 only; torch.minimum gives each of two equal arguments half the gradient.
     # The product takes a positive factor in every lane: A = 0 times an infinite (absent) dual clip
     # would be a NaN, discarded, but raised as a warning by the interpreter
     floor = tl.where(adv < 0, tl.where(adv < 0, -adv, 1.0) * dual_clip, float("inf"))
-    d_loss = tl.where(loss < floor, d_loss, tl.where(loss == floor, 0.5 * d_loss, 0.0))
-    loss = tl.minimum(loss, floor)
+    d_loss = tl.where(loss > floor, 0.0, tl.where(loss == floor, 0.5 * d_loss, d_loss))
+    loss = nan_minimum(loss, floor)
 
     # External: MIS weight times the exploration coefficient (RL-PLUS eqs. for MIS and EBA).
     mis_weight = tl.zeros_like(logp)
@@ -122,13 +123,13 @@ def _rlplus_head_fwd_kernel(
         else:
             log_pw = _logaddexp(old, tl.zeros_like(logp)) - LOG_2
         log_w = logp - _logaddexp(old, log_pw) + LOG_2
-        mis_weight = tl.exp(tl.minimum(log_w, LOG_RATIO_CLAMP))
+        mis_weight = tl.exp(nan_minimum(log_w, LOG_RATIO_CLAMP))
         d_mis_weight = tl.where((log_w <= LOG_RATIO_CLAMP) & (mis_weight <= mis_clip_max), mis_weight, 0.0)
-        mis_weight = tl.minimum(mis_weight, mis_clip_max)
-        base = tl.maximum(1.0 - tl.exp(logp), 0.0)
-        # base ** gamma with torch.pow's 0 ** 0 = 1
+        mis_weight = nan_minimum(mis_weight, mis_clip_max)
+        base = nan_maximum(1.0 - tl.exp(logp), 0.0)
+        # base ** gamma with torch.pow's 0 ** 0 = 1 (and NaN for a NaN base)
         explore = tl.where(base > 0.0, tl.exp(gamma * tl.log(tl.where(base > 0.0, base, 1.0))),
-                           tl.where(gamma == 0.0, 1.0, 0.0))
+                           tl.where(base == 0.0, tl.where(gamma == 0.0, 1.0, 0.0), base))
         loss = tl.where(external, -mis_weight * adv * explore, loss)
         d_loss = tl.where(external, -d_mis_weight * adv * explore, d_loss)
 
@@ -136,7 +137,7 @@ def _rlplus_head_fwd_kernel(
     if HAS_KL:  # k3 estimator of KL(pi_theta || pi_ref)
         ref = tl.load(ref_ptr + offs, mask=mask, other=0.0)
         raw = ref - logp
-        log_ratio_ref = tl.minimum(tl.maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+        log_ratio_ref = nan_minimum(nan_maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
         ratio_ref = tl.exp(log_ratio_ref)
         kl = ratio_ref - log_ratio_ref - 1.0
         inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)

@@ -8,6 +8,18 @@ from ..backends import common
 LOG_P_FLOOR = tl.constexpr(common.LOG_P_FLOOR)
 
 
+# NaN in, NaN out, as torch.maximum / minimum / clamp: tl.maximum's default returns the other operand
+# of a NaN (PTX max.f32), which made a NaN logit, advantage or log-prob a finite loss
+@triton.jit
+def nan_maximum(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_minimum(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def logits_tile(
     hidden_ptr, weight_ptr, bias_ptr,  # [N, D], [V, D], [V] or None (input dtype)
