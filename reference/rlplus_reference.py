@@ -154,7 +154,7 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
     per_token = torch.where(external, loss_ext, loss_on)
     if kl_coef > 0:
         log_ratio_ref = torch.clamp(ref_logprobs.detach().to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # e^x - x - 1 without e^x's rounding near x = 0
         per_token = per_token + kl_coef * kl
 
     loss = _aggregate(per_token, valid, loss_agg, normalizer)

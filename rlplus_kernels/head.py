@@ -18,6 +18,11 @@ from .config import RLPlusConfig
 # log-ratios of +-100 stay finite (exp(100) overflows float32).
 LOG_RATIO_CLAMP = 20.0
 LOG_2 = math.log(2.0)
+# The k3 KL term e^x - x - 1 is summed as its series x^2/2 (1 + x/3 (1 + ... (1 + x/9))) below this |x|
+# (the first term left out is below 2.2e-9 of the sum): e^x - x - 1 itself cancels near 0, where the
+# rounding of e^x in float32 (6e-8) is 12 times a KL of 5e-9 (x = 1e-4).
+KL_SERIES_BELOW = 0.5
+KL_SERIES_DEGREE = 9
 
 
 @dataclass
@@ -140,9 +145,17 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
 
     if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)
         log_ratio_ref = torch.clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        terms.kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        terms.kl = k3_kl(log_ratio_ref)
         terms.loss = terms.loss + config.kl_coef * terms.kl
     return terms
+
+
+def k3_kl(x: torch.Tensor) -> torch.Tensor:
+    """e^x - x - 1 for |x| <= LOG_RATIO_CLAMP, accurate near 0 (KL_SERIES_BELOW); kernels/rlplus_head.py's twin."""
+    series = torch.ones_like(x)
+    for k in range(KL_SERIES_DEGREE, 2, -1):
+        series = 1 + x / k * series
+    return torch.where(x.abs() < KL_SERIES_BELOW, x * x / 2 * series, torch.exp(x) - x - 1)
 
 
 def head_metrics(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from helpers import assert_close
 from rlplus_kernels.backends import triton_installed
 from rlplus_kernels.config import RLPlusConfig
-from rlplus_kernels.head import TokenBatch, rlplus_head, sequence_layout
+from rlplus_kernels.head import TokenBatch, per_token_terms, rlplus_head, sequence_layout
+from rlplus_kernels.kernels.rlplus_head import STAT_NAMES, rlplus_head_forward
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
@@ -197,3 +198,35 @@ def test_tokens_outside_the_loss_contribute_nothing_even_when_their_inputs_are_n
     # float32 here, as the Triton backend runs it: a few ulps of the head's own arithmetic
     assert_close(loss, t_loss, rtol=1e-6, atol=0.0, name="loss")
     assert_close(grad_logp[valid], t_grad_logp[valid], rtol=1e-6, atol=0.0, name="grad_logp")
+
+
+def _kl_and_derivative(head, logp, ref, kl_coef):
+    """(k3 term [N], d loss / d logp [N]) of each head with only the KL on: advantages 0, aggregation weights 1."""
+    zeros, ones = torch.zeros_like(logp), torch.ones_like(logp)
+    if head == "triton":
+        _, dloss_dlogp, stats = rlplus_head_forward(logp, None, zeros, None, None, None, ref, ones, clip_low=0.2,
+                                                    clip_high=0.2, dual_clip=None, gamma=1.0, mis_clip_max=None,
+                                                    kl_coef=kl_coef, entropy_coef=0.0)
+        return stats[STAT_NAMES.index("kl")], dloss_dlogp
+    logp = logp.clone().requires_grad_()
+    terms = per_token_terms(logp, TokenBatch(valid=ones.bool(), advantages=zeros, ref_logprobs=ref),
+                            RLPlusConfig(kl_coef=kl_coef))
+    (grad_logp,) = torch.autograd.grad(terms.loss.sum(), logp)
+    return terms.kl.detach(), grad_logp
+
+
+@pytest.mark.parametrize("head", ["torch", "triton"])
+def test_the_kl_term_is_float32_accurate_near_a_zero_log_ratio(head):
+    """In float32, the k3 term e^x - x - 1 (x = ref - logp) and its derivative -(e^x - 1) against float64,
+    for |x| from 1e-7 to 19: e^x - x - 1 cancelled near 0 (e^x's rounding error, 6e-8, is 12 million
+    times a KL of 5e-15 at x = 1e-7), and so did e^x - 1 in the derivative."""
+    x = torch.logspace(-7, math.log10(19.0), 60, dtype=torch.float64)
+    logp = torch.full((120,), -2.5, device=DEVICE)
+    ref = logp + torch.cat([x, -x]).float().to(DEVICE)
+    kl, grad_logp = _kl_and_derivative(head, logp, ref, kl_coef=1.0)
+    x32 = (ref - logp).double()  # the log-ratio as both heads form it, in float32
+    # e^x's error (2 ulps on a GPU, whose ex2.approx is not correctly rounded) is amplified by e^x / kl,
+    # at most 11 where the series ends (|x| = 1/2): 22 ulps, 2.6e-6
+    rtol = 4e-6
+    assert_close(kl.double(), torch.expm1(x32) - x32, rtol=rtol, atol=0.0, name="kl")
+    assert_close(grad_logp.double(), -torch.expm1(x32), rtol=rtol, atol=0.0, name="d kl / d logp")

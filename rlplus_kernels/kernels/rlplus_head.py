@@ -10,6 +10,7 @@ Exact computation, per token t with aggregation weight a_t (0 outside the loss, 
                w = min(exp(min(log w, 20)), mis_clip_max);  C = max(0, 1 - e^logp)^gamma (detached)
                l = -w A C
     all        l += kl_coef (e^(q - logp) - (q - logp) - 1)     with q - logp clamped to [-20, 20]
+                                                              (a series near 0: head.k3_kl)
     outputs    weighted_loss = a (l - entropy_coef H),   dloss_dlogp = a dl/dlogp
 
 The loss is ``weighted_loss.sum()``; d loss / d H = -entropy_coef a needs no kernel. Derivatives
@@ -34,6 +35,8 @@ from .tl_utils import nan_maximum, nan_minimum
 # globals a @triton.jit function reads must be constexpr
 LOG_RATIO_CLAMP = tl.constexpr(head.LOG_RATIO_CLAMP)
 LOG_2 = tl.constexpr(head.LOG_2)
+KL_SERIES_BELOW = tl.constexpr(head.KL_SERIES_BELOW)
+KL_SERIES_DEGREE = tl.constexpr(head.KL_SERIES_DEGREE)
 # 512: at 1024 tokens per program (4 warps) triton 3.6, the GPU image's, spills one register on sm_90
 # with the old log-probs and the KL term (scripts/check_kernels.py); triton 3.9 does not
 BLOCK = 512
@@ -47,6 +50,15 @@ def _logaddexp(a, b):
     lo = nan_minimum(a, b)
     # log(e^a + e^b) without overflow; -inf for two -inf arguments (as torch.logaddexp)
     return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+
+
+@triton.jit
+def _k3_kl(x):
+    """e^x - x - 1 for |x| <= LOG_RATIO_CLAMP, accurate near 0: head.k3_kl."""
+    series = tl.full(x.shape, 1.0, x.dtype)
+    for k in tl.static_range(KL_SERIES_DEGREE, 2, -1):
+        series = 1.0 + x / k * series
+    return tl.where(tl.abs(x) < KL_SERIES_BELOW, x * x / 2.0 * series, tl.exp(x) - x - 1.0)
 
 
 @triton.jit
@@ -138,11 +150,11 @@ def _rlplus_head_fwd_kernel(
         ref = tl.load(ref_ptr + offs, mask=mask, other=0.0)
         raw = ref - logp
         log_ratio_ref = nan_minimum(nan_maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
-        ratio_ref = tl.exp(log_ratio_ref)
-        kl = ratio_ref - log_ratio_ref - 1.0
+        kl = _k3_kl(log_ratio_ref)
         inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
         loss += kl_coef * kl
-        d_loss += tl.where(inside, -kl_coef * (ratio_ref - 1.0), 0.0)
+        # d kl / d logp = -(e^x - 1) = -(x + kl), without the cancellation of e^x - 1 either
+        d_loss += tl.where(inside, -kl_coef * (log_ratio_ref + kl), 0.0)
 
     if HAS_ENTROPY:
         loss -= entropy_coef * tl.load(entropy_ptr + offs, mask=mask, other=0.0)
