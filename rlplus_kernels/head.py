@@ -18,11 +18,11 @@ from .config import RLPlusConfig
 # log-ratios of +-100 stay finite (exp(100) overflows float32).
 LOG_RATIO_CLAMP = 20.0
 LOG_2 = math.log(2.0)
-# The k3 KL term e^x - x - 1 is summed as its series x^2/2 (1 + x/3 (1 + ... (1 + x/9))) below this |x|
-# (the first term left out is below 2.2e-9 of the sum): e^x - x - 1 itself cancels near 0, where the
-# rounding of e^x in float32 (6e-8) is 12 times a KL of 5e-9 (x = 1e-4).
+# The k3 KL term e^x - x - 1 is summed as its series x^2/2 (1 + x/3 (1 + ... (1 + x/15))) below this |x|
+# (the first term left out is below 6e-18 of the sum: exact in float64 too): e^x - x - 1 itself cancels
+# near 0, where the rounding of e^x in float32 (6e-8) is 12 times a KL of 5e-9 (x = 1e-4).
 KL_SERIES_BELOW = 0.5
-KL_SERIES_DEGREE = 9
+KL_SERIES_DEGREE = 15
 
 
 @dataclass
