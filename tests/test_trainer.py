@@ -406,6 +406,35 @@ def test_trainer_metrics_and_preset():
     assert m["reward_mean"] == 0.5  # the rollouts only, not the demonstration
 
 
+@pytest.mark.parametrize("poisoned", ["advantages", "old_logprobs"])
+def test_a_non_finite_step_is_skipped_not_applied(poisoned):
+    """A NaN advantage (a group of one, normalised by its std) makes the loss and gradients NaN, a NaN
+    old log-prob the loss: the step leaves the parameters and the optimizer untouched and says so, and
+    the next clean batch trains. Without the guard the NaN advantage's step turns every parameter NaN."""
+    batch = build_group_batch([[5, 6]], [[[7, 2], [8, 2]]], [[1.0, 0.0]]).model_inputs()
+    batch["old_logprobs"] = score_logprobs(make_model("qwen2", tied=True, dtype=torch.float32),
+                                           batch["input_ids"], batch["attention_mask"])
+    bad = dict(batch, **{poisoned: batch[poisoned].clone()})
+    bad[poisoned][(0, -1) if poisoned == "old_logprobs" else 0] = float("nan")  # [S, T] / [S]
+    for guarded in (True, False):
+        model = make_model("qwen2", tied=True, dtype=torch.float32)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer = RLPlusTrainer(model, optimizer, skip_nonfinite_steps=guarded)
+        metrics = trainer.step(bad)
+        assert math.isnan(metrics["loss"])
+        if not guarded:  # applied: with NaN gradients (a NaN advantage), every parameter is NaN
+            assert metrics["skipped_step"] == 0 and trainer.num_steps == 1
+            assert any(p.isnan().any() for p in model.parameters()) == (poisoned == "advantages")
+            continue
+        assert metrics["skipped_step"] == 1 and trainer.num_skipped_steps == 1 and trainer.num_steps == 0
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert not optimizer.state and all(p.grad is None for p in model.parameters())
+        metrics = trainer.step(batch)
+        assert metrics["skipped_step"] == 0 and trainer.num_steps == 1 and math.isfinite(metrics["loss"])
+        assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_training_raises_logprob_of_rewarded_completions():
     model = make_model("llama", tied=False, dtype=torch.float32, seed=3)
     prompts = [[5, 6, 7], [8, 9, 10]]

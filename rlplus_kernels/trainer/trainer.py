@@ -64,6 +64,9 @@ class RLPlusTrainer:
         disable_dropout: set the model's dropout probabilities to 0 (default), so that the
             training forward computes the policy that :func:`score_logprobs` scores (in eval mode)
             and the importance ratio is 1 at unchanged parameters; with dropout it is noisy.
+        skip_nonfinite_steps: when the loss or the gradient norm is NaN or infinite (a NaN advantage,
+            log-prob or activation), leave the parameters, the optimizer and the scheduler as they are
+            and report ``skipped_step = 1`` (default); False applies the step, NaN and all.
         **hyper: override entries of the preset (temperature, clip bounds, gamma, loss_agg,
             normalizer, entropy_coef, kl_coef, backend, ...).
     """
@@ -71,7 +74,8 @@ class RLPlusTrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  max_grad_norm: float | None = 1.0, micro_batch_size: int | None = None,
                  preset: Mapping[str, Any] | None = None, lr_scheduler=None,
-                 verify_model_head: bool = True, disable_dropout: bool = True, **hyper: Any):
+                 verify_model_head: bool = True, disable_dropout: bool = True, skip_nonfinite_steps: bool = True,
+                 **hyper: Any):
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, numbers.Integral) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
@@ -82,6 +86,7 @@ class RLPlusTrainer:
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
         self.lr_scheduler = lr_scheduler
+        self.skip_nonfinite_steps = skip_nonfinite_steps
         self.hyper = dict(_official_recipe() if preset is None else preset)
         self.hyper.update(hyper)
         _check_hyper_parameters(self.hyper)
@@ -92,6 +97,7 @@ class RLPlusTrainer:
         else:
             check_plain_linear_head(model)
         self.num_steps = 0
+        self.num_skipped_steps = 0
 
     # -- objective -----------------------------------------------------------------------
     def global_normalizer(self, batch: Mapping[str, torch.Tensor]):
@@ -135,7 +141,8 @@ class RLPlusTrainer:
         key is refused (a misspelt ``old_logprobs`` would otherwise train on-policy).
 
         Returns floats: ``loss``, the ``RLPlusOutput`` metrics (over the whole batch),
-        ``grad_norm`` (before clipping), ``tokens_per_s`` (non-padding tokens through forward
+        ``grad_norm`` (before clipping), ``skipped_step`` (1 when a non-finite loss or gradient
+        norm left the parameters unchanged), ``tokens_per_s`` (non-padding tokens through forward
         and backward per second), ``step_time_s`` and ``reward_mean`` when rewards are given.
         """
         if isinstance(batch, GroupBatch):
@@ -192,10 +199,16 @@ class RLPlusTrainer:
         max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_norm) if params
                      else torch.zeros(()))
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.num_steps += 1
+        # one NaN gradient would make every parameter NaN (and, through Adam's moments, keep it so)
+        skipped = self.skip_nonfinite_steps and not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.num_skipped_steps += 1
+        else:
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.num_steps += 1
 
         n_tok = sums["num_tokens"]
         n_ext = sums["num_external_tokens"]
@@ -210,6 +223,7 @@ class RLPlusTrainer:
         attn = batch["attention_mask"]
         processed = batch["input_ids"].numel() if attn is None else int(attn.sum())
         metrics["grad_norm"] = float(grad_norm)
+        metrics["skipped_step"] = float(skipped)
         metrics["step_time_s"] = elapsed
         metrics["tokens_per_s"] = processed / elapsed if elapsed > 0 else float("inf")
         if rewards is not None:
