@@ -319,7 +319,10 @@ def test_bad_inputs_are_named_before_any_work():
     for kwargs, error, match in [(dict(clip_eps=0.2), TypeError, "clip_eps"),
                                  (dict(loss_agg="mean"), ValueError, "loss_agg"),
                                  (dict(micro_batch_size=1.5), ValueError, "micro_batch_size"),
-                                 (dict(normalizer=-1), ValueError, "normalizer")]:
+                                 (dict(normalizer=-1), ValueError, "normalizer"),
+                                 (dict(skip_nonfinite_steps="no"), TypeError, "skip_nonfinite_steps"),
+                                 (dict(max_grad_norm="1.0"), ValueError, "max_grad_norm"),
+                                 (dict(disable_dropout=None), TypeError, "disable_dropout")]:
         with pytest.raises(error, match=match):
             RLPlusTrainer(model, optimizer, verify_model_head=False, **kwargs)
     trainer = RLPlusTrainer(model, optimizer, verify_model_head=False, preset={})

@@ -79,7 +79,12 @@ class RLPlusTrainer:
         if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, numbers.Integral) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
+        for name, flag in (("verify_model_head", verify_model_head), ("disable_dropout", disable_dropout),
+                           ("skip_nonfinite_steps", skip_nonfinite_steps)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
+                                          or not max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model = model
         self.optimizer = optimizer
