@@ -348,21 +348,27 @@ def test_a_bound_beyond_float32_is_no_bound(backend, bound):
     assert_close(got, expected, rtol=rtol, atol=atol, name=f"loss with {bound}")
 
 
-# (input, index) of one NaN; targets are drawn from rows 0..4, so weight row 7 is never a target
-NAN_PLACES = [("hidden", (3, 2)), ("weight", (7, 1)), ("advantages", (2,)), ("old_logprobs", (2,)),
-              ("ref_logprobs", (2,)), ("behavior_logprobs", (0,))]
+# (input, index, value) of one non-finite value; targets are drawn from rows 0..4, so weight row 7 is never
+# a target. An infinite old or behavior log-prob is a finite loss (a MIS weight of 0, a ratio of e^-20).
+NAN, INF = float("nan"), float("inf")
+NON_FINITE_PLACES = [("hidden", (3, 2), NAN), ("weight", (7, 1), NAN), ("advantages", (2,), NAN),
+                     ("old_logprobs", (2,), NAN), ("ref_logprobs", (2,), NAN), ("behavior_logprobs", (0,), NAN),
+                     ("old_logprobs", (2,), INF), ("old_logprobs", (2,), -INF), ("behavior_logprobs", (0,), INF)]
 
 
 @pytest.mark.parametrize("backend,schedule", [("torch", None), *[
     pytest.param("triton", schedule, marks=BACKENDS[1].marks) for schedule in ("two-pass", "single-pass")]])
-@pytest.mark.parametrize("place", NAN_PLACES, ids=[name for name, _ in NAN_PLACES])
+@pytest.mark.parametrize("place", NON_FINITE_PLACES, ids=[f"{name}={value}" for name, _, value in NON_FINITE_PLACES])
 @pytest.mark.parametrize("external", [False, True], ids=["on-policy", "external"])
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
-def test_a_nan_input_gives_the_references_nan_loss_and_metrics(backend, schedule, place, external, monkeypatch):
+def test_a_non_finite_input_gives_the_references_loss_and_metrics(backend, schedule, place, external, gamma,
+                                                                   monkeypatch):
     """One NaN in an input the loss reads makes the loss NaN, as in the reference, so that a trainer sees
     it: the Triton kernels' max/min dropped a NaN operand (a NaN weight row, advantage or old log-prob gave
     a plausible finite loss). An input that is not read (behavior log-probs of on-policy tokens) changes
-    nothing. The metrics are NaN exactly where the reference's are."""
+    nothing. The metrics are NaN exactly where the reference's are (a NaN log p ** 0 is 1, as torch.pow's),
+    and infinite log-probs give the reference's finite loss (logaddexp(inf, inf) is inf, not inf - inf)."""
     if schedule is not None:
         monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     torch.manual_seed(0)
@@ -370,10 +376,13 @@ def test_a_nan_input_gives_the_references_nan_loss_and_metrics(backend, schedule
     inputs = dict(hidden=torch.randn(n, d), weight=torch.randn(v, d) / 3, advantages=torch.randn(n),
                   old_logprobs=-torch.rand(n) - 1, ref_logprobs=-torch.rand(n) - 1,
                   behavior_logprobs=-torch.rand(n) - 1)
-    name, index = place
-    inputs[name][index] = float("nan")
+    name, index, value = place
+    inputs[name][index] = value
     targets = torch.randint(0, 5, (n,))
-    kwargs = dict(external_mask=torch.full((n,), external), kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
+    kwargs = dict(external_mask=torch.full((n,), external), kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0,
+                  gamma=gamma)
+    if name != "behavior_logprobs":  # the estimator (e^o + 1) / 2 then: an infinite o goes through it
+        inputs.pop("behavior_logprobs")
     hidden, weight = inputs.pop("hidden"), inputs.pop("weight")
     expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, **inputs, **kwargs)
     hidden.requires_grad_()

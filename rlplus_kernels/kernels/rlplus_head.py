@@ -48,8 +48,9 @@ STAT_NAMES = ("ratio", "clipped", "mis_weight", "explore", "kl")
 def _logaddexp(a, b):
     hi = nan_maximum(a, b)
     lo = nan_minimum(a, b)
-    # log(e^a + e^b) without overflow; -inf for two -inf arguments (as torch.logaddexp)
-    return tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+    # log(e^a + e^b) without overflow; an infinite hi is the sum (two -inf give -inf and a +inf gives +inf,
+    # as torch.logaddexp, where lo - hi would be inf - inf)
+    return tl.where(tl.abs(hi) == float("inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
 
 
 @triton.jit
@@ -139,9 +140,10 @@ def _rlplus_head_fwd_kernel(
         d_mis_weight = tl.where((log_w <= LOG_RATIO_CLAMP) & (mis_weight <= mis_clip_max), mis_weight, 0.0)
         mis_weight = nan_minimum(mis_weight, mis_clip_max)
         base = nan_maximum(1.0 - tl.exp(logp), 0.0)
-        # base ** gamma with torch.pow's 0 ** 0 = 1 (and NaN for a NaN base)
-        explore = tl.where(base > 0.0, tl.exp(gamma * tl.log(tl.where(base > 0.0, base, 1.0))),
-                           tl.where(base == 0.0, tl.where(gamma == 0.0, 1.0, 0.0), base))
+        # base ** gamma as torch.pow: x ** 0 = 1 for every x (0 and NaN included), 0 ** gamma = 0, NaN ** gamma = NaN
+        explore = tl.where(gamma == 0.0, 1.0,
+                           tl.where(base > 0.0, tl.exp(gamma * tl.log(tl.where(base > 0.0, base, 1.0))),
+                                    tl.where(base == 0.0, 0.0, base)))
         loss = tl.where(external, -mis_weight * adv * explore, loss)
         d_loss = tl.where(external, -d_mis_weight * adv * explore, d_loss)
 
