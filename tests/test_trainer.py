@@ -321,10 +321,11 @@ def test_bad_inputs_are_named_before_any_work():
                                  (dict(micro_batch_size=1.5), ValueError, "micro_batch_size"),
                                  (dict(normalizer=-1), ValueError, "normalizer"),
                                  (dict(skip_nonfinite_steps="no"), TypeError, "skip_nonfinite_steps"),
-                                 (dict(max_grad_norm="1.0"), ValueError, "max_grad_norm"),
+                                 (dict(max_grad_norm="1.0"), ValueError, "max_grad_norm must be a positive number"),
                                  (dict(disable_dropout=None), TypeError, "disable_dropout")]:
         with pytest.raises(error, match=match):
             RLPlusTrainer(model, optimizer, verify_model_head=False, **kwargs)
+    RLPlusTrainer(model, optimizer, verify_model_head=False, max_grad_norm=torch.tensor(0.5))  # a number too
     trainer = RLPlusTrainer(model, optimizer, verify_model_head=False, preset={})
     batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv)
     for bad, match in [({**batch, "old_logprob": torch.zeros(ids.shape)}, "old_logprob"),

@@ -27,6 +27,14 @@ _EXTERNAL_METRICS = ("mis_ratio_mean", "explore_coef_mean")
 _COUNT_METRICS = ("num_tokens", "num_external_tokens")
 
 
+def _positive_number(x) -> bool:
+    """A number (a Python, numpy or 0-dim torch one; not a bool or a string) above 0."""
+    try:
+        return not isinstance(x, (bool, str)) and float(x) > 0
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        return False
+
+
 def _official_recipe() -> dict:
     from rlplus_kernels import OFFICIAL_RECIPE
     return dict(OFFICIAL_RECIPE)
@@ -83,9 +91,8 @@ class RLPlusTrainer:
                            ("skip_nonfinite_steps", skip_nonfinite_steps)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
-                                          or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if max_grad_norm is not None and not _positive_number(max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
