@@ -77,7 +77,7 @@ def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: 
     shard_sum_exp = torch.exp(lse - global_max)
     parts = [shard_sum_exp, target_logit]
     if sum_pz is not None:  # a shard without mass (every logit -inf) adds nothing, whatever its sum_pz
-        parts.append(torch.where(shard_sum_exp > 0, shard_sum_exp * sum_pz, 0.0))
+        parts.append(torch.where(shard_sum_exp == 0, 0.0, shard_sum_exp * sum_pz))  # a NaN stays NaN
     stacked = torch.stack(parts)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
     sum_exp = stacked[0]

@@ -383,6 +383,30 @@ def test_huge_logits_finite(dtype, logits):
         assert torch.isfinite(g.float()).all()
 
 
+@pytest.mark.parametrize("logits", LOGITS)
+@pytest.mark.parametrize("poisoned", ["hidden", "weight"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_a_nan_logit_makes_the_lse_of_its_rows_nan(logits, poisoned):
+    """A NaN in one hidden row, or in one weight row that no token targets: the lse and sum_pz of every
+    row whose logits hold the NaN are NaN, as torch.logsumexp's, not those of the other logits (tl.maximum's
+    default, max.f32 on a GPU, returns the operand that is not NaN); the other rows keep their values."""
+    n, d, v = 7, 16, 37
+    h, w, b, t = make_inputs(n, d, v, torch.float32, n_targets=30)
+    clean = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+                                    **source_options(logits, n))
+    if poisoned == "hidden":
+        h[2, 5] = float("nan")
+    else:
+        w[33, 5] = float("nan")
+    lse, target_logit, sum_pz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN,
+                                                        with_entropy=True, **source_options(logits, n))
+    nan_rows = torch.arange(n, device=DEVICE) == 2 if poisoned == "hidden" else torch.ones(n, dtype=torch.bool,
+                                                                                          device=DEVICE)
+    assert torch.equal(lse.isnan(), nan_rows) and torch.equal(sum_pz.isnan(), nan_rows)
+    torch.testing.assert_close(lse[~nan_rows], clean[0][~nan_rows], rtol=0, atol=0)
+    torch.testing.assert_close(target_logit[~nan_rows], clean[1][~nan_rows], rtol=0, atol=0)
+
+
 def test_an_interpreter_that_cannot_run_the_kernels_is_one_clear_error(monkeypatch):
     """triton 3.6's interpreter with numpy >= 2.4 fails inside every launch (a one-element array
     converted to int, at the loops that start at a program id); the launchers probe the interpreter

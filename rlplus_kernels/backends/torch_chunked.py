@@ -122,7 +122,7 @@ def forward(
 
     lse = running_max + torch.log(sum_exp)
     # a shard whose every logit is -inf (vocabulary parallelism, masked by its bias): lse -inf, sum_pz 0
-    sum_pz = torch.where(sum_exp > 0, running_max + sum_exp_shifted / sum_exp, 0.0) if with_entropy else None
+    sum_pz = torch.where(sum_exp == 0, 0.0, running_max + sum_exp_shifted / sum_exp) if with_entropy else None
     return lse, target_logit, sum_pz
 
 

@@ -263,7 +263,7 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     if not with_entropy:
         return lse, target_logit, None, None
     t_tot = ((t + s * shift) * scale).sum(0)
-    mean_zc = torch.where(s_tot > 0, t_tot / s_tot, 0.0)
+    mean_zc = torch.where(s_tot == 0, 0.0, t_tot / s_tot)  # NaN stays NaN
     return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
 
 
