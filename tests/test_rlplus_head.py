@@ -230,3 +230,29 @@ def test_the_kl_term_is_float32_accurate_near_a_zero_log_ratio(head):
     rtol = 4e-6
     assert_close(kl.double(), torch.expm1(x32) - x32, rtol=rtol, atol=0.0, name="kl")
     assert_close(grad_logp.double(), -torch.expm1(x32), rtol=rtol, atol=0.0, name="d kl / d logp")
+
+
+@pytest.mark.parametrize("poisoned", ["logp", "advantages", "old_logprobs", "behavior_logprobs", "ref_logprobs"])
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_a_nan_on_a_valid_token_is_a_nan_loss_in_both_heads(poisoned, gamma):
+    """A NaN in a valid token's inputs: both heads give a NaN loss and NaN metrics where the torch head's
+    are NaN (tl.maximum's default, max.f32 on a GPU, dropped the NaN; x ** 0 is 1 for a NaN x, as
+    torch.pow's); every other token's d loss / d logp is unchanged. Run on RLPLUS_TEST_DEVICE, so the
+    GPU run checks the compiled kernel."""
+    n = 6
+    config = RLPlusConfig(kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0, gamma=gamma, loss_agg="sum")
+    logp = -torch.rand(n, dtype=torch.float64) - 0.1
+    inputs = dict(advantages=torch.randn(n, dtype=torch.float64), old_logprobs=logp - 0.1,
+                  behavior_logprobs=logp - 0.3, ref_logprobs=logp + 0.2)
+    batch = TokenBatch(valid=torch.ones(n, dtype=torch.bool), external=torch.arange(n) % 2 == 1, **inputs)
+    target = logp if poisoned == "logp" else inputs[poisoned]
+    target[3] = float("nan")  # an external token
+    entropy = torch.rand(n, dtype=torch.float64).to(DEVICE)
+    results = {backend: run_head(backend, logp.to(DEVICE), entropy, on_device(batch), config, None, 1.0)
+               for backend in ("triton", "torch")}
+    (loss, metrics, grad_logp, _), (t_loss, t_metrics, t_grad_logp, _) = results["triton"], results["torch"]
+    assert loss.isnan() and t_loss.isnan()
+    assert {k for k, v in metrics.items() if v.isnan()} == {k for k, v in t_metrics.items() if v.isnan()}
+    others = torch.arange(n, device=DEVICE) != 3
+    assert_close(grad_logp[others], t_grad_logp[others], rtol=RTOL, atol=0.0, name="grad_logp")
