@@ -21,7 +21,7 @@ from reference import linear_logprobs_reference, rlplus_loss_reference  # noqa: 
 from rlplus_kernels import OFFICIAL_RECIPE  # noqa: E402
 from rlplus_kernels.trainer import (  # noqa: E402
     RLPlusTrainer, build_group_batch, check_plain_linear_head, rlplus_model_loss,
-    score_logprobs, verify_head)
+    score_logprobs, target_mask, verify_head)
 from rlplus_kernels.trainer.model_head import position_ids_from_mask  # noqa: E402
 
 VOCAB = 50
@@ -136,6 +136,55 @@ def test_loss_and_grads_match_reference(arch, tied, padding_side, with_old):
         assert int(out.metrics[key]) == int(ref.metrics[key])
     assert_close_grads(got, want)
     assert any(v.abs().sum() > 0 for v in got.values())
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_the_head_sees_only_target_rows_and_the_loss_stays_the_references(loss_agg, monkeypatch):
+    """rlplus_model_loss hands rlplus_loss only the rows that predict a target (no prompt, no padding),
+    packed per sequence: the loss, log-probs and gradients of the reference over the whole padded batch,
+    in every aggregation (a sequence without a target token included), from fewer head rows."""
+    import rlplus_kernels
+
+    seen = []
+
+    def recording(hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return original(hidden, *args, **kwargs)
+
+    original = rlplus_kernels.rlplus_loss
+    monkeypatch.setattr(rlplus_kernels, "rlplus_loss", recording)
+    model = make_model("qwen2", tied=True)
+    input_ids, attention_mask, loss_mask = padded_batch(padding_side="left")
+    loss_mask[3] = False  # a sequence with no target token
+    advantages = torch.randn(input_ids.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hyper = dict(loss_agg=loss_agg, entropy_coef=0.01)
+    model.zero_grad()
+    out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages, **hyper)
+    out.loss.backward()
+    got = param_grads(model)
+    model.zero_grad()
+    ref = reference_from_logits(model, input_ids, attention_mask, loss_mask, advantages, None, **hyper)
+    ref.loss.backward()
+    targets = int(target_mask(input_ids, attention_mask, loss_mask).sum())
+    assert seen == [targets] and targets < input_ids[:, 1:].numel() // 2
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.logprobs[:, 1:].double(), ref.logprobs.double(), rtol=1e-9, atol=1e-10)
+    assert_close_grads(got, param_grads(model))
+
+
+def test_a_nan_hidden_state_at_padding_reaches_no_gradient():
+    """A backbone that leaves NaN in the hidden states of padding positions (as a fully masked attention
+    row can): the head never sees those rows, so the loss, log-probs and every gradient stay finite."""
+    model = make_model("llama", tied=False, dtype=torch.float32)
+    input_ids, attention_mask, loss_mask = padded_batch(padding_side="left")
+    padding = attention_mask == 0
+    model.model.norm.register_forward_hook(lambda module, args, output: output.masked_fill(padding[..., None],
+                                                                                         float("nan")))
+    out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, torch.randn(input_ids.shape[0]))
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach())) and torch.isfinite(out.logprobs).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(score_logprobs(model, input_ids, attention_mask)).all()
 
 
 def test_per_token_tensors_kl_behavior():

@@ -9,8 +9,10 @@ The computation is, without ever building the ``[B, T, V]`` logits::
 
     h      = backbone(input_ids, attention_mask, position_ids).last_hidden_state   # [B, T, D]
     W, c   = model.get_output_embeddings().weight, .bias
-    out    = rlplus_loss(h[:, :-1], W, input_ids[:, 1:], advantages, old_logprobs[:, 1:], ...)
-    out.logprobs -> [B, T] with a zero column in front
+    rows   = target_mask(...)[:, 1:]                     # [B, T-1]: rows of h[:, :-1] that predict a target
+    out    = rlplus_loss(h[:, :-1][rows], W, input_ids[:, 1:][rows], advantages at rows, ...,
+                         cu_seqlens=per-sequence offsets of the rows)  # packed [n]: no prompt or padding row
+    out.logprobs -> [B, T], 0 in front and at every non-target
 """
 
 from __future__ import annotations
@@ -77,6 +79,29 @@ def _unshift(x: torch.Tensor | None) -> torch.Tensor | None:
     return torch.nn.functional.pad(x, (1, 0))
 
 
+def _at_targets(x: torch.Tensor | None, target_rows: torch.Tensor) -> torch.Tensor | None:
+    """x ``[B, T-1, ...]`` (or ``[B]``, per sequence) at the target rows, packed in row order: ``[n, ...]``."""
+    if x is None:
+        return None
+    if x.dim() == 1:
+        x = x[:, None].expand(target_rows.shape)
+    return x[target_rows]
+
+
+def _from_targets(x: torch.Tensor | None, target_rows: torch.Tensor) -> torch.Tensor | None:
+    """``[n]`` values of the target rows back to ``[B, T]`` aligned with input_ids, 0 elsewhere."""
+    if x is None:
+        return None
+    full = x.new_zeros(target_rows.shape)
+    full[target_rows] = x
+    return _unshift(full)
+
+
+def _packed_cu_seqlens(target_rows: torch.Tensor) -> torch.Tensor:
+    """``[B + 1]`` offsets of each sequence's target rows in the packed ``[n]`` layout (a sequence may have none)."""
+    return torch.nn.functional.pad(target_rows.sum(1).cumsum(0), (1, 0))
+
+
 def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor | None):
     check_plain_linear_head(model)
@@ -130,7 +155,7 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     _check_2d("old_logprobs", old_logprobs, shape)
     _check_2d("behavior_logprobs", behavior_logprobs, shape)
     _check_2d("ref_logprobs", ref_logprobs, shape)
-    for key in ("targets", "hidden", "weight", "bias", "loss_mask"):
+    for key in ("targets", "hidden", "weight", "bias", "loss_mask", "cu_seqlens"):
         if key in hyper:
             raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
                             f"taken from the model and input_ids")
@@ -139,14 +164,18 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
                         "input_ids, selected by attention_mask and loss_mask (a token id given as "
                         "ignore_index would silently drop that token)")
 
-    valid = target_mask(input_ids, attention_mask, loss_mask)
-    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+    # The head sees only the target rows, packed per sequence (cu_seqlens keeps the seq modes exact):
+    # prompt and padding rows cost no logits, and a padding row's hidden state, whatever a backbone left
+    # there (NaN after a fully masked attention row), reaches no gradient
+    target_rows = target_mask(input_ids, attention_mask, loss_mask)[:, 1:]
     hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+    packed = lambda x: _at_targets(_shift(x), target_rows)  # noqa: E731
     out = rlplus_loss(
-        hidden, weight, targets, _shift(advantages), _shift(old_logprobs),
-        external_mask=_shift(external_mask), behavior_logprobs=_shift(behavior_logprobs),
-        ref_logprobs=_shift(ref_logprobs), bias=bias, **hyper)
-    return out._replace(logprobs=_unshift(out.logprobs), entropy=_unshift(out.entropy))
+        hidden[target_rows], weight, input_ids[:, 1:][target_rows], packed(advantages), packed(old_logprobs),
+        external_mask=packed(external_mask), behavior_logprobs=packed(behavior_logprobs),
+        ref_logprobs=packed(ref_logprobs), bias=bias, cu_seqlens=_packed_cu_seqlens(target_rows), **hyper)
+    return out._replace(logprobs=_from_targets(out.logprobs, target_rows),
+                        entropy=_from_targets(out.entropy, target_rows))
 
 
 @torch.no_grad()
@@ -164,10 +193,9 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
 
     check_input_ids(input_ids)
     _check_2d("attention_mask", attention_mask, input_ids.shape)
-    valid = target_mask(input_ids, attention_mask)
-    targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+    target_rows = target_mask(input_ids, attention_mask)[:, 1:]
     with eval_mode(model):
         hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
-    logp = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                           ignore_index=-100, backend=backend)
-    return _unshift(logp)
+    logp = linear_logprobs(hidden[target_rows], weight, input_ids[:, 1:][target_rows], bias=bias,
+                           temperature=temperature, backend=backend)
+    return _from_targets(logp, target_rows)
