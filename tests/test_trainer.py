@@ -342,6 +342,15 @@ def test_bad_shapes_are_named():
         rlplus_model_loss(model, ids, am, lm, torch.zeros(3))
     with pytest.raises(ValueError, match="old_logprobs"):
         rlplus_model_loss(model, ids, am, lm, torch.zeros(5), torch.zeros(5, 3))
+    # a per-token input on another device than input_ids (as a CPU advantages tensor beside a CUDA batch):
+    # named before it is indexed by the target rows, whose error would name nothing
+    for name in ("advantages", "old_logprobs", "external_mask", "ref_logprobs"):
+        other = dict(advantages=torch.zeros(5), old_logprobs=None, external_mask=None, ref_logprobs=None)
+        other[name] = torch.zeros(ids.shape, device="meta", dtype=torch.bool if name == "external_mask" else None)
+        with pytest.raises(ValueError, match=f"{name} is on meta but input_ids is on cpu"):
+            rlplus_model_loss(model, ids, am, lm, other.pop("advantages"), other.pop("old_logprobs"), **other)
+    with pytest.raises(ValueError, match="attention_mask is on meta"):
+        score_logprobs(model, ids, am.to("meta"))
 
 
 def test_bad_inputs_are_named_before_any_work():

@@ -27,17 +27,18 @@ from .model_head import check_plain_linear_head, eval_mode, final_hidden_states,
 __all__ = ["rlplus_model_loss", "score_logprobs", "target_mask"]
 
 
-def _check_2d(name: str, x: torch.Tensor | None, shape: torch.Size, allow_1d: bool = False) -> None:
+def _check_2d(name: str, x: torch.Tensor | None, input_ids: torch.Tensor, allow_1d: bool = False) -> None:
+    """x is None or a tensor of input_ids' shape (or [B] with allow_1d), on input_ids' device."""
     if x is None:
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape) == tuple(shape):
-        return
-    if allow_1d and tuple(x.shape) == (shape[0],):
-        return
-    expected = f"{tuple(shape)}" + (f" or ({shape[0]},)" if allow_1d else "")
-    raise ValueError(f"{name} must have shape {expected} (aligned with input_ids), got {tuple(x.shape)}")
+    shape = input_ids.shape
+    if tuple(x.shape) != tuple(shape) and not (allow_1d and tuple(x.shape) == (shape[0],)):
+        expected = f"{tuple(shape)}" + (f" or ({shape[0]},)" if allow_1d else "")
+        raise ValueError(f"{name} must have shape {expected} (aligned with input_ids), got {tuple(x.shape)}")
+    if x.device != input_ids.device:  # before it indexes or is indexed by a mask of input_ids' device
+        raise ValueError(f"{name} is on {x.device} but input_ids is on {input_ids.device}")
 
 
 def check_input_ids(input_ids) -> None:
@@ -106,7 +107,7 @@ def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                  position_ids: torch.Tensor | None):
     check_plain_linear_head(model)
     weight, bias = get_lm_head(model)
-    _check_2d("position_ids", position_ids, input_ids.shape)
+    _check_2d("position_ids", position_ids, input_ids)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     num_embeddings = getattr(embeddings, "num_embeddings", None)
     # padding positions too: the embedding looks every id up ("index out of range in self" otherwise)
@@ -147,14 +148,13 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     from rlplus_kernels import rlplus_loss
 
     check_input_ids(input_ids)
-    shape = input_ids.shape
-    _check_2d("attention_mask", attention_mask, shape)
-    _check_2d("loss_mask", loss_mask, shape)
-    _check_2d("advantages", advantages, shape, allow_1d=True)
-    _check_2d("external_mask", external_mask, shape, allow_1d=True)
-    _check_2d("old_logprobs", old_logprobs, shape)
-    _check_2d("behavior_logprobs", behavior_logprobs, shape)
-    _check_2d("ref_logprobs", ref_logprobs, shape)
+    _check_2d("attention_mask", attention_mask, input_ids)
+    _check_2d("loss_mask", loss_mask, input_ids)
+    _check_2d("advantages", advantages, input_ids, allow_1d=True)
+    _check_2d("external_mask", external_mask, input_ids, allow_1d=True)
+    _check_2d("old_logprobs", old_logprobs, input_ids)
+    _check_2d("behavior_logprobs", behavior_logprobs, input_ids)
+    _check_2d("ref_logprobs", ref_logprobs, input_ids)
     for key in ("targets", "hidden", "weight", "bias", "loss_mask", "cu_seqlens"):
         if key in hyper:
             raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
@@ -192,7 +192,7 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
     from rlplus_kernels import linear_logprobs
 
     check_input_ids(input_ids)
-    _check_2d("attention_mask", attention_mask, input_ids.shape)
+    _check_2d("attention_mask", attention_mask, input_ids)
     target_rows = target_mask(input_ids, attention_mask)[:, 1:]
     with eval_mode(model):
         hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
