@@ -12,8 +12,8 @@ from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
 from .distributed import vocab_shard
 from .head import TokenBatch, rlplus_head, sequence_layout
-from .validation import (check_cu_seqlens, check_head_tensors, check_normalizer, check_normalizer_value,
-                         check_per_token, check_targets, require_tensor, shape_text)
+from .validation import (check_cu_seqlens, check_head_tensors, check_kl_inputs, check_normalizer,
+                         check_normalizer_value, check_per_token, check_targets, require_tensor, shape_text)
 
 
 class RLPlusOutput(NamedTuple):
@@ -93,8 +93,7 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
     if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:
         raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]) or packed [N] "
                          f"inputs with cu_seqlens, got targets of shape {shape_text(targets.shape)} and no cu_seqlens")
-    if config.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs")
+    check_kl_inputs(config, ref_logprobs)
     per_sequence = dict(num_sequences=num_sequences, sequence_ids=sequence_ids)
     advantages = check_per_token("advantages", advantages, targets, kind="float", **per_sequence)
     external_mask = check_per_token("external_mask", external_mask, targets, kind="mask", **per_sequence)

@@ -169,3 +169,9 @@ def check_normalizer_value(normalizer: torch.Tensor, valid: torch.Tensor) -> Non
     bad = ~torch.isfinite(normalizer) | (normalizer < 0) | ((normalizer == 0) & valid.any())
     rule = "normalizer must be finite and > 0 (0 only when no token enters the loss)"
     refuse_if(bad, rule, lambda: f"{rule}, got {normalizer.item()}")
+
+
+def check_kl_inputs(config, ref_logprobs) -> None:
+    """A KL term needs the reference policy's log-probs."""
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs")

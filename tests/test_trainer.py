@@ -400,6 +400,103 @@ def test_bad_inputs_are_named_before_any_work():
             build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
 
 
+class CountBackboneRuns:
+    """Counts the input-embedding lookups of `model` (one per backbone forward)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self._handle.remove()
+
+
+def test_a_bad_batch_is_refused_before_the_backbone_runs():
+    """rlplus_model_loss and score_logprobs check their hyper-parameters and per-token dtypes before the
+    backbone's forward (they were checked only by rlplus_loss, after it); target_mask refuses a mask of
+    another shape (it broadcast one)."""
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    adv = torch.zeros(ids.shape[0], dtype=torch.float64)
+    with CountBackboneRuns(model) as backbone:
+        for call, error, match in [
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, temperature=0.0), ValueError, "temperature"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, kl_coef=0.1), ValueError, "ref_logprobs"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv.long()), TypeError, "advantages"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, torch.zeros(ids.shape, dtype=torch.long)),
+             TypeError, "old_logprobs"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, backend="x"), ValueError, "backend"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, normalizer=torch.ones(2)), ValueError, "normalizer"),
+            (lambda: rlplus_model_loss(model, ids, am, lm, adv, normalizer=torch.tensor(-1.0)), ValueError,
+             "normalizer"),
+            (lambda: score_logprobs(model, ids, am, temperature=float("nan")), ValueError, "temperature"),
+            (lambda: score_logprobs(model, ids, am, backend="x"), ValueError, "backend"),
+            (lambda: target_mask(ids, am[:, :-1]), ValueError, "attention_mask"),
+            (lambda: target_mask(ids, am, lm[:1]), ValueError, "loss_mask"),
+        ]:
+            with pytest.raises(error, match=match):
+                call()
+    assert backbone.count == 0
+
+
+def test_a_bad_batch_leaves_the_model_and_its_gradients_as_they_were():
+    """RLPlusTrainer.step checks the whole batch before it sets train mode, clears gradients or runs any
+    micro-batch. Before, per-sequence and per-token tensors with extra rows were cut to the micro-batches
+    (attention_mask's extra row counted in the normalizer), and a bad id in the last sequence was refused
+    after the first micro-batches' backward had written .grad."""
+    model = make_model("llama", tied=False)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    ids, am, lm = padded_batch()
+    b = ids.shape[0]
+    batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=torch.zeros(b, dtype=torch.float64))
+    bad_id = ids.clone()
+    bad_id[-1, 3] = VOCAB
+    trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=1,
+                            verify_model_head=False, preset={}, kl_coef=0.1)
+    ref = dict(ref_logprobs=torch.zeros(ids.shape, dtype=torch.float64))
+    with CountBackboneRuns(model) as backbone:
+        for bad, match in [(dict(batch, advantages=torch.zeros(b + 2, dtype=torch.float64), **ref), "advantages"),
+                           (dict(batch, old_logprobs=torch.zeros(b + 1, ids.shape[1]), **ref), "old_logprobs"),
+                           (dict(batch, attention_mask=torch.ones(b + 1, ids.shape[1]), **ref), "attention_mask"),
+                           (dict(batch, input_ids=bad_id, **ref), "input_ids must lie in"),
+                           (batch, "ref_logprobs")]:
+            with pytest.raises(ValueError, match=match):
+                trainer.step(bad)
+    assert backbone.count == 0 and not model.training
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def test_a_step_that_fails_midway_leaves_no_partial_gradient(monkeypatch):
+    """An error in a late micro-batch (out of memory, say) after earlier ones ran backward: no gradient of
+    part of the batch is left for a later optimizer step to apply."""
+    from rlplus_kernels.trainer import trainer as trainer_module
+
+    calls = []
+
+    def fail_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return rlplus_model_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "rlplus_model_loss", fail_second_call)
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
+                            verify_model_head=False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.step(dict(input_ids=ids, attention_mask=am, loss_mask=lm,
+                          advantages=torch.ones(ids.shape[0], dtype=torch.float64)))
+    assert len(calls) == 2 and all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_build_group_batch(padding_side):
     prompts = [[5, 6, 7], [8, 9]]

@@ -17,18 +17,23 @@ The computation is, without ever building the ``[B, T, V]`` logits::
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..config import RLPlusConfig
+from ..validation import check_kl_inputs, check_normalizer, check_normalizer_value
 from .model_head import check_plain_linear_head, eval_mode, final_hidden_states, get_lm_head
 
-__all__ = ["rlplus_model_loss", "score_logprobs", "target_mask"]
+__all__ = ["rlplus_model_loss", "score_logprobs", "target_mask", "check_model_inputs"]
 
 
-def _check_2d(name: str, x: torch.Tensor | None, input_ids: torch.Tensor, allow_1d: bool = False) -> None:
-    """x is None or a tensor of input_ids' shape (or [B] with allow_1d), on input_ids' device."""
+def _check_2d(name: str, x: torch.Tensor | None, input_ids: torch.Tensor, allow_1d: bool = False,
+              floating: bool = False) -> None:
+    """x is None or a tensor of input_ids' shape (or [B] with allow_1d), on input_ids' device (and
+    floating point with `floating`)."""
     if x is None:
         return
     if not isinstance(x, torch.Tensor):
@@ -39,6 +44,8 @@ def _check_2d(name: str, x: torch.Tensor | None, input_ids: torch.Tensor, allow_
         raise ValueError(f"{name} must have shape {expected} (aligned with input_ids), got {tuple(x.shape)}")
     if x.device != input_ids.device:  # before it indexes or is indexed by a mask of input_ids' device
         raise ValueError(f"{name} is on {x.device} but input_ids is on {input_ids.device}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def check_input_ids(input_ids) -> None:
@@ -58,6 +65,8 @@ def target_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T]`` bool: which tokens are targets (see the module docstring)."""
     check_input_ids(input_ids)
+    _check_2d("attention_mask", attention_mask, input_ids)
+    _check_2d("loss_mask", loss_mask, input_ids)
     attn = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.bool())
     valid = torch.zeros_like(attn)
@@ -103,19 +112,63 @@ def _packed_cu_seqlens(target_rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(target_rows.sum(1).cumsum(0), (1, 0))
 
 
-def _head_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor | None):
-    check_plain_linear_head(model)
-    weight, bias = get_lm_head(model)
+def _check_model_and_ids(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         position_ids: torch.Tensor | None) -> None:
+    """What a backbone forward needs of its inputs: a plain linear head, ids its embedding holds."""
+    check_input_ids(input_ids)
+    _check_2d("attention_mask", attention_mask, input_ids)
     _check_2d("position_ids", position_ids, input_ids)
+    check_plain_linear_head(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     num_embeddings = getattr(embeddings, "num_embeddings", None)
     # padding positions too: the embedding looks every id up ("index out of range in self" otherwise)
     if num_embeddings is not None and bool(((input_ids < 0) | (input_ids >= num_embeddings)).any()):
         raise ValueError(f"input_ids must lie in [0, {num_embeddings}) (the model's input embedding), padding "
                          f"included; got ids from {int(input_ids.min())} to {int(input_ids.max())}")
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
-    return hidden[:, :-1], weight, bias
+
+
+def check_hyper_parameters(hyper: Mapping[str, Any]) -> RLPlusConfig:
+    """The keywords that rlplus_model_loss passes on to rlplus_loss, as the config they make."""
+    for key in ("targets", "hidden", "weight", "bias", "loss_mask", "cu_seqlens"):
+        if key in hyper:
+            raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
+                            f"taken from the model and input_ids")
+    if "ignore_index" in hyper:
+        raise TypeError("rlplus_model_loss() got an unexpected keyword 'ignore_index': the targets are "
+                        "input_ids, selected by attention_mask and loss_mask (a token id given as "
+                        "ignore_index would silently drop that token)")
+    known = [f.name for f in dataclasses.fields(RLPlusConfig) if f.name != "ignore_index"] + ["normalizer"]
+    unknown = sorted(k for k in hyper if k not in known)
+    if unknown:
+        raise TypeError(f"unknown hyper-parameter(s) {unknown}; known: {known}")
+    normalizer = hyper.get("normalizer")
+    check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
+    return RLPlusConfig(**{k: v for k, v in hyper.items() if k != "normalizer"})
+
+
+def check_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       loss_mask: torch.Tensor | None, advantages: torch.Tensor,
+                       old_logprobs: torch.Tensor | None = None, *,
+                       external_mask: torch.Tensor | None = None,
+                       behavior_logprobs: torch.Tensor | None = None,
+                       ref_logprobs: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None,
+                       **hyper: Any) -> None:
+    """The checks of :func:`rlplus_model_loss` (same arguments) that need no forward pass, so that a bad
+    batch is refused before the backbone runs (and, in RLPlusTrainer, before any micro-batch's backward)."""
+    _check_model_and_ids(model, input_ids, attention_mask, position_ids)
+    _check_2d("loss_mask", loss_mask, input_ids)
+    _check_2d("advantages", advantages, input_ids, allow_1d=True, floating=True)
+    _check_2d("external_mask", external_mask, input_ids, allow_1d=True)
+    for name, x in (("old_logprobs", old_logprobs), ("behavior_logprobs", behavior_logprobs),
+                    ("ref_logprobs", ref_logprobs)):
+        _check_2d(name, x, input_ids, floating=True)
+    if advantages is None:
+        raise TypeError("advantages must be a torch.Tensor, got None")
+    check_kl_inputs(check_hyper_parameters(hyper), ref_logprobs)
+    normalizer = hyper.get("normalizer")
+    if isinstance(normalizer, torch.Tensor):
+        check_normalizer_value(normalizer, target_mask(input_ids, attention_mask, loss_mask))
 
 
 def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -147,28 +200,16 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """
     from rlplus_kernels import rlplus_loss
 
-    check_input_ids(input_ids)
-    _check_2d("attention_mask", attention_mask, input_ids)
-    _check_2d("loss_mask", loss_mask, input_ids)
-    _check_2d("advantages", advantages, input_ids, allow_1d=True)
-    _check_2d("external_mask", external_mask, input_ids, allow_1d=True)
-    _check_2d("old_logprobs", old_logprobs, input_ids)
-    _check_2d("behavior_logprobs", behavior_logprobs, input_ids)
-    _check_2d("ref_logprobs", ref_logprobs, input_ids)
-    for key in ("targets", "hidden", "weight", "bias", "loss_mask", "cu_seqlens"):
-        if key in hyper:
-            raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
-                            f"taken from the model and input_ids")
-    if "ignore_index" in hyper:
-        raise TypeError("rlplus_model_loss() got an unexpected keyword 'ignore_index': the targets are "
-                        "input_ids, selected by attention_mask and loss_mask (a token id given as "
-                        "ignore_index would silently drop that token)")
+    check_model_inputs(model, input_ids, attention_mask, loss_mask, advantages, old_logprobs,
+                       external_mask=external_mask, behavior_logprobs=behavior_logprobs, ref_logprobs=ref_logprobs,
+                       position_ids=position_ids, **hyper)
 
     # The head sees only the target rows, packed per sequence (cu_seqlens keeps the seq modes exact):
     # prompt and padding rows cost no logits, and a padding row's hidden state, whatever a backbone left
     # there (NaN after a fully masked attention row), reaches no gradient
     target_rows = target_mask(input_ids, attention_mask, loss_mask)[:, 1:]
-    hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
+    weight, bias = get_lm_head(model)
     packed = lambda x: _at_targets(_shift(x), target_rows)  # noqa: E731
     out = rlplus_loss(
         hidden[target_rows], weight, input_ids[:, 1:][target_rows], packed(advantages), packed(old_logprobs),
@@ -191,11 +232,12 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
     """
     from rlplus_kernels import linear_logprobs
 
-    check_input_ids(input_ids)
-    _check_2d("attention_mask", attention_mask, input_ids)
+    _check_model_and_ids(model, input_ids, attention_mask, position_ids)
+    RLPlusConfig(temperature=temperature, backend=backend)  # refused before the backbone runs
     target_rows = target_mask(input_ids, attention_mask)[:, 1:]
     with eval_mode(model):
-        hidden, weight, bias = _head_inputs(model, input_ids, attention_mask, position_ids)
+        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
+    weight, bias = get_lm_head(model)
     logp = linear_logprobs(hidden[target_rows], weight, input_ids[:, 1:][target_rows], bias=bias,
                            temperature=temperature, backend=backend)
     return _from_targets(logp, target_rows)

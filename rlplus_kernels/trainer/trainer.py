@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import time
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from .batch import GroupBatch
-from .loss import check_input_ids, rlplus_model_loss, target_mask
+from .loss import check_hyper_parameters, check_model_inputs, rlplus_model_loss, target_mask
 from .model_head import check_plain_linear_head, disable_dropout as _disable_dropout, verify_head
 
 __all__ = ["RLPlusTrainer"]
@@ -35,23 +34,18 @@ def _positive_number(x) -> bool:
         return False
 
 
+def _metric_weight(key: str, metrics: Mapping[str, torch.Tensor]):
+    """Which token count weighs a micro-batch's metric when the means are combined."""
+    if key in _COUNT_METRICS:
+        return 1.0
+    n_tok = metrics["num_tokens"].double()
+    n_ext = metrics["num_external_tokens"].double()
+    return n_tok - n_ext if key in _ON_POLICY_METRICS else n_ext if key in _EXTERNAL_METRICS else n_tok
+
+
 def _official_recipe() -> dict:
     from rlplus_kernels import OFFICIAL_RECIPE
     return dict(OFFICIAL_RECIPE)
-
-
-def _check_hyper_parameters(hyper: Mapping[str, Any]) -> None:
-    """The keywords that every step passes to rlplus_loss, refused at construction rather than at the first step."""
-    from rlplus_kernels.config import RLPlusConfig
-    from rlplus_kernels.validation import check_normalizer
-
-    known = [f.name for f in dataclasses.fields(RLPlusConfig) if f.name != "ignore_index"] + ["normalizer"]
-    unknown = sorted(k for k in hyper if k not in known)
-    if unknown:
-        raise TypeError(f"RLPlusTrainer got unknown hyper-parameter(s) {unknown}; known: {known}")
-    normalizer = hyper.get("normalizer")
-    check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
-    RLPlusConfig(**{k: v for k, v in hyper.items() if k != "normalizer"})
 
 
 class RLPlusTrainer:
@@ -101,7 +95,7 @@ class RLPlusTrainer:
         self.skip_nonfinite_steps = skip_nonfinite_steps
         self.hyper = dict(_official_recipe() if preset is None else preset)
         self.hyper.update(hyper)
-        _check_hyper_parameters(self.hyper)
+        check_hyper_parameters(self.hyper)
         if disable_dropout:
             _disable_dropout(model)
         if verify_model_head:
@@ -170,7 +164,10 @@ class RLPlusTrainer:
         missing = [k for k in ("input_ids", "advantages") if k not in batch]
         if missing:
             raise ValueError(f"RLPlusTrainer.step: batch lacks {missing}")
-        check_input_ids(batch["input_ids"])
+        batch.setdefault("attention_mask", None)
+        batch.setdefault("loss_mask", None)
+        # the whole batch, before the model's mode, its gradients or any micro-batch's backward change
+        check_model_inputs(self.model, **batch, **self.hyper)
         num_sequences = batch["input_ids"].shape[0]
         if num_sequences == 0:
             raise ValueError("RLPlusTrainer.step: the batch has no sequences (input_ids is [0, T])")
@@ -178,8 +175,6 @@ class RLPlusTrainer:
         if reward_shape not in (None, (num_sequences,)):
             raise ValueError(f"rewards must have shape ({num_sequences},), one per sequence of input_ids, "
                              f"got {reward_shape}")
-        batch.setdefault("attention_mask", None)
-        batch.setdefault("loss_mask", None)
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,23 +184,16 @@ class RLPlusTrainer:
 
         loss_sum = 0.0
         sums: dict[str, torch.Tensor] = {}
-        for micro in self._micro_batches(batch):
-            out = rlplus_model_loss(self.model, **micro, **hyper)
-            out.loss.backward()
-            loss_sum = loss_sum + out.loss.detach()
-            m = out.metrics
-            n_tok = m["num_tokens"].double()
-            n_ext = m["num_external_tokens"].double()
-            for key, value in m.items():
-                if key in _COUNT_METRICS:
-                    w = 1.0
-                elif key in _ON_POLICY_METRICS:
-                    w = n_tok - n_ext
-                elif key in _EXTERNAL_METRICS:
-                    w = n_ext
-                else:
-                    w = n_tok
-                sums[key] = sums.get(key, 0.0) + w * value.double()
+        try:
+            for micro in self._micro_batches(batch):
+                out = rlplus_model_loss(self.model, **micro, **hyper)
+                out.loss.backward()
+                loss_sum = loss_sum + out.loss.detach()
+                for key, value in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + _metric_weight(key, out.metrics) * value.double()
+        except BaseException:  # e.g. out of memory in a late micro-batch: no gradient of part of the batch stays
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
 
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = math.inf if self.max_grad_norm is None else self.max_grad_norm
@@ -222,15 +210,10 @@ class RLPlusTrainer:
                 self.lr_scheduler.step()
             self.num_steps += 1
 
-        n_tok = sums["num_tokens"]
-        n_ext = sums["num_external_tokens"]
         metrics: dict[str, float] = {"loss": float(loss_sum)}
-        for key, value in sums.items():
-            if key in _COUNT_METRICS:
-                metrics[key] = float(value)
-                continue
-            w = n_tok - n_ext if key in _ON_POLICY_METRICS else n_ext if key in _EXTERNAL_METRICS else n_tok
-            metrics[key] = float(value / w) if float(w) > 0 else 0.0
+        for key, value in sums.items():  # the batch's means: weighted sums over its token counts
+            w = _metric_weight(key, sums)
+            metrics[key] = float(value) if key in _COUNT_METRICS else float(value / w) if float(w) > 0 else 0.0
         elapsed = time.perf_counter() - start
         attn = batch["attention_mask"]
         processed = batch["input_ids"].numel() if attn is None else int(attn.sum())
