@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends.common import compute_dtype
+from .config import check_number
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = False,
@@ -16,9 +17,13 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
     """
     if not isinstance(rewards, torch.Tensor) or not rewards.dtype.is_floating_point or rewards.dim() != 1:
         raise TypeError("rewards must be a 1-D floating-point tensor [S]")
-    if (not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point
+    if (not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype.is_complex
             or group_ids.dtype == torch.bool or group_ids.shape != rewards.shape):
         raise TypeError(f"group_ids must be an integer tensor of rewards' shape {tuple(rewards.shape)}")
+    if not isinstance(normalize_std, bool):
+        raise TypeError(f"normalize_std must be True or False, got {normalize_std!r}")
+    if check_number("eps", eps) < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     if group_ids.device != rewards.device:
         raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
     _, group = torch.unique(group_ids, return_inverse=True)
@@ -31,6 +36,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
     centred = values - mean[group]
     if normalize_std:
         sq = torch.zeros_like(count).index_add_(0, group, centred * centred)
-        std = torch.sqrt(sq / (count - 1).clamp(min=1))
-        centred = centred / (std[group] + eps)
+        scale = torch.sqrt(sq / (count - 1).clamp(min=1))[group] + eps
+        # a group without spread (one member, equal rewards) has centred values of 0: advantage 0, also at eps 0
+        centred = torch.where(scale > 0, centred / scale, 0.0)
     return centred.to(rewards.dtype)

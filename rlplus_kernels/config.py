@@ -29,7 +29,7 @@ OFFICIAL_RECIPE = dict(
 )
 
 
-def _check_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+def check_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
     """A finite real number as a Python float (numpy scalars from a config file included)."""
     if value is None and allow_none:
         return None
@@ -71,9 +71,9 @@ class RLPlusConfig:
     def __post_init__(self) -> None:
         # frozen: the normalised values are set through object.__setattr__
         for name in ("kl_coef", "temperature", "gamma", "entropy_coef"):
-            object.__setattr__(self, name, _check_number(name, getattr(self, name)))
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
         for name in ("clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max"):
-            object.__setattr__(self, name, _check_number(name, getattr(self, name), allow_none=True))
+            object.__setattr__(self, name, check_number(name, getattr(self, name), allow_none=True))
         for name in ("ignore_index", "chunk_tokens", "chunk_vocab"):
             object.__setattr__(self, name, _integer(getattr(self, name)))
         if self.temperature <= 0:

@@ -328,6 +328,23 @@ def test_group_advantages():
         group_advantages(rewards, torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="rewards"):
         group_advantages(torch.ones(6, dtype=torch.long), groups)
+    with pytest.raises(TypeError, match="group_ids"):
+        group_advantages(rewards, groups.to(torch.complex64))
+    with pytest.raises(TypeError, match="normalize_std"):
+        group_advantages(rewards, groups, normalize_std="no")
+    for eps, error in ((float("nan"), ValueError), (float("inf"), ValueError), (-1e-6, ValueError),
+                       ("x", TypeError), (None, TypeError)):
+        with pytest.raises(error, match="eps"):
+            group_advantages(rewards, groups, normalize_std=True, eps=eps)
+
+
+def test_a_group_without_spread_has_advantage_zero_also_at_eps_zero():
+    """A group of one member, or of equal rewards, has std 0: at eps 0 that was 0 / 0, a NaN advantage
+    from finite rewards (which makes the whole loss NaN)."""
+    rewards = torch.tensor([1.0, 0.5, 0.5, 2.0, 0.0])
+    groups = torch.tensor([0, 1, 1, 2, 2])
+    got = group_advantages(rewards, groups, normalize_std=True, eps=0.0)
+    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 0.0, 2**-0.5, -(2**-0.5)]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
