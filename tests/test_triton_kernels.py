@@ -384,6 +384,24 @@ def test_huge_logits_finite(dtype, logits):
 
 
 @pytest.mark.parametrize("logits", LOGITS)
+def test_a_recomputed_logit_above_the_forwards_lse_is_a_probability_of_one(logits):
+    """Logits of ~1e9: the backward's recomputed logit (cuBLAS's product, another order of the sum) can pass
+    the forward's lse by its rounding, eps |z| ~ 64, and e^(z - lse) then passed 1 by up to e^64 (to inf).
+    With log p capped at 0, d log p_y / d logits sums to at most 2 in absolute value per row, so
+    |grad_hidden[n, d]| <= 2 |g_n| max |W| / T; 1e-3 of slack for the other probabilities' rounding."""
+    n, d, v = 7, 16, 37
+    h, w, b, t = make_inputs(n, d, v, torch.float32, bias=False, scale=3e8)
+    lse, _, _ = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=False,
+                                        **source_options(logits, n))
+    gl = torch.randn(n, device=DEVICE)
+    grad_hidden, _, _ = linear_logprobs_backward(h, w, b, t, lse, None, gl, None, temperature=1.0,
+                                                 ignore_index=IGN, logits=logits)
+    bound = 2 * (1 + 1e-3) * torch.where(t != IGN, gl.abs(), 0.0)[:, None] * w.abs().max()
+    assert torch.isfinite(grad_hidden).all()
+    assert (grad_hidden.abs() <= bound).all(), (grad_hidden.abs() / bound).max()
+
+
+@pytest.mark.parametrize("logits", LOGITS)
 @pytest.mark.parametrize("poisoned", ["hidden", "weight"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
 def test_a_nan_logit_makes_the_lse_of_its_rows_nan(logits, poisoned):

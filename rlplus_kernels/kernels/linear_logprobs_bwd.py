@@ -60,7 +60,7 @@ from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_ope
                       operand_descriptors, padded_elements, padded_matrix, pick_config, product_config,
                       rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
-from .tl_utils import LOG_P_FLOOR, source_logits_tile
+from .tl_utils import LOG_P_FLOOR, nan_minimum, source_logits_tile
 
 PRODUCT_SLICES = 8  # cuBLAS logits source: fp32 products of 1/8 of a dl chunk (32 MiB at the default)
 # float16 dl is stored scaled so that its largest possible |value| is below 2^12: far from 65504 even
@@ -229,6 +229,12 @@ def _dlogits_tile(
     valid = tgt != ignore_index
     lse = tl.load(lse_ptr + offs_n64, mask=mask_n, other=0.0)
     logp = z - lse[:, None]
+    if FROM_PRODUCT:
+        # log p <= 0: a product that cuBLAS formed in another shape than the forward's (or shifted into bf16)
+        # may pass the forward's lse by its rounding, eps |z| at huge logits, and e^logp then passes 1 or
+        # overflows. tl.dot sums over D in the forward's order (one BLOCK_D for both kernels), and there the
+        # cap costs a spill (sm_90, PIPELINE_TILES); the test of this runs every source on the GPU too
+        logp = nan_minimum(logp, 0.0)
     p = tl.exp(logp)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if HAS_GRAD_LOGP:
