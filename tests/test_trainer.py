@@ -398,6 +398,13 @@ def test_bad_inputs_are_named_before_any_work():
                           (dict(external_completions=[[[15, 2]]], external_rewards=[1.0]), r"external_rewards\[0\]")]:
         with pytest.raises(TypeError, match=match):
             build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
+    # a negative id was packed and refused only by the step's embedding check; a float pad id was truncated
+    for kwargs, error, match in [(dict(completions=[[[10, -2], [11]]]), ValueError, r"completions\[0\]\[0\] must hold "
+                                  "token ids >= 0"),
+                                 (dict(pad_token_id=0.5), TypeError, "pad_token_id"),
+                                 (dict(pad_token_id=-1), TypeError, "pad_token_id")]:
+        with pytest.raises(error, match=match):
+            build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
 
 
 class CountBackboneRuns:

@@ -46,13 +46,14 @@ def _token_ids(name: str, seq) -> list[int]:
         if seq.dim() != 1 or seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor of token ids, got {seq.dtype} of shape "
                             f"{tuple(seq.shape)}")
-        return seq.tolist()
-    if isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
+    elif isinstance(seq, (str, bytes)) or not isinstance(seq, Iterable):
         raise TypeError(f"{name} must be a sequence of token ids, got {type(seq).__name__}")
-    ids = list(seq)
+    ids = seq.tolist() if isinstance(seq, torch.Tensor) else list(seq)
     for token in ids:
         if isinstance(token, bool) or not isinstance(token, numbers.Integral):
             raise TypeError(f"{name} must hold integer token ids, got {token!r}")
+        if token < 0:
+            raise ValueError(f"{name} must hold token ids >= 0, got {token}")
     return [int(token) for token in ids]
 
 
@@ -94,6 +95,8 @@ def build_group_batch(prompts: Sequence[TokenSeq], completions: Sequence[Sequenc
 
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral) or pad_token_id < 0:
+        raise TypeError(f"pad_token_id must be a token id (an int >= 0), got {pad_token_id!r}")
     num_prompts = len(prompts)
     if len(completions) != num_prompts:
         raise ValueError(f"completions must hold one list per prompt ({num_prompts}), got {len(completions)}")
