@@ -10,10 +10,11 @@ from torch import nn
 from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend, single_pass_applies
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
-from .distributed import vocab_shard
+from .distributed import refusals_shared, vocab_layout, vocab_shard
 from .head import TokenBatch, rlplus_head, sequence_layout
 from .validation import (check_cu_seqlens, check_head_tensors, check_kl_inputs, check_normalizer,
-                         check_normalizer_value, check_per_token, check_targets, require_tensor, shape_text)
+                         check_normalizer_value, check_per_token, check_target_range, check_targets,
+                         require_tensor, shape_text)
 
 
 class RLPlusOutput(NamedTuple):
@@ -35,26 +36,34 @@ def _autocast_head(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig, vocab_parallel_group=None):
-    """Validated, autocast head tensors, the backend name, the op options and the vocabulary shard (or None)."""
+def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig):
+    """Validated, autocast head tensors (targets: type and shape; their range in `_vocabulary_shard`), the
+    backend name and the op options."""
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
     if bias is not None:
         require_tensor("bias", bias)
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     backend = resolve_backend(config.backend, hidden.device)
-    shard = None  # weight is this rank's shard with a group; targets are global ids
-    if vocab_parallel_group is not None and weight.dim() == 2:
-        # before any check of this rank's tensors: a rank that raised alone would leave the others
-        # waiting in the collective
-        shard = vocab_shard(weight.shape[0], vocab_parallel_group, weight.device)
     check_head_tensors(hidden, weight, bias, backend=backend)
-    targets = check_targets(targets, hidden, weight.shape[0] if shard is None else shard.vocab_size,
-                            config.ignore_index)
+    targets = check_targets(targets, hidden)
     options = LogprobsOptions(temperature=float(config.temperature), ignore_index=config.ignore_index,
                               with_entropy=config.with_entropy,
                               chunk_tokens=config.chunk_tokens, chunk_vocab=config.chunk_vocab)
-    return hidden, weight, bias, targets, backend, options, shard
+    return hidden, weight, bias, targets, backend, options
+
+
+def _device_of(*tensors) -> Optional[torch.device]:
+    return next((x.device for x in tensors if isinstance(x, torch.Tensor)), None)
+
+
+def _vocabulary_shard(hidden, weight, targets, config: RLPlusConfig, vocab_parallel_group):
+    """This rank's shard (None without a group: weight is the whole head), exchanged once every check of this
+    rank passed (`distributed.refusals_shared` around them), and the targets' range in the whole vocabulary."""
+    shard = None if vocab_parallel_group is None else vocab_shard(
+        weight.shape[0], vocab_parallel_group, hidden.device, vocab_layout(hidden, config.with_entropy))
+    check_target_range(targets, weight.shape[0] if shard is None else shard.vocab_size, config.ignore_index)
+    return shard
 
 
 def _run_op(backend, hidden, weight, bias, flat_targets, options, shard=None):
@@ -74,25 +83,24 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     """
     config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
                           backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    hidden, weight, bias, targets, backend, options, shard = _prepare_head(hidden, weight, bias, targets, config,
-                                                                          vocab_parallel_group)
+    with refusals_shared(vocab_parallel_group, _device_of(hidden, weight)):
+        hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config)
+    shard = _vocabulary_shard(hidden, weight, targets, config, vocab_parallel_group)
     logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, shard)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
-def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantages, old_logprobs=None, *,
-                        external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
-                        ref_logprobs=None, normalizer=None, cu_seqlens=None,
-                        vocab_parallel_group=None) -> RLPlusOutput:
-    """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    hidden, weight, bias, targets, backend, options, shard = _prepare_head(hidden, weight, bias, targets, config,
-                                                                          vocab_parallel_group)
+def _loss_inputs(config: RLPlusConfig, hidden, weight, targets, advantages, old_logprobs, external_mask,
+                 behavior_logprobs, loss_mask, bias, ref_logprobs, normalizer, cu_seqlens):
+    """Every check of this rank's inputs to the loss, and what the op and the head read:
+    (hidden, weight, bias, targets, backend, options, batch, normalizer)."""
+    hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config)
     check_cu_seqlens(cu_seqlens, targets)
     sequence_ids, num_sequences = sequence_layout(targets, cu_seqlens)
     if config.loss_agg in SEQ_AGG_MODES and sequence_ids is None:
-        raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]) or packed [N] "
-                         f"inputs with cu_seqlens, got targets of shape {shape_text(targets.shape)} and no cu_seqlens")
+        raise ValueError(f"loss_agg={config.loss_agg!r} needs [B, T] inputs (hidden [B, T, D]) or packed [N] inputs "
+                         f"with cu_seqlens, got targets of shape {shape_text(targets.shape)} and no cu_seqlens")
     check_kl_inputs(config, ref_logprobs)
     per_sequence = dict(num_sequences=num_sequences, sequence_ids=sequence_ids)
     advantages = check_per_token("advantages", advantages, targets, kind="float", **per_sequence)
@@ -124,9 +132,22 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
     if isinstance(normalizer, torch.Tensor):  # data, like the per-token tensors: no gradient flows into it
         check_normalizer_value(normalizer, valid)
         normalizer = normalizer.detach().to(dtype)
+    return hidden, weight, bias, targets, backend, options, batch, normalizer
+
+
+def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantages, old_logprobs=None, *,
+                        external_mask=None, behavior_logprobs=None, loss_mask=None, bias=None,
+                        ref_logprobs=None, normalizer=None, cu_seqlens=None,
+                        vocab_parallel_group=None) -> RLPlusOutput:
+    """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
+    with refusals_shared(vocab_parallel_group, _device_of(hidden, weight)):
+        hidden, weight, bias, targets, backend, options, batch, normalizer = _loss_inputs(
+            config, hidden, weight, targets, advantages, old_logprobs, external_mask, behavior_logprobs, loss_mask,
+            bias, ref_logprobs, normalizer, cu_seqlens)
+    shard = _vocabulary_shard(hidden, weight, targets, config, vocab_parallel_group)
 
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
-    op_targets = torch.where(valid, targets.reshape(-1), config.ignore_index)
+    op_targets = torch.where(batch.valid, targets.reshape(-1), config.ignore_index)
     needs_grad = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     if single_pass_applies(backend, shard, hidden, needs_grad):
         from .backends.single_pass_op import single_pass_loss

@@ -25,6 +25,7 @@ the optimiser step, so that the sum of the per-rank, per-micro-batch losses is t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -49,24 +50,84 @@ class VocabShard(NamedTuple):
     vocab_size: int  # V, all shards together
 
 
-def vocab_shard(shard_rows: int, group, device: torch.device) -> VocabShard:
-    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P integers, one host sync.
+# What the ranks of a vocabulary-parallel call exchange besides their shard sizes: whether a rank refused its
+# inputs, and the layout that every rank must share (a rank that differed would wait in a later collective
+# of another size or dtype, for ever)
+LAYOUT_FIELDS = ("hidden rows (N)", "hidden size (D)", "dtype", "with_entropy", "whether hidden needs a gradient")
+_LAYOUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def vocab_layout(hidden: torch.Tensor, with_entropy: bool) -> tuple:
+    """This rank's values of LAYOUT_FIELDS, as integers."""
+    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return (hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
+            int(with_entropy), int(needs_grad))
+
+
+def _exchange(group, device: torch.device, shard_rows: int, refused: bool, layout: Sequence[int]) -> torch.Tensor:
+    """[P, 2 + len(LAYOUT_FIELDS)] int64 of every rank's (shard rows, refused, layout): one all_reduce."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("vocab_parallel_group does not contain this process")
+    # on `device`: NCCL reduces CUDA tensors only
+    table = torch.zeros(dist.get_world_size(group), 2 + len(LAYOUT_FIELDS), dtype=torch.int64, device=device)
+    table[rank] = torch.tensor([shard_rows, int(refused), *layout], dtype=torch.int64)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    return table
+
+
+def vocab_shard(shard_rows: int, group, device: torch.device, layout: Sequence[int]) -> VocabShard:
+    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 7 integers, one host
+    sync. It also carries each rank's `layout` (`vocab_layout`) and whether it refused its inputs
+    (`refusals_shared`): a refusal or a differing layout on any rank raises on every rank.
 
     Exchanging the sizes is what makes uneven shards right: assuming equal ones would give every rank
     after an uneven one the wrong target ids, silently.
     """
     _require_initialised("vocab_parallel_group")
+    table = _exchange(group, device, shard_rows, False, layout)
+    rule = "vocab_parallel_group: a rank refused its inputs (its own error says why)"
+    refuse_if((table[:, 1] != 0).any(), rule,
+              lambda: f"{rule}: rank(s) {table[:, 1].nonzero().flatten().tolist()}; every rank raises, where the "
+                      "others would wait for it")
+    differs = (table[:, 2:] != table[0, 2:]).any(0)
+    rule = f"vocab_parallel_group: every rank must pass the same {', '.join(LAYOUT_FIELDS)}"
+
+    def differences() -> str:
+        values = lambda i: [_LAYOUT_DTYPES[v] if LAYOUT_FIELDS[i] == "dtype" else v  # noqa: E731
+                            for v in table[:, 2 + i].tolist()]
+        return "; ".join(f"{LAYOUT_FIELDS[i]} per rank: {values(i)}" for i in differs.nonzero().flatten().tolist())
+
+    refuse_if(differs.any(), rule, lambda: f"{rule}, got {differences()}")
+    sizes = table[:, 0].tolist()  # each at least 1: a rank without rows refused its weight
     rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("vocab_parallel_group does not contain this process")
-    # on `device`: NCCL reduces CUDA tensors only
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    sizes[rank] = shard_rows
-    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    rule = "vocab_parallel_group: every rank's weight shard needs at least one row"
-    refuse_if((sizes == 0).any(), rule, lambda: f"{rule}, got shard sizes {sizes.tolist()} in rank order")
-    sizes = sizes.tolist()
     return VocabShard(group=group, start=sum(sizes[:rank]), vocab_size=sum(sizes))
+
+
+@contextlib.contextmanager
+def refusals_shared(group, device: Optional[torch.device]):
+    """Around one rank's checks of its inputs to a vocabulary-parallel call (`group`; None: a single shard).
+    A refusal (any exception) takes part, flagged, in the exchange that `vocab_shard` makes, before it is
+    raised: the other ranks then raise too, where they would wait for this one in that exchange. `device`:
+    where the exchange runs (the inputs' device; None: the group's backend decides).
+
+    Eager only: inside torch.compile a refusal raises while the graph is traced, so nothing can be exchanged.
+    """
+    if group is None or torch.compiler.is_compiling():
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        if dist.is_available() and dist.is_initialized():
+            if device is None:
+                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+                    else torch.device("cpu")
+            try:
+                _exchange(group, device, 0, True, [0] * len(LAYOUT_FIELDS))
+            except Exception:  # noqa: S110 - this rank's own refusal is the error to raise
+                pass
+        raise
 
 
 def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: Optional[torch.Tensor], group):

@@ -78,9 +78,9 @@ def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
 
 
-def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.Tensor:
-    """Integer targets of shape hidden.shape[:-1], each in [0, V) or ignore_index (one host sync);
-    returned as int64, the index dtype of gather and of the kernels, which also holds any ignore_index."""
+def check_targets(targets, hidden) -> torch.Tensor:
+    """Integer targets of shape hidden.shape[:-1], on hidden's device; returned as int64, the index dtype
+    of gather and of the kernels, which also holds any ignore_index. Their range: `check_target_range`."""
     require_tensor("targets", targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
@@ -90,13 +90,17 @@ def check_targets(targets, hidden, vocab_size: int, ignore_index: int) -> torch.
                          f"got {shape_text(targets.shape)}")
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    return targets
+
+
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Each target in [0, V) or ignore_index (one host sync)."""
     out_of_range = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
     rule = "targets must lie in [0, {}) or equal ignore_index"
     # the compiled message names no number: a vocabulary-parallel V, exchanged between ranks, is a
     # data-dependent size there, which a message cannot format
     refuse_if(out_of_range.any(), rule.format("V") + " (V: the vocabulary size)",
               lambda: f"{rule.format(vocab_size)}={ignore_index}, found {targets[out_of_range][0].item()}")
-    return targets
 
 
 def check_cu_seqlens(cu_seqlens, targets) -> None:

@@ -249,17 +249,40 @@ def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str)
     }
 
 
-def _run_empty_shard(rank: int, world: int, device: str) -> str:
-    """The last rank holds no row (DTensor's Shard(0) of a vocabulary smaller than the world): every rank
-    must raise the same error, not leave the others waiting in a collective. Returns the message."""
-    rows = 0 if rank == world - 1 else 3
-    weight, hidden = torch.randn(rows, HIDDEN, device=device), torch.randn(4, HIDDEN, device=device)
-    try:
-        linear_logprobs(hidden, weight, torch.zeros(4, dtype=torch.int64, device=device),
+REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right; the error that rank raises
+    # DTensor's Shard(0) of a vocabulary smaller than the world
+    "a shard without rows": (dict(weight=(0, HIDDEN)), "weight must have at least one row"),
+    "weight of another hidden size": (dict(weight=(3, HIDDEN + 1)), "hidden's last dimension"),
+    "1-D weight": (dict(weight=(3,)), "weight must be 2-D"),
+    "advantages of another shape": (dict(advantages=(3,)), "advantages must have shape"),
+    "decreasing cu_seqlens": (dict(cu_seqlens=[0, 3, 1, 4]), "cu_seqlens must start at 0"),
+    "float64 beside float32": (dict(dtype=torch.float64), None),
+    "fewer tokens": (dict(tokens=3), None),
+}
+
+
+def _run_refusals(rank: int, world: int, device: str) -> dict:
+    """A bad input on the last rank only: every rank must raise (the last its own error, the others one that
+    says a rank refused, or, for a layout that differs, the same error everywhere), none may wait for the
+    others in a collective (60 s, then the spawn fails). Returns each scenario's message on this rank."""
+    messages = {}
+    for name, (bad, _) in REFUSALS.items():
+        spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4)
+        if rank == world - 1:
+            spec.update(bad)
+        n = spec["tokens"]
+        cu_seqlens = spec["cu_seqlens"] if spec["cu_seqlens"][-1] == n else [0, n]
+        try:
+            rlplus_loss(torch.randn(n, HIDDEN, dtype=spec["dtype"], device=device),
+                        torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
+                        torch.zeros(n, dtype=torch.int64, device=device),
+                        torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
+                        cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
                         vocab_parallel_group=dist.group.WORLD)
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+            messages[name] = "no error"
+        except ValueError as exc:
+            messages[name] = str(exc)
+    return messages
 
 
 def _run_compiled_uneven(rank: int, world: int, device: str) -> float:
@@ -326,7 +349,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
                                                     itemsize=torch.empty((), dtype=case.dtype).element_size())
     for loss_agg, layout in DP_AGG:
         results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
-    results["empty shard"] = _run_empty_shard(rank, world, device)
+    results["refusals"] = _run_refusals(rank, world, device)
     results["compiled"] = _run_compiled_uneven(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -366,11 +389,11 @@ def test_data_parallel_global_normalizer_matches_big_batch(world, loss_agg, layo
 
 
 def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
-    """Per call: the P shard sizes (int64). Per token: forward all_reduce MAX of 1 and SUM of 3 (2 without
-    entropy) values, backward D values."""
+    """Per call: the P x 7 integers of the shard exchange (int64). Per token: forward all_reduce MAX of 1 and
+    SUM of 3 (2 without entropy) values, backward D values."""
     size, results = world
     cases = {case.name: case for case in TP_CASES}
-    layout_bytes = 8 * size
+    layout_bytes = 8 * size * 7  # per rank: shard rows, refused, and 5 layout fields
     for per_rank in results:
         for name, log in per_rank["communication"].items():
             starts = _shard_starts(cases[name].uneven, size)
@@ -384,11 +407,20 @@ def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
     assert without_entropy["bytes"] == (1 + 2 + HIDDEN) * 8 * without_entropy["num_tokens"] + layout_bytes
 
 
-def test_a_rank_without_rows_is_refused_on_every_rank(world):
+@pytest.mark.parametrize("scenario", REFUSALS)
+def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(world, scenario):
+    """Before, the last rank raised alone and the others waited in the next collective until the process
+    group's timeout (or, with gloo, died of a collective mismatch that named no argument)."""
     size, results = world
+    own_error = REFUSALS[scenario][1]
     for rank, per_rank in enumerate(results):
-        assert "every rank's weight shard needs at least one row" in per_rank["empty shard"], rank
-        assert str([3] * (size - 1) + [0]) in per_rank["empty shard"], rank
+        message = per_rank["refusals"][scenario]
+        if own_error is None:
+            assert "every rank must pass the same" in message, (rank, message)
+        elif rank == size - 1:
+            assert own_error in message, (rank, message)
+        else:
+            assert f"a rank refused its inputs (its own error says why): rank(s) [{size - 1}]" in message, (rank, message)
 
 
 def test_compiled_step_on_uneven_shards_matches_eager(world):
