@@ -207,6 +207,33 @@ def peak_extra_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def naive_peak_extra_mb(h, w, t, gl, ge):
+    """peak_extra_mb of the naive forward+backward (its gradients of h and w included); inf when out of memory."""
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def fwd_bwd():
+        logp, ent = naive(hr, wr, None, t, 1.0)
+        ((logp * gl).sum() + (ent * ge).sum()).backward()
+
+    try:
+        return peak_extra_mb(fwd_bwd)
+    except torch.cuda.OutOfMemoryError:
+        return float("inf")
+    finally:
+        del hr, wr
+        torch.cuda.empty_cache()
+
+
+def record_memory(res, peak_mb, h, w, naive_mb=None):
+    """The issue's memory figure: MiB beyond the inputs and the gradients of h and w (which every
+    implementation returns), ours and naive's, in MiB (bytes / 2^20) throughout."""
+    grads_mb = (h.numel() + w.numel()) * h.element_size() / 2**20
+    res.update(ours_peak_extra_mb=peak_mb, grads_mb=grads_mb, ours_beyond_grads_mb=peak_mb - grads_mb)
+    if naive_mb is not None:
+        res.update(naive_peak_extra_mb=naive_mb, naive_beyond_grads_mb=naive_mb - grads_mb,
+                   memory_fraction_of_naive=(peak_mb - grads_mb) / (naive_mb - grads_mb))
+
+
 # ----------------------------------------------------------------------------- the loss, end to end
 ENTROPY_COEF = 0.01
 
@@ -299,7 +326,7 @@ def check_loss(n, d, v, dtype, schedule, logits, references):
 
 def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
     """rlplus_loss forward+backward (the user's step) vs the three bare GEMMs, and its peak extra memory
-    beyond the inputs and the two gradients it returns."""
+    beyond the inputs and the two gradients it returns, against the naive forward+backward's."""
     with_schedule(schedule, logits)
     h, w, t, adv, external = loss_inputs(n, d, v, dtype)
     old = -torch.rand(n, device="cuda") * 5
@@ -314,10 +341,10 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
     fwd_bwd_against_gemms(step, h, w, rep, profile, res)
     hr.grad = wr.grad = None
     peak = peak_extra_mb(step)
-    grads = hr.grad.numel() * hr.grad.element_size() + wr.grad.numel() * wr.grad.element_size()
-    res["ours_peak_extra_mb"] = peak - grads / 2**20
     del hr, wr
     torch.cuda.empty_cache()
+    gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    record_memory(res, peak, h, w, naive_peak_extra_mb(h, w, t, gl, ge))
     return res
 
 
@@ -364,24 +391,14 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     res["ours_bwd"] = bench(bwd, rep)
     res["ours_bwd_hidden_only"] = bench(lambda: bwd(needs_grad=(True, False, False)), rep)
     fwd_bwd_against_gemms(fwd_bwd, h, w, rep, profile, res)
-    # peak extra memory above inputs (+ parameter grads, which both implementations must hold)
-    res["ours_peak_extra_mb"] = peak_extra_mb(fwd_bwd)
+    naive_mb = naive_peak_extra_mb(h, w, t, gl, ge) if do_naive else None
+    record_memory(res, peak_extra_mb(fwd_bwd), h, w, naive_mb)
     if do_naive:
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         try:
-            logp, ent_n = naive(hr, wr, None, t, 1.0)
-            ((logp * gl).sum() + (ent_n * ge).sum()).backward()
-            torch.cuda.synchronize()
-            res["naive_peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del logp, ent_n
-            hr.grad = wr.grad = None
             res["naive_fwd_bwd"] = bench(lambda: torch.autograd.backward(
                 [x.sum() for x in naive(hr, wr, None, t, 1.0)]), max(20, rep // 4))
         except torch.cuda.OutOfMemoryError:
-            res["naive_peak_extra_mb"] = float("inf")
             res["naive_fwd_bwd"] = None
         del hr, wr
         torch.cuda.empty_cache()
@@ -502,14 +519,15 @@ def main():
         print(f"{'':12} {w['logits']:6} {w['shape']:>20} {w['dtype']:9} {w['out']:14} {w['rel_err']:9.2e} "
               f"{w['tol']:7.0e} {all(r['ok'] for r in rows)}")
     print(f"\n{'timing (ms p50)':16} {'logits':6} {'shape':>18} {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} {'3 GEMMs':>8} {'ratio':>6} "
-          f"{'TFLOP/s':>8} {'naive':>8} {'peak MB':>9} {'naive MB':>9}")
+          f"{'TFLOP/s':>8} {'naive':>8} {'peak MiB':>9} {'- grads':>8} {'naive - grads':>13} {'% naive':>7}")
     for r in timings:
         nv = r.get("naive_fwd_bwd")
         part = lambda key: r[key]["p50"] if key in r else float("nan")  # noqa: E731  (a loss timing: fwd+bwd only)
         print(f"{'':16} {r['logits']:6} {r['shape']:>18} {part('ours_fwd'):7.2f} {part('ours_bwd'):7.2f} "
               f"{r['ours_fwd_bwd']['p50']:8.2f} {r['gemm_sum_ms']:8.2f} {r['ratio_fwd_bwd_over_gemms']:6.2f} "
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
-              f"{r.get('naive_peak_extra_mb', float('nan')):9.0f}")
+              f"{r['ours_beyond_grads_mb']:8.0f} {r.get('naive_beyond_grads_mb', float('nan')):13.0f} "
+              f"{100 * r.get('memory_fraction_of_naive', float('nan')):7.2f}")
     for r in timings:
         if "kernels" in r:
             print(f"\nkernels of one fwd+bwd, {r['logits']} {r['shape']} (ms, calls):")
