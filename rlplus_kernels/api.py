@@ -27,7 +27,8 @@ class RLPlusOutput(NamedTuple):
 def _autocast_head(hidden, weight, bias):
     """Inside torch.autocast, cast like nn.Linear would; outside, leave the dtypes to validation."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # a device without autocast (meta) is left to validation, which names it
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -53,15 +54,11 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig):
     return hidden, weight, bias, targets, backend, options
 
 
-def _device_of(*tensors) -> Optional[torch.device]:
-    return next((x.device for x in tensors if isinstance(x, torch.Tensor)), None)
-
-
 def _vocabulary_shard(hidden, weight, targets, config: RLPlusConfig, vocab_parallel_group):
     """This rank's shard (None without a group: weight is the whole head), exchanged once every check of this
     rank passed (`distributed.refusals_shared` around them), and the targets' range in the whole vocabulary."""
     shard = None if vocab_parallel_group is None else vocab_shard(
-        weight.shape[0], vocab_parallel_group, hidden.device, vocab_layout(hidden, config.with_entropy))
+        weight.shape[0], vocab_parallel_group, vocab_layout(hidden, config.with_entropy))
     check_target_range(targets, weight.shape[0] if shard is None else shard.vocab_size, config.ignore_index)
     return shard
 
@@ -81,9 +78,9 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     to hidden, weight and bias; under torch.no_grad() it is the memory-light way to score rollouts.
     With `vocab_parallel_group`, weight/bias are this rank's vocabulary shard (docs/distributed.md).
     """
-    config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                          backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-    with refusals_shared(vocab_parallel_group, _device_of(hidden, weight)):
+    with refusals_shared(vocab_parallel_group):
+        config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+                              backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
         hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config)
     shard = _vocabulary_shard(hidden, weight, targets, config, vocab_parallel_group)
     logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, shard)
@@ -140,7 +137,7 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
                         ref_logprobs=None, normalizer=None, cu_seqlens=None,
                         vocab_parallel_group=None) -> RLPlusOutput:
     """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    with refusals_shared(vocab_parallel_group, _device_of(hidden, weight)):
+    with refusals_shared(vocab_parallel_group):
         hidden, weight, bias, targets, backend, options, batch, normalizer = _loss_inputs(
             config, hidden, weight, targets, advantages, old_logprobs, external_mask, behavior_logprobs, loss_mask,
             bias, ref_logprobs, normalizer, cu_seqlens)
@@ -183,11 +180,12 @@ def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
     per-sequence advantages/external_mask then work without padding. With `vocab_parallel_group`,
     weight/bias are this rank's contiguous vocabulary shard (docs/distributed.md).
     """
-    config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
-                          clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
-                          mis_clip_max=mis_clip_max, entropy_coef=entropy_coef, return_entropy=return_entropy,
-                          loss_agg=loss_agg, ignore_index=ignore_index, backend=backend,
-                          chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    with refusals_shared(vocab_parallel_group):  # a hyper-parameter refused on one rank only, too
+        config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
+                              clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
+                              mis_clip_max=mis_clip_max, entropy_coef=entropy_coef, return_entropy=return_entropy,
+                              loss_agg=loss_agg, ignore_index=ignore_index, backend=backend,
+                              chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     return compute_rlplus_loss(config, hidden, weight, targets, advantages, old_logprobs,
                                external_mask=external_mask, behavior_logprobs=behavior_logprobs,
                                loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs, normalizer=normalizer,
@@ -204,7 +202,7 @@ class RLPlusLoss(nn.Module):
         super().__init__()
         self.config = RLPlusConfig(**hyper_parameters)
         if normalizer is not None:  # refused here rather than at the first forward
-            check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
+            check_normalizer(normalizer, None)
         self.normalizer = normalizer
         self.vocab_parallel_group = vocab_parallel_group
 

@@ -64,19 +64,22 @@ def vocab_layout(hidden: torch.Tensor, with_entropy: bool) -> tuple:
             int(with_entropy), int(needs_grad))
 
 
-def _exchange(group, device: torch.device, shard_rows: int, refused: bool, layout: Sequence[int]) -> torch.Tensor:
+def _exchange(group, shard_rows: int, refused: bool, layout: Sequence[int]) -> torch.Tensor:
     """[P, 2 + len(LAYOUT_FIELDS)] int64 of every rank's (shard rows, refused, layout): one all_reduce."""
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("vocab_parallel_group does not contain this process")
-    # on `device`: NCCL reduces CUDA tensors only
+    # on a device the group's backend takes (NCCL: CUDA tensors only) whatever the inputs' device, which a
+    # refusing rank may have wrong: every rank must run this all_reduce on the same kind of device
+    nccl = "nccl" in str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     table = torch.zeros(dist.get_world_size(group), 2 + len(LAYOUT_FIELDS), dtype=torch.int64, device=device)
     table[rank] = torch.tensor([shard_rows, int(refused), *layout], dtype=torch.int64)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     return table
 
 
-def vocab_shard(shard_rows: int, group, device: torch.device, layout: Sequence[int]) -> VocabShard:
+def vocab_shard(shard_rows: int, group, layout: Sequence[int]) -> VocabShard:
     """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 7 integers, one host
     sync. It also carries each rank's `layout` (`vocab_layout`) and whether it refused its inputs
     (`refusals_shared`): a refusal or a differing layout on any rank raises on every rank.
@@ -85,7 +88,7 @@ def vocab_shard(shard_rows: int, group, device: torch.device, layout: Sequence[i
     after an uneven one the wrong target ids, silently.
     """
     _require_initialised("vocab_parallel_group")
-    table = _exchange(group, device, shard_rows, False, layout)
+    table = _exchange(group, shard_rows, False, layout)
     rule = "vocab_parallel_group: a rank refused its inputs (its own error says why)"
     refuse_if((table[:, 1] != 0).any(), rule,
               lambda: f"{rule}: rank(s) {table[:, 1].nonzero().flatten().tolist()}; every rank raises, where the "
@@ -105,11 +108,10 @@ def vocab_shard(shard_rows: int, group, device: torch.device, layout: Sequence[i
 
 
 @contextlib.contextmanager
-def refusals_shared(group, device: Optional[torch.device]):
+def refusals_shared(group):
     """Around one rank's checks of its inputs to a vocabulary-parallel call (`group`; None: a single shard).
-    A refusal (any exception) takes part, flagged, in the exchange that `vocab_shard` makes, before it is
-    raised: the other ranks then raise too, where they would wait for this one in that exchange. `device`:
-    where the exchange runs (the inputs' device; None: the group's backend decides).
+    A refusal (an Exception) takes part, flagged, in the exchange that `vocab_shard` makes, before it is
+    raised: the other ranks then raise too, where they would wait for this one in that exchange.
 
     Eager only: inside torch.compile a refusal raises while the graph is traced, so nothing can be exchanged.
     """
@@ -118,15 +120,14 @@ def refusals_shared(group, device: Optional[torch.device]):
         return
     try:
         yield
-    except Exception:
+    except Exception as error:
         if dist.is_available() and dist.is_initialized():
-            if device is None:
-                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-                    else torch.device("cpu")
             try:
-                _exchange(group, device, 0, True, [0] * len(LAYOUT_FIELDS))
-            except Exception:  # noqa: S110 - this rank's own refusal is the error to raise
-                pass
+                _exchange(group, 0, True, [0] * len(LAYOUT_FIELDS))
+            except Exception as failure:  # this rank's refusal stays the error raised; the failure is noted
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"vocab_parallel_group: the other ranks could not be told ({failure!r}); "
+                                   "they may wait for this one in a collective")
         raise
 
 

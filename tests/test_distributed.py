@@ -256,6 +256,8 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
     "1-D weight": (dict(weight=(3,)), "weight must be 2-D"),
     "advantages of another shape": (dict(advantages=(3,)), "advantages must have shape"),
     "decreasing cu_seqlens": (dict(cu_seqlens=[0, 3, 1, 4]), "cu_seqlens must start at 0"),
+    "temperature 0": (dict(temperature=0.0), "temperature must be > 0"),
+    "hidden on another device": (dict(hidden_device="meta"), "but hidden is on meta"),
     "float64 beside float32": (dict(dtype=torch.float64), None),
     "fewer tokens": (dict(tokens=3), None),
 }
@@ -267,18 +269,19 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
     others in a collective (60 s, then the spawn fails). Returns each scenario's message on this rank."""
     messages = {}
     for name, (bad, _) in REFUSALS.items():
-        spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4)
+        spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4,
+                    temperature=1.0, hidden_device=device)
         if rank == world - 1:
             spec.update(bad)
         n = spec["tokens"]
         cu_seqlens = spec["cu_seqlens"] if spec["cu_seqlens"][-1] == n else [0, n]
         try:
-            rlplus_loss(torch.randn(n, HIDDEN, dtype=spec["dtype"], device=device),
+            rlplus_loss(torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"]),
                         torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
                         torch.zeros(n, dtype=torch.int64, device=device),
                         torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
                         cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
-                        vocab_parallel_group=dist.group.WORLD)
+                        temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD)
             messages[name] = "no error"
         except ValueError as exc:
             messages[name] = str(exc)
@@ -420,7 +423,8 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(world, scenario):
         elif rank == size - 1:
             assert own_error in message, (rank, message)
         else:
-            assert f"a rank refused its inputs (its own error says why): rank(s) [{size - 1}]" in message, (rank, message)
+            expected = f"a rank refused its inputs (its own error says why): rank(s) [{size - 1}]"
+            assert expected in message, (rank, message)
 
 
 def test_compiled_step_on_uneven_shards_matches_eager(world):
