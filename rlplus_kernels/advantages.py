@@ -36,7 +36,10 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
     centred = values - mean[group]
     if normalize_std:
         sq = torch.zeros_like(count).index_add_(0, group, centred * centred)
-        scale = torch.sqrt(sq / (count - 1).clamp(min=1))[group] + eps
-        # a group without spread (one member, equal rewards) has centred values of 0: advantage 0, also at eps 0
-        centred = torch.where(scale > 0, centred / scale, 0.0)
-    return centred.to(rewards.dtype)
+        centred = centred / (torch.sqrt(sq / (count - 1).clamp(min=1))[group] + eps)
+    # A group without spread (one member, equal rewards) has advantage 0: its mean can be off by an ulp
+    # (seven rewards of 0.1), which the std would blow up to +-0.9, or 0 / 0 at eps 0. A NaN stays NaN.
+    highest, lowest = (torch.zeros_like(count).scatter_reduce(0, group, values, reduce, include_self=False)
+                       for reduce in ("amax", "amin"))
+    no_spread = (highest == lowest)[group]
+    return torch.where(no_spread, 0.0, centred).to(rewards.dtype)

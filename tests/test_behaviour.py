@@ -338,13 +338,18 @@ def test_group_advantages():
             group_advantages(rewards, groups, normalize_std=True, eps=eps)
 
 
-def test_a_group_without_spread_has_advantage_zero_also_at_eps_zero():
-    """A group of one member, or of equal rewards, has std 0: at eps 0 that was 0 / 0, a NaN advantage
-    from finite rewards (which makes the whole loss NaN)."""
-    rewards = torch.tensor([1.0, 0.5, 0.5, 2.0, 0.0])
-    groups = torch.tensor([0, 1, 1, 2, 2])
-    got = group_advantages(rewards, groups, normalize_std=True, eps=0.0)
-    torch.testing.assert_close(got, torch.tensor([0.0, 0.0, 0.0, 2**-0.5, -(2**-0.5)]))
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_a_group_without_spread_has_advantage_zero(eps, normalize_std):
+    """A group of one member, or of equal rewards, has std 0: at eps 0 that was 0 / 0, a NaN advantage from
+    finite rewards (which makes the whole loss NaN); seven rewards of 0.1 have a mean one ulp off, which
+    the std turned into advantages of +-0.93. A NaN reward still makes its group NaN."""
+    rewards = torch.tensor([1.0, 0.5, 0.5, 2.0, 0.0] + [0.1] * 7 + [float("nan"), 1.0], dtype=torch.float64)
+    groups = torch.tensor([0, 1, 1, 2, 2] + [3] * 7 + [4, 4])
+    got = group_advantages(rewards, groups, normalize_std=normalize_std, eps=eps)
+    spread = 1 / (2**0.5 + eps) if normalize_std else 1.0
+    expected = torch.tensor([0.0, 0.0, 0.0, spread, -spread] + [0.0] * 7 + [float("nan")] * 2, dtype=torch.float64)
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
