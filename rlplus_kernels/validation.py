@@ -147,8 +147,9 @@ def check_per_token(name: str, x, targets, *, kind: str, num_sequences: Optional
     return x
 
 
-def check_normalizer(normalizer, device: torch.device):
-    """A positive number, or a 0-dim tensor (whose value `check_normalizer_value` checks)."""
+def check_normalizer(normalizer, device: Optional[torch.device]):
+    """A positive number, or a 0-dim tensor (whose value `check_normalizer_value` checks) on `device` or the
+    CPU (moved to `device`); None: any device."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
@@ -156,6 +157,8 @@ def check_normalizer(normalizer, device: torch.device):
             raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {shape_text(normalizer.shape)}")
         if normalizer.dtype == torch.bool or normalizer.dtype.is_complex:
             raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        if device is None:
+            return normalizer
         if normalizer.device != device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
         return normalizer.to(device)

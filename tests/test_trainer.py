@@ -452,6 +452,23 @@ def test_a_bad_batch_is_refused_before_the_backbone_runs():
     assert backbone.count == 0
 
 
+def test_rlplus_model_loss_passes_vocab_parallel_group_on_and_the_trainer_names_itself():
+    """rlplus_model_loss hands every keyword it does not take to rlplus_loss, vocab_parallel_group included;
+    RLPlusTrainer (single-process) refuses that one, and its messages name RLPlusTrainer."""
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    adv = torch.linspace(-1, 1, ids.shape[0], dtype=torch.float64)
+    plain = rlplus_model_loss(model, ids, am, lm, adv).loss
+    assert torch.equal(rlplus_model_loss(model, ids, am, lm, adv, vocab_parallel_group=None).loss, plain)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for kwargs, match in [(dict(targets=ids), "RLPlusTrainer got an unexpected keyword 'targets'"),
+                          (dict(ignore_index=0), "RLPlusTrainer got an unexpected keyword 'ignore_index'"),
+                          (dict(vocab_parallel_group=None),
+                           r"RLPlusTrainer got unknown hyper-parameter\(s\) \['vocab_parallel_group'\]")]:
+        with pytest.raises(TypeError, match=match):
+            RLPlusTrainer(model, optimizer, verify_model_head=False, **kwargs)
+
+
 def test_a_bad_batch_leaves_the_model_and_its_gradients_as_they_were():
     """RLPlusTrainer.step checks the whole batch before it sets train mode, clears gradients or runs any
     micro-batch. Before, per-sequence and per-token tensors with extra rows were cut to the micro-batches

@@ -230,10 +230,8 @@ def _dlogits_tile(
     lse = tl.load(lse_ptr + offs_n64, mask=mask_n, other=0.0)
     logp = z - lse[:, None]
     if FROM_PRODUCT:
-        # log p <= 0: a product that cuBLAS formed in another shape than the forward's (or shifted into bf16)
-        # may pass the forward's lse by its rounding, eps |z| at huge logits, and e^logp then passes 1 or
-        # overflows. tl.dot sums over D in the forward's order (one BLOCK_D for both kernels), and there the
-        # cap costs a spill (sm_90, PIPELINE_TILES); the test of this runs every source on the GPU too
+        # log p <= 0: a product cuBLAS formed in another shape than the forward's can pass its lse by eps |z|
+        # (tl.dot sums over D in the forward's order; there the cap spilled, sm_90 PIPELINE_TILES)
         logp = nan_minimum(logp, 0.0)
     p = tl.exp(logp)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)

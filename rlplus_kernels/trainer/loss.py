@@ -112,6 +112,14 @@ def _packed_cu_seqlens(target_rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(target_rows.sum(1).cumsum(0), (1, 0))
 
 
+def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None):
+    """The final hidden states of the rows that predict input_ids[:, 1:] ([B, T-1, D]) and the LM head's
+    (weight, bias), of inputs that `_check_model_and_ids` passed."""
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    return (hidden[:, :-1], *get_lm_head(model))
+
+
 def _check_model_and_ids(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          position_ids: torch.Tensor | None) -> None:
     """What a backbone forward needs of its inputs: a plain linear head, ids its embedding holds."""
@@ -127,23 +135,23 @@ def _check_model_and_ids(model: nn.Module, input_ids: torch.Tensor, attention_ma
                          f"included; got ids from {int(input_ids.min())} to {int(input_ids.max())}")
 
 
-def check_hyper_parameters(hyper: Mapping[str, Any]) -> RLPlusConfig:
-    """The keywords that rlplus_model_loss passes on to rlplus_loss, as the config they make."""
+def check_hyper_parameters(hyper: Mapping[str, Any], caller: str = "rlplus_model_loss()",
+                           passed_on: tuple = ("normalizer", "vocab_parallel_group")) -> RLPlusConfig:
+    """The keywords that `caller` passes on to rlplus_loss (the config's, and `passed_on`), as the config
+    they make."""
     for key in ("targets", "hidden", "weight", "bias", "loss_mask", "cu_seqlens"):
         if key in hyper:
-            raise TypeError(f"rlplus_model_loss() got an unexpected keyword {key!r}: it is "
-                            f"taken from the model and input_ids")
+            raise TypeError(f"{caller} got an unexpected keyword {key!r}: it is taken from the model and input_ids")
     if "ignore_index" in hyper:
-        raise TypeError("rlplus_model_loss() got an unexpected keyword 'ignore_index': the targets are "
+        raise TypeError(f"{caller} got an unexpected keyword 'ignore_index': the targets are "
                         "input_ids, selected by attention_mask and loss_mask (a token id given as "
                         "ignore_index would silently drop that token)")
-    known = [f.name for f in dataclasses.fields(RLPlusConfig) if f.name != "ignore_index"] + ["normalizer"]
+    known = [f.name for f in dataclasses.fields(RLPlusConfig) if f.name != "ignore_index"] + list(passed_on)
     unknown = sorted(k for k in hyper if k not in known)
     if unknown:
-        raise TypeError(f"unknown hyper-parameter(s) {unknown}; known: {known}")
-    normalizer = hyper.get("normalizer")
-    check_normalizer(normalizer, normalizer.device if isinstance(normalizer, torch.Tensor) else None)
-    return RLPlusConfig(**{k: v for k, v in hyper.items() if k != "normalizer"})
+        raise TypeError(f"{caller} got unknown hyper-parameter(s) {unknown}; known: {known}")
+    check_normalizer(hyper.get("normalizer"), None)
+    return RLPlusConfig(**{k: v for k, v in hyper.items() if k not in passed_on})
 
 
 def check_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -156,6 +164,8 @@ def check_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask
                        **hyper: Any) -> None:
     """The checks of :func:`rlplus_model_loss` (same arguments) that need no forward pass, so that a bad
     batch is refused before the backbone runs (and, in RLPlusTrainer, before any micro-batch's backward)."""
+    if advantages is None:
+        raise TypeError("advantages must be a torch.Tensor, got None")
     _check_model_and_ids(model, input_ids, attention_mask, position_ids)
     _check_2d("loss_mask", loss_mask, input_ids)
     _check_2d("advantages", advantages, input_ids, allow_1d=True, floating=True)
@@ -163,8 +173,6 @@ def check_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask
     for name, x in (("old_logprobs", old_logprobs), ("behavior_logprobs", behavior_logprobs),
                     ("ref_logprobs", ref_logprobs)):
         _check_2d(name, x, input_ids, floating=True)
-    if advantages is None:
-        raise TypeError("advantages must be a torch.Tensor, got None")
     check_kl_inputs(check_hyper_parameters(hyper), ref_logprobs)
     normalizer = hyper.get("normalizer")
     if isinstance(normalizer, torch.Tensor):
@@ -192,7 +200,8 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             (as :func:`score_logprobs` returns them).
         position_ids: default ``cumsum(attention_mask) - 1``, as ``generate`` uses.
         **hyper: every other keyword goes to :func:`rlplus_kernels.rlplus_loss` (temperature,
-            clip bounds, gamma, loss_agg, normalizer, entropy_coef, kl_coef, backend, ...).
+            clip bounds, gamma, loss_agg, normalizer, entropy_coef, kl_coef, backend,
+            vocab_parallel_group, ...).
 
     Returns:
         ``RLPlusOutput`` whose ``logprobs`` (and ``entropy``) are ``[B, T]`` aligned with
@@ -208,8 +217,7 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     # prompt and padding rows cost no logits, and a padding row's hidden state, whatever a backbone left
     # there (NaN after a fully masked attention row), reaches no gradient
     target_rows = target_mask(input_ids, attention_mask, loss_mask)[:, 1:]
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
-    weight, bias = get_lm_head(model)
+    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, position_ids)
     packed = lambda x: _at_targets(_shift(x), target_rows)  # noqa: E731
     out = rlplus_loss(
         hidden[target_rows], weight, input_ids[:, 1:][target_rows], packed(advantages), packed(old_logprobs),
@@ -236,8 +244,7 @@ def score_logprobs(model: nn.Module, input_ids: torch.Tensor,
     RLPlusConfig(temperature=temperature, backend=backend)  # refused before the backbone runs
     target_rows = target_mask(input_ids, attention_mask)[:, 1:]
     with eval_mode(model):
-        hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
-    weight, bias = get_lm_head(model)
+        hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, position_ids)
     logp = linear_logprobs(hidden[target_rows], weight, input_ids[:, 1:][target_rows], bias=bias,
                            temperature=temperature, backend=backend)
     return _from_targets(logp, target_rows)

@@ -95,7 +95,8 @@ class RLPlusTrainer:
         self.skip_nonfinite_steps = skip_nonfinite_steps
         self.hyper = dict(_official_recipe() if preset is None else preset)
         self.hyper.update(hyper)
-        check_hyper_parameters(self.hyper)
+        # single-process: no vocab_parallel_group (its skip decision and normalizer are this process's own)
+        check_hyper_parameters(self.hyper, caller="RLPlusTrainer", passed_on=("normalizer",))
         if disable_dropout:
             _disable_dropout(model)
         if verify_model_head:
