@@ -52,19 +52,22 @@ class VocabShard(NamedTuple):
 
 # What the ranks of a vocabulary-parallel call exchange besides their shard sizes: whether a rank refused its
 # inputs, and the layout that every rank must share (a rank that differed would wait in a later collective
-# of another size or dtype, for ever)
-LAYOUT_FIELDS = ("hidden rows (N)", "hidden size (D)", "dtype", "with_entropy", "whether hidden needs a gradient")
+# of another size or dtype, for ever), with a fingerprint of the targets (different targets would give a
+# wrong loss, or a range error on one rank only)
+LAYOUT_FIELDS = ("hidden rows (N)", "hidden size (D)", "dtype", "with_entropy", "whether hidden needs a gradient",
+                 "targets' sum", "targets' sum of squares")
 _LAYOUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def vocab_layout(hidden: torch.Tensor, with_entropy: bool) -> tuple:
-    """This rank's values of LAYOUT_FIELDS, as integers."""
+def vocab_layout(hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> torch.Tensor:
+    """This rank's values of LAYOUT_FIELDS: int64 [len(LAYOUT_FIELDS)] on targets' device, no host sync."""
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return (hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
-            int(with_entropy), int(needs_grad))
+    shape = torch.tensor([hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
+                          int(with_entropy), int(needs_grad)], dtype=torch.int64, device=targets.device)
+    return torch.cat([shape, targets.sum().reshape(1), (targets * targets).sum().reshape(1)])
 
 
-def _exchange(group, shard_rows: int, refused: bool, layout: Sequence[int]) -> torch.Tensor:
+def _exchange(group, shard_rows: int, refused: bool, layout: torch.Tensor) -> torch.Tensor:
     """[P, 2 + len(LAYOUT_FIELDS)] int64 of every rank's (shard rows, refused, layout): one all_reduce."""
     rank = dist.get_rank(group)
     if rank < 0:
@@ -74,13 +77,14 @@ def _exchange(group, shard_rows: int, refused: bool, layout: Sequence[int]) -> t
     nccl = "nccl" in str(dist.get_backend(group))
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     table = torch.zeros(dist.get_world_size(group), 2 + len(LAYOUT_FIELDS), dtype=torch.int64, device=device)
-    table[rank] = torch.tensor([shard_rows, int(refused), *layout], dtype=torch.int64)
+    table[rank, :2] = torch.tensor([shard_rows, int(refused)], dtype=torch.int64)
+    table[rank, 2:] = layout.to(device)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     return table
 
 
-def vocab_shard(shard_rows: int, group, layout: Sequence[int]) -> VocabShard:
-    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 7 integers, one host
+def vocab_shard(shard_rows: int, group, layout: torch.Tensor) -> VocabShard:
+    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 9 integers, one host
     sync. It also carries each rank's `layout` (`vocab_layout`) and whether it refused its inputs
     (`refusals_shared`): a refusal or a differing layout on any rank raises on every rank.
 
@@ -123,7 +127,7 @@ def refusals_shared(group):
     except Exception as error:
         if dist.is_available() and dist.is_initialized():
             try:
-                _exchange(group, 0, True, [0] * len(LAYOUT_FIELDS))
+                _exchange(group, 0, True, torch.zeros(len(LAYOUT_FIELDS), dtype=torch.int64))
             except Exception as failure:  # this rank's refusal stays the error raised; the failure is noted
                 if hasattr(error, "add_note"):  # Python >= 3.11
                     error.add_note(f"vocab_parallel_group: the other ranks could not be told ({failure!r}); "

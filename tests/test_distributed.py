@@ -259,6 +259,8 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
     "temperature 0": (dict(temperature=0.0), "temperature must be > 0"),
     "hidden on another device": (dict(hidden_device="meta"), "but hidden is on meta"),
     "float64 beside float32": (dict(dtype=torch.float64), None),
+    "other targets": (dict(target=1), None),
+    "a target out of range": (dict(target=10**6), None),
     "fewer tokens": (dict(tokens=3), None),
 }
 
@@ -270,7 +272,7 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
     messages = {}
     for name, (bad, _) in REFUSALS.items():
         spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4,
-                    temperature=1.0, hidden_device=device)
+                    temperature=1.0, hidden_device=device, target=0)
         if rank == world - 1:
             spec.update(bad)
         n = spec["tokens"]
@@ -278,7 +280,7 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
         try:
             rlplus_loss(torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"]),
                         torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
-                        torch.zeros(n, dtype=torch.int64, device=device),
+                        torch.full((n,), spec["target"], dtype=torch.int64, device=device),
                         torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
                         cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
                         temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD)
@@ -392,11 +394,11 @@ def test_data_parallel_global_normalizer_matches_big_batch(world, loss_agg, layo
 
 
 def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
-    """Per call: the P x 7 integers of the shard exchange (int64). Per token: forward all_reduce MAX of 1 and
+    """Per call: the P x 9 integers of the shard exchange (int64). Per token: forward all_reduce MAX of 1 and
     SUM of 3 (2 without entropy) values, backward D values."""
     size, results = world
     cases = {case.name: case for case in TP_CASES}
-    layout_bytes = 8 * size * 7  # per rank: shard rows, refused, and 5 layout fields
+    layout_bytes = 8 * size * 9  # per rank: shard rows, refused, and 7 layout fields
     for per_rank in results:
         for name, log in per_rank["communication"].items():
             starts = _shard_starts(cases[name].uneven, size)
