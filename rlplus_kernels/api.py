@@ -27,8 +27,9 @@ class RLPlusOutput(NamedTuple):
 def _autocast_head(hidden, weight, bias):
     """Inside torch.autocast, cast like nn.Linear would; outside, leave the dtypes to validation."""
     device_type = hidden.device.type
-    # a device without autocast (meta) is left to validation, which names it
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    # meta has no autocast (torch raises; torch.amp.is_autocast_available breaks torch 2.11's dynamo graph):
+    # validation names its device
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
