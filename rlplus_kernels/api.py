@@ -10,7 +10,7 @@ from torch import nn
 from .backends import LogprobsOptions, linear_logprobs_op, resolve_backend, single_pass_applies
 from .backends.common import compute_dtype
 from .config import SEQ_AGG_MODES, RLPlusConfig
-from .distributed import refusals_shared, vocab_layout, vocab_shard
+from .distributed import checked_on_every_rank, vocab_layout, vocab_shard
 from .head import TokenBatch, rlplus_head, sequence_layout
 from .validation import (check_cu_seqlens, check_head_tensors, check_kl_inputs, check_normalizer,
                          check_normalizer_value, check_per_token, check_target_range, check_targets,
@@ -55,9 +55,15 @@ def _prepare_head(hidden, weight, bias, targets, config: RLPlusConfig):
     return hidden, weight, bias, targets, backend, options
 
 
+def _config_and_head(hidden, weight, bias, targets, **hyper_parameters):
+    """(config, *_prepare_head(...)): `linear_logprobs`' checks."""
+    config = RLPlusConfig(**hyper_parameters)
+    return (config, *_prepare_head(hidden, weight, bias, targets, config))
+
+
 def _vocabulary_shard(hidden, weight, targets, config: RLPlusConfig, vocab_parallel_group):
     """This rank's shard (None without a group: weight is the whole head), exchanged once every check of this
-    rank passed (`distributed.refusals_shared` around them), and the targets' range in the whole vocabulary."""
+    rank passed (`distributed.checked_on_every_rank`), and the targets' range in the whole vocabulary."""
     shard = None if vocab_parallel_group is None else vocab_shard(
         weight.shape[0], vocab_parallel_group, vocab_layout(hidden, targets, config.with_entropy))
     check_target_range(targets, weight.shape[0] if shard is None else shard.vocab_size, config.ignore_index)
@@ -79,10 +85,10 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     to hidden, weight and bias; under torch.no_grad() it is the memory-light way to score rollouts.
     With `vocab_parallel_group`, weight/bias are this rank's vocabulary shard (docs/distributed.md).
     """
-    with refusals_shared(vocab_parallel_group):
-        config = RLPlusConfig(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                              backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
-        hidden, weight, bias, targets, backend, options = _prepare_head(hidden, weight, bias, targets, config)
+    config, hidden, weight, bias, targets, backend, options = checked_on_every_rank(
+        vocab_parallel_group, _config_and_head, hidden, weight, bias, targets, temperature=temperature,
+        ignore_index=ignore_index, return_entropy=return_entropy, backend=backend, chunk_tokens=chunk_tokens,
+        chunk_vocab=chunk_vocab)
     shard = _vocabulary_shard(hidden, weight, targets, config, vocab_parallel_group)
     logp, entropy = _run_op(backend, hidden, weight, bias, targets.reshape(-1), options, shard)
     logp = logp.view(targets.shape)
@@ -138,10 +144,9 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
                         ref_logprobs=None, normalizer=None, cu_seqlens=None,
                         vocab_parallel_group=None) -> RLPlusOutput:
     """`rlplus_loss` with its hyper-parameters already gathered (and validated) in `config`."""
-    with refusals_shared(vocab_parallel_group):
-        hidden, weight, bias, targets, backend, options, batch, normalizer = _loss_inputs(
-            config, hidden, weight, targets, advantages, old_logprobs, external_mask, behavior_logprobs, loss_mask,
-            bias, ref_logprobs, normalizer, cu_seqlens)
+    hidden, weight, bias, targets, backend, options, batch, normalizer = checked_on_every_rank(
+        vocab_parallel_group, _loss_inputs, config, hidden, weight, targets, advantages, old_logprobs, external_mask,
+        behavior_logprobs, loss_mask, bias, ref_logprobs, normalizer, cu_seqlens)
     shard = _vocabulary_shard(hidden, weight, targets, config, vocab_parallel_group)
 
     # Tokens outside the loss are scored as ignored: no logits work is wasted on their gradient.
@@ -181,12 +186,11 @@ def rlplus_loss(hidden, weight, targets, advantages, old_logprobs=None, *,
     per-sequence advantages/external_mask then work without padding. With `vocab_parallel_group`,
     weight/bias are this rank's contiguous vocabulary shard (docs/distributed.md).
     """
-    with refusals_shared(vocab_parallel_group):  # a hyper-parameter refused on one rank only, too
-        config = RLPlusConfig(kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
-                              clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma,
-                              mis_clip_max=mis_clip_max, entropy_coef=entropy_coef, return_entropy=return_entropy,
-                              loss_agg=loss_agg, ignore_index=ignore_index, backend=backend,
-                              chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    config = checked_on_every_rank(  # a hyper-parameter refused on one rank only, too
+        vocab_parallel_group, RLPlusConfig, kl_coef=kl_coef, temperature=temperature, clip_eps_low=clip_eps_low,
+        clip_eps_high=clip_eps_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max,
+        entropy_coef=entropy_coef, return_entropy=return_entropy, loss_agg=loss_agg, ignore_index=ignore_index,
+        backend=backend, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
     return compute_rlplus_loss(config, hidden, weight, targets, advantages, old_logprobs,
                                external_mask=external_mask, behavior_logprobs=behavior_logprobs,
                                loss_mask=loss_mask, bias=bias, ref_logprobs=ref_logprobs, normalizer=normalizer,

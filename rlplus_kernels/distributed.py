@@ -25,7 +25,6 @@ the optimiser step, so that the sum of the per-rank, per-micro-batch losses is t
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -72,10 +71,15 @@ def _exchange(group, shard_rows: int, refused: bool, layout: torch.Tensor) -> to
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("vocab_parallel_group does not contain this process")
-    # on a device the group's backend takes (NCCL: CUDA tensors only) whatever the inputs' device, which a
-    # refusing rank may have wrong: every rank must run this all_reduce on the same kind of device
-    nccl = "nccl" in str(dist.get_backend(group))
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    # In eager, on a device the group's backend takes (NCCL: CUDA tensors only) whatever the inputs' device,
+    # which a refusing rank may have wrong: every rank runs this all_reduce on the same kind of device. A
+    # compiled call (no refusal is exchanged there) takes the layout's: torch 2.6's dynamo cannot trace
+    # dist.get_backend.
+    if torch.compiler.is_compiling():
+        device = layout.device
+    else:
+        nccl = "nccl" in str(dist.get_backend(group))
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     table = torch.zeros(dist.get_world_size(group), 2 + len(LAYOUT_FIELDS), dtype=torch.int64, device=device)
     table[rank, :2] = torch.tensor([shard_rows, int(refused)], dtype=torch.int64)
     table[rank, 2:] = layout.to(device)
@@ -86,7 +90,7 @@ def _exchange(group, shard_rows: int, refused: bool, layout: torch.Tensor) -> to
 def vocab_shard(shard_rows: int, group, layout: torch.Tensor) -> VocabShard:
     """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 9 integers, one host
     sync. It also carries each rank's `layout` (`vocab_layout`) and whether it refused its inputs
-    (`refusals_shared`): a refusal or a differing layout on any rank raises on every rank.
+    (`checked_on_every_rank`): a refusal or a differing layout on any rank raises on every rank.
 
     Exchanging the sizes is what makes uneven shards right: assuming equal ones would give every rank
     after an uneven one the wrong target ids, silently.
@@ -111,19 +115,18 @@ def vocab_shard(shard_rows: int, group, layout: torch.Tensor) -> VocabShard:
     return VocabShard(group=group, start=sum(sizes[:rank]), vocab_size=sum(sizes))
 
 
-@contextlib.contextmanager
-def refusals_shared(group):
-    """Around one rank's checks of its inputs to a vocabulary-parallel call (`group`; None: a single shard).
-    A refusal (an Exception) takes part, flagged, in the exchange that `vocab_shard` makes, before it is
-    raised: the other ranks then raise too, where they would wait for this one in that exchange.
+def checked_on_every_rank(group, checks, *args, **kwargs):
+    """`checks(*args, **kwargs)`: one rank's checks of its inputs to a vocabulary-parallel call (`group`; None:
+    a single shard). A refusal (an Exception) takes part, flagged, in the exchange that `vocab_shard` makes,
+    before it is raised: the other ranks then raise too, where they would wait for this one in that exchange.
 
-    Eager only: inside torch.compile a refusal raises while the graph is traced, so nothing can be exchanged.
+    A plain call, not a context manager: torch 2.6's dynamo cannot trace a contextlib one. Eager only: inside
+    torch.compile a refusal raises while the graph is traced, so nothing can be exchanged.
     """
     if group is None or torch.compiler.is_compiling():
-        yield
-        return
+        return checks(*args, **kwargs)
     try:
-        yield
+        return checks(*args, **kwargs)
     except Exception as error:
         if dist.is_available() and dist.is_initialized():
             try:
