@@ -508,9 +508,10 @@ def test_a_step_that_fails_midway_leaves_no_partial_gradient(monkeypatch):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("out of memory (simulated)")
-        return rlplus_model_loss(*args, **kwargs)
+        return loss_of_checked_batch(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "rlplus_model_loss", fail_second_call)
+    loss_of_checked_batch = trainer_module.loss_of_checked_batch
+    monkeypatch.setattr(trainer_module, "loss_of_checked_batch", fail_second_call)
     model = make_model("llama", tied=False)
     ids, am, lm = padded_batch()
     trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,

@@ -207,22 +207,30 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         ``RLPlusOutput`` whose ``logprobs`` (and ``entropy``) are ``[B, T]`` aligned with
         ``input_ids``, 0 at position 0 and at every non-target.
     """
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, advantages=advantages,
+                 old_logprobs=old_logprobs, external_mask=external_mask, behavior_logprobs=behavior_logprobs,
+                 ref_logprobs=ref_logprobs, position_ids=position_ids)
+    check_model_inputs(model, **batch, **hyper)
+    return loss_of_checked_batch(model, batch, hyper)
+
+
+def loss_of_checked_batch(model: nn.Module, batch: Mapping[str, Any], hyper: Mapping[str, Any]):
+    """:func:`rlplus_model_loss` of keyword arguments `batch` (its tensors) and `hyper` that
+    :func:`check_model_inputs` passed, without checking them again (RLPlusTrainer checks a whole batch
+    once, then calls this per micro-batch)."""
     from rlplus_kernels import rlplus_loss
 
-    check_model_inputs(model, input_ids, attention_mask, loss_mask, advantages, old_logprobs,
-                       external_mask=external_mask, behavior_logprobs=behavior_logprobs, ref_logprobs=ref_logprobs,
-                       position_ids=position_ids, **hyper)
-
+    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
     # The head sees only the target rows, packed per sequence (cu_seqlens keeps the seq modes exact):
     # prompt and padding rows cost no logits, and a padding row's hidden state, whatever a backbone left
     # there (NaN after a fully masked attention row), reaches no gradient
-    target_rows = target_mask(input_ids, attention_mask, loss_mask)[:, 1:]
-    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, position_ids)
-    packed = lambda x: _at_targets(_shift(x), target_rows)  # noqa: E731
+    target_rows = target_mask(input_ids, attention_mask, batch.get("loss_mask"))[:, 1:]
+    hidden, weight, bias = _hidden_and_head(model, input_ids, attention_mask, batch.get("position_ids"))
+    packed = lambda key: _at_targets(_shift(batch.get(key)), target_rows)  # noqa: E731
     out = rlplus_loss(
-        hidden[target_rows], weight, input_ids[:, 1:][target_rows], packed(advantages), packed(old_logprobs),
-        external_mask=packed(external_mask), behavior_logprobs=packed(behavior_logprobs),
-        ref_logprobs=packed(ref_logprobs), bias=bias, cu_seqlens=_packed_cu_seqlens(target_rows), **hyper)
+        hidden[target_rows], weight, input_ids[:, 1:][target_rows], packed("advantages"), packed("old_logprobs"),
+        external_mask=packed("external_mask"), behavior_logprobs=packed("behavior_logprobs"),
+        ref_logprobs=packed("ref_logprobs"), bias=bias, cu_seqlens=_packed_cu_seqlens(target_rows), **hyper)
     return out._replace(logprobs=_from_targets(out.logprobs, target_rows),
                         entropy=_from_targets(out.entropy, target_rows))
 

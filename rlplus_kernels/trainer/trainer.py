@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .batch import GroupBatch
-from .loss import check_hyper_parameters, check_model_inputs, rlplus_model_loss, target_mask
+from .loss import check_hyper_parameters, check_model_inputs, loss_of_checked_batch, target_mask
 from .model_head import check_plain_linear_head, disable_dropout as _disable_dropout, verify_head
 
 __all__ = ["RLPlusTrainer"]
@@ -187,7 +187,7 @@ class RLPlusTrainer:
         sums: dict[str, torch.Tensor] = {}
         try:
             for micro in self._micro_batches(batch):
-                out = rlplus_model_loss(self.model, **micro, **hyper)
+                out = loss_of_checked_batch(self.model, micro, hyper)  # micro-batches of the checked batch
                 out.loss.backward()
                 loss_sum = loss_sum + out.loss.detach()
                 for key, value in out.metrics.items():
