@@ -154,26 +154,21 @@ def check_hyper_parameters(hyper: Mapping[str, Any], caller: str = "rlplus_model
     return RLPlusConfig(**{k: v for k, v in hyper.items() if k not in passed_on})
 
 
-def check_model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                       loss_mask: torch.Tensor | None, advantages: torch.Tensor,
-                       old_logprobs: torch.Tensor | None = None, *,
-                       external_mask: torch.Tensor | None = None,
-                       behavior_logprobs: torch.Tensor | None = None,
-                       ref_logprobs: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None,
-                       **hyper: Any) -> None:
-    """The checks of :func:`rlplus_model_loss` (same arguments) that need no forward pass, so that a bad
+def check_model_inputs(model: nn.Module, batch: Mapping[str, Any], hyper: Mapping[str, Any]) -> None:
+    """The checks of :func:`rlplus_model_loss` that need no forward pass, of its tensor arguments `batch`
+    (by name: input_ids, advantages, and optionally the others) and its keywords `hyper`, so that a bad
     batch is refused before the backbone runs (and, in RLPlusTrainer, before any micro-batch's backward)."""
+    input_ids, advantages = batch["input_ids"], batch["advantages"]
+    attention_mask, loss_mask = batch.get("attention_mask"), batch.get("loss_mask")
     if advantages is None:
         raise TypeError("advantages must be a torch.Tensor, got None")
-    _check_model_and_ids(model, input_ids, attention_mask, position_ids)
+    _check_model_and_ids(model, input_ids, attention_mask, batch.get("position_ids"))
     _check_2d("loss_mask", loss_mask, input_ids)
     _check_2d("advantages", advantages, input_ids, allow_1d=True, floating=True)
-    _check_2d("external_mask", external_mask, input_ids, allow_1d=True)
-    for name, x in (("old_logprobs", old_logprobs), ("behavior_logprobs", behavior_logprobs),
-                    ("ref_logprobs", ref_logprobs)):
-        _check_2d(name, x, input_ids, floating=True)
-    check_kl_inputs(check_hyper_parameters(hyper), ref_logprobs)
+    _check_2d("external_mask", batch.get("external_mask"), input_ids, allow_1d=True)
+    for name in ("old_logprobs", "behavior_logprobs", "ref_logprobs"):
+        _check_2d(name, batch.get(name), input_ids, floating=True)
+    check_kl_inputs(check_hyper_parameters(hyper), batch.get("ref_logprobs"))
     normalizer = hyper.get("normalizer")
     if isinstance(normalizer, torch.Tensor):
         check_normalizer_value(normalizer, target_mask(input_ids, attention_mask, loss_mask))
@@ -210,7 +205,7 @@ def rlplus_model_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask, advantages=advantages,
                  old_logprobs=old_logprobs, external_mask=external_mask, behavior_logprobs=behavior_logprobs,
                  ref_logprobs=ref_logprobs, position_ids=position_ids)
-    check_model_inputs(model, **batch, **hyper)
+    check_model_inputs(model, batch, hyper)
     return loss_of_checked_batch(model, batch, hyper)
 
 

@@ -168,7 +168,7 @@ class RLPlusTrainer:
         batch.setdefault("attention_mask", None)
         batch.setdefault("loss_mask", None)
         # the whole batch, before the model's mode, its gradients or any micro-batch's backward change
-        check_model_inputs(self.model, **batch, **self.hyper)
+        check_model_inputs(self.model, batch, self.hyper)
         num_sequences = batch["input_ids"].shape[0]
         if num_sequences == 0:
             raise ValueError("RLPlusTrainer.step: the batch has no sequences (input_ids is [0, T])")
