@@ -48,14 +48,14 @@ def env_info():
 
 # ----------------------------------------------------------------------------- reference
 def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024, with_grads=True):
-    """lse, target_logit, sum_pz, entropy and the three gradients (None without with_grads), token-chunked,
+    """lse, target_logit, entropy and the three gradients (None without with_grads), token-chunked,
     in ref_dtype."""
     n, d = h.shape
     w_r = w.to(ref_dtype)
     b_r = b.to(ref_dtype) if b is not None else None
     lse = torch.empty(n, dtype=ref_dtype, device=h.device)
     tl = torch.empty_like(lse)
-    spz = torch.empty_like(lse)
+    ent = torch.empty_like(lse)
     gh = torch.empty(n, d, dtype=ref_dtype, device=h.device) if with_grads else None
     gw = torch.zeros_like(w_r) if with_grads else None
     gb = torch.zeros(w.shape[0], dtype=ref_dtype, device=h.device) if with_grads and b is not None else None
@@ -68,12 +68,11 @@ def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024, with_grads
         z /= temperature
         lse_c = z.logsumexp(-1)
         p = torch.exp(z - lse_c[:, None])
-        spz_c = (p * z).sum(-1)
-        ent_c = lse_c - spz_c
+        ent_c = lse_c - (p * z).sum(-1)
         tc = t[n0:n1]
         valid = tc != IGN
         tl_c = torch.where(valid, z.gather(1, tc.clamp(min=0)[:, None])[:, 0], 0.0)
-        lse[n0:n1], tl[n0:n1], spz[n0:n1] = lse_c, tl_c, spz_c
+        lse[n0:n1], tl[n0:n1], ent[n0:n1] = lse_c, tl_c, ent_c
         if not with_grads:
             continue
         # dz = g_logp (onehot - p) + g_ent (-p (z - lse + H))
@@ -86,7 +85,7 @@ def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024, with_grads
         if b_r is not None:
             gb += dz.sum(0)
         del dz
-    return dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    return dict(lse=lse, target_logit=tl, entropy=ent, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
 
 
 def rel_err(got, ref):
@@ -123,20 +122,19 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     # poison: outputs are fresh tensors of the launcher; check them finite and complete
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True,
+    lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=temperature, ignore_index=IGN, with_entropy=True,
                                            logits=logits, config=config)
-    ent = lse - spz
     gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=temperature,
                                           ignore_index=IGN, needs_grad=(True, True, bias), logits=logits,
                                           config=config)
     torch.cuda.synchronize()
-    out = dict(lse=lse, target_logit=tl, sum_pz=spz, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    out = dict(lse=lse, target_logit=tl, entropy=ent, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
     rows = []
     for k, got in out.items():
         if ref[k] is None:
             continue
         r, m = rel_err(got, ref[k])
-        kind = "fwd" if k in ("lse", "target_logit", "sum_pz") else "bwd"
+        kind = "fwd" if k in ("lse", "target_logit", "entropy") else "bwd"
         ok = bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind]
         rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias, upstream=upstream,
                          logits=logits, out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
@@ -282,7 +280,7 @@ def loss_reference(n, d, v, dtype):
         fwd = reference(h, w, None, t, zero, zero, 1.0, ref_dtype, chunk=chunk, with_grads=False)
         valid = t != IGN
         logp = torch.where(valid, fwd["target_logit"] - fwd["lse"], 0.0)
-        entropy = torch.where(valid, fwd["lse"] - fwd["sum_pz"], 0.0)
+        entropy = torch.where(valid, fwd["entropy"], 0.0)
         g = torch.Generator(device="cuda").manual_seed(2)
         old = (logp + 0.3 * torch.randn(n, device="cuda", generator=g, dtype=logp.dtype)).float()
         lp, en = logp.double().requires_grad_(), entropy.double().requires_grad_()
@@ -374,16 +372,15 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
         return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
                                        logits=logits, config=config)
 
-    lse, _, spz = fwd()
-    ent = lse - spz
+    lse, _, ent = fwd()
 
     def bwd(needs_grad=(True, True, False)):
         return linear_logprobs_backward(h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
                                         needs_grad=needs_grad, logits=logits, config=config)
 
     def fwd_bwd():
-        lse_, _, spz_ = fwd()
-        return linear_logprobs_backward(h, w, None, t, lse_, lse_ - spz_, gl, ge, temperature=1.0,
+        lse_, _, ent_ = fwd()
+        return linear_logprobs_backward(h, w, None, t, lse_, ent_, gl, ge, temperature=1.0,
                                         ignore_index=IGN, needs_grad=(True, True, False), logits=logits,
                                         config=config)
 

@@ -6,11 +6,12 @@ shards, or the uneven ones of `torch.chunk` and DTensor's `Shard(0)`. `hidden`, 
 and every per-token tensor are the same on all ranks. Each rank runs its backend's raw forward on its
 shard (CONTRACT.md, `vocab_start` = its first row's global id) and merges the per-token partials exactly:
 
-    M      = max_r lse_r                                   all_reduce(MAX),  [N]
-    S      = sum_r exp(lse_r - M)                          \\
-    y      = sum_r target_logit_r  (one rank owns y_t)      > one all_reduce(SUM) of a [3, N] stack
-    sum_pz = sum_r exp(lse_r - M) * sum_pz_r / S           /  ([2, N] without entropy)
-    lse    = M + log S
+    M       = max_r lse_r                                      all_reduce(MAX),  [N]
+    S       = sum_r exp(lse_r - M)                             \\
+    y       = sum_r target_logit_r  (one rank owns y_t)         > one all_reduce(SUM) of a [3, N] stack
+    U       = sum_r exp(lse_r - M) * (H_r + M - lse_r)         /  ([2, N] without entropy)
+    lse     = M + log S
+    entropy = U / S + log S         (H_r: shard r's entropy; every term >= 0, so nothing cancels)
 
 `backends.autograd.LinearLogprobsFunction` does this around any backend's raw pair. The backward
 runs the raw backward on the shard with the GLOBAL lse and entropy, which yields this
@@ -138,20 +139,21 @@ def checked_on_every_rank(group, checks, *args, **kwargs):
         raise
 
 
-def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, sum_pz: Optional[torch.Tensor], group):
-    """The global (lse, target_logit, sum_pz | None) from this rank's shard partials; 2 all-reduces."""
+def merge_vocab_partials(lse: torch.Tensor, target_logit: torch.Tensor, entropy: Optional[torch.Tensor], group):
+    """The global (lse, target_logit, entropy | None) from this rank's shard partials; 2 all-reduces."""
     global_max = lse.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     # This shard's sum-exp relative to the global max: in (0, 1], 1 on the shard that holds the max.
     shard_sum_exp = torch.exp(lse - global_max)
     parts = [shard_sum_exp, target_logit]
-    if sum_pz is not None:  # a shard without mass (every logit -inf) adds nothing, whatever its sum_pz
-        parts.append(torch.where(shard_sum_exp == 0, 0.0, shard_sum_exp * sum_pz))  # a NaN stays NaN
+    if entropy is not None:  # a shard without mass (every logit -inf) adds nothing, whatever its entropy
+        weighted = shard_sum_exp * (entropy + (global_max - lse))
+        parts.append(torch.where(shard_sum_exp == 0, 0.0, weighted))  # a NaN stays NaN
     stacked = torch.stack(parts)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-    sum_exp = stacked[0]
-    merged_sum_pz = None if sum_pz is None else stacked[2] / sum_exp
-    return global_max + torch.log(sum_exp), stacked[1], merged_sum_pz
+    log_sum_exp = torch.log(stacked[0])
+    merged_entropy = None if entropy is None else stacked[2] / stacked[0] + log_sum_exp
+    return global_max + log_sum_exp, stacked[1], merged_entropy
 
 
 # ------------------------------------------------------------------------------------ data parallel

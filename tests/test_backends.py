@@ -287,6 +287,25 @@ def test_triton_backend_logprobs_match_reference(problem):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("top_logit", [300.0, 3000.0])
+def test_entropy_of_a_confident_token_does_not_cancel_at_large_logits(backend, top_logit):
+    """Logits near `top_logit` with one far ahead (entropy 1e-4 .. 5e-2): the entropy errs by float32
+    roundings of the sums, 8 eps (sqrt(V) + H), as `_logit_rounding` allows without its eps |z| term.
+    Formed as lse - sum p z, it cancelled to ulp(lse): 3e-5 off at 300, 1.8e-4 at 3000."""
+    generator = torch.Generator().manual_seed(7)
+    vocab = 64
+    logits = top_logit - 8 - 6 * torch.rand(16, vocab, generator=generator)
+    logits[:, 0] = top_logit
+    weight = torch.eye(vocab)  # hidden @ weight.T is the logits, exactly
+    targets = torch.randint(0, vocab, (16,), generator=generator)
+    _, entropy = linear_logprobs(logits.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE), return_entropy=True,
+                                 backend=backend, chunk_vocab=16)
+    exact = -(logits.double().softmax(-1) * logits.double().log_softmax(-1)).sum(-1)
+    bound = 8 * FLOAT32_EPS * (vocab**0.5 + exact)
+    assert_close(entropy, exact, rtol=0, atol=0, allowance=bound, name="entropy")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 3)])
 def test_degenerate_sizes(backend, shape):
     """N=1, V=2, D=1: the smallest problems, with every option on."""

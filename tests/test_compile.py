@@ -161,8 +161,8 @@ def test_custom_ops_pass_opcheck(backend, with_entropy):
     targets[1] = -100
     forward = (hidden, weight, bias, targets, 0.8, -100, 3, with_entropy, backend, 0, 0)
     torch.library.opcheck(torch.ops.rlplus.linear_logprobs_fwd.default, forward)
-    lse, _, sum_pz = torch.ops.rlplus.linear_logprobs_fwd(*forward)
-    entropy, grad_entropy = (lse - sum_pz, torch.randn(n)) if with_entropy else (None, None)
+    lse, _, entropy = torch.ops.rlplus.linear_logprobs_fwd(*forward)
+    entropy, grad_entropy = (entropy, torch.randn(n)) if with_entropy else (None, None)
     for needs in [(True, False, True), (False, True, False)]:
         torch.library.opcheck(torch.ops.rlplus.linear_logprobs_bwd.default,
                               (hidden, weight, bias, targets, lse, entropy, torch.randn(n), grad_entropy,

@@ -308,6 +308,42 @@ def _run_compiled_uneven(rank: int, world: int, device: str) -> float:
     return _error(compiled, step(weight))
 
 
+ENTROPY_BACKENDS = ("torch", "triton") if TRITON_ON_CPU else ("torch",)
+
+
+def _run_large_logit_entropy(rank: int, world: int, device: str) -> dict:
+    """float32 entropy of confident tokens at logits near 3000, the runner-up logits on every shard; per
+    backend, the worst ratio of its error (against float64) to what float32 cannot avoid:
+    - 8 eps (sqrt(V) + H): the rounding of the sums, as single-device tests allow;
+    - sum_r eps |lse_r| |dH/dlse_r|: each shard's float32 lse rounds to about eps |lse_r|, and the merged
+      H = sum_r w_r (H_r + lse - lse_r), w_r = e^(lse_r - lse), has dH/dlse_r = w_r (H_r + lse - lse_r - H).
+    The merge used to form lse - sum p z, which cancels to eps lse (several times this allowance)."""
+    starts = _shard_starts(False, world)
+    vocab = starts[-1]
+    gen = torch.Generator().manual_seed(11)
+    logits = (3000 - 8 - 6 * torch.rand(16, vocab, generator=gen, dtype=torch.float64)).float()
+    logits[:, 0] = 3000
+    targets = torch.randint(0, vocab, (16,), generator=gen)
+    shard_weight = torch.eye(vocab)[starts[rank]:starts[rank + 1]]  # hidden @ shard_weight.T: the shard's logits
+
+    exact_entropy = lambda z: -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)  # noqa: E731
+    z = logits.double()
+    lse, entropy = z.logsumexp(-1), exact_entropy(z)
+    shards = [z[:, a:b] for a, b in zip(starts, starts[1:])]
+    eps = 2.0**-24
+    allowance = 8 * eps * (vocab**0.5 + entropy)
+    for shard in shards:
+        shard_lse = shard.logsumexp(-1)
+        slope = torch.exp(shard_lse - lse) * (exact_entropy(shard) + lse - shard_lse - entropy)
+        allowance = allowance + eps * shard_lse.abs() * slope.abs()
+    ratios = {}
+    for backend in ENTROPY_BACKENDS:
+        _, got = linear_logprobs(logits.to(device), shard_weight.to(device), targets.to(device),
+                                 return_entropy=True, backend=backend, vocab_parallel_group=dist.group.WORLD)
+        ratios[backend] = ((got.double().cpu() - entropy).abs() / allowance).max().item()
+    return ratios
+
+
 FORBIDDEN_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "gather", "broadcast", "all_to_all",
                          "all_to_all_single", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send", "recv")
 
@@ -356,6 +392,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
         results["dp"][f"{loss_agg} {layout}"] = _run_dp_case(loss_agg, layout, rank, world, device)
     results["refusals"] = _run_refusals(rank, world, device)
     results["compiled"] = _run_compiled_uneven(rank, world, device)
+    results["large_logit_entropy"] = _run_large_logit_entropy(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -433,6 +470,14 @@ def test_compiled_step_on_uneven_shards_matches_eager(world):
     size, results = world
     for per_rank in results:
         assert per_rank["compiled"] <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
+def test_merged_entropy_does_not_cancel_at_large_logits(world, backend):
+    size, results = world
+    for rank, per_rank in enumerate(results):
+        ratio = per_rank["large_logit_entropy"][backend]
+        assert ratio <= 1.0, f"rank {rank}: entropy error {ratio:.3g} x the float32 allowance"
 
 
 # ---------------------------------------------------------------------------- single process

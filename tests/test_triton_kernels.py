@@ -69,7 +69,7 @@ def ref_forward(h, w, b, t, *, temperature, vocab_start=0):
     local = t - vocab_start
     inside = (t != IGN) & (local >= 0) & (local < v)
     tl = torch.where(inside, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
-    return z.logsumexp(-1), tl, (z.softmax(-1) * z).sum(-1)
+    return z.logsumexp(-1), tl, -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
 
 
 def ref_backward(h, w, b, t, lse, ent, gl, ge, *, temperature, vocab_start=0):
@@ -126,10 +126,10 @@ def test_forward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
     options = source_options(logits, n)
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
+    lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
                                            **options)
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
-    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
+    r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=0.7)
+    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("entropy", ent, r_ent)):
         assert got.dtype == torch.float32
         check(name, got, ref, FWD_TOL[dtype])
     assert tl[0].item() == 0.0  # ignored row
@@ -145,8 +145,8 @@ def test_forward(shape, dtype, bias, logits):
 def test_backward(shape, dtype, bias, logits):
     n, d, v = shape
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
-    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.3)
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=1.3)
+    lse, ent = r_lse.float(), r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     gh, gw, gb = linear_logprobs_backward(
         h, w, b, t, lse, ent, gl, ge, temperature=1.3, ignore_index=IGN, needs_grad=(True, True, True),
@@ -170,8 +170,8 @@ def test_backward(shape, dtype, bias, logits):
 def test_needs_grad_subsets(needs, grads):
     n, d, v = 7, 40, 300
     h, w, b, t = make_inputs(n, d, v, torch.float32)
-    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=1.0)
+    lse, ent = r_lse.float(), r_ent.float()
     gl = torch.randn(n, device=DEVICE) if grads == "logp" else None
     ge = torch.randn(n, device=DEVICE) if grads == "entropy" else None
     out = linear_logprobs_backward(
@@ -192,17 +192,17 @@ def test_vocab_shard(logits):
     n, d, v_total, v0, v1 = 33, 16, 300, 100, 237
     h, w_full, b_full, t = make_inputs(n, d, v_total, torch.float32, ignored=(0, 5))
     w, b = w_full[v0:v1], b_full[v0:v1]
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0,
+    lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=0.9, ignore_index=IGN, vocab_start=v0,
                                            with_entropy=True, **source_options(logits, n))
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.9, vocab_start=v0)
+    r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=0.9, vocab_start=v0)
     check("lse", lse, r_lse, 2e-5)
     check("target_logit", tl, r_tl, 2e-5)
-    check("sum_pz", spz, r_spz, 2e-5)
+    check("entropy", ent, r_ent, 2e-5)
     inside = ((t >= v0) & (t < v1)).sum().item()
     assert 0 < inside < n - 2, "test needs targets both inside and outside the shard"
     # backward with the global (all-shard) lse / entropy
-    g_lse, _, g_spz = ref_forward(h, w_full, b_full, t, temperature=0.9)
-    glse, gent = g_lse.float(), (g_lse - g_spz).float()
+    g_lse, _, g_ent = ref_forward(h, w_full, b_full, t, temperature=0.9)
+    glse, gent = g_lse.float(), g_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     out = linear_logprobs_backward(h, w, b, t, glse, gent, gl, ge, temperature=0.9, ignore_index=IGN, vocab_start=v0,
                                    logits=logits)
@@ -226,12 +226,12 @@ def test_pipelined_tiles(logits, monkeypatch):
     n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, torch.float16)
     options = dict(source_options(logits, n), config=dict(PIPELINE_TILES=True))
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=0.7)
     got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
                                   **dict(options, config=dict(options["config"], splits=1)))
-    for name, g, ref in zip(("lse", "target_logit", "sum_pz"), got, (r_lse, r_tl, r_spz)):
+    for name, g, ref in zip(("lse", "target_logit", "entropy"), got, (r_lse, r_tl, r_ent)):
         check(name, g, ref, FWD_TOL[torch.float16])
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    lse, ent = r_lse.float(), r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     # one dl chunk (the cuBLAS source's product slices then hold several tiles too)
     out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
@@ -266,8 +266,8 @@ def test_backward_chunks(needs, dtype, logits, chunk_elems):
     grad_weight rows leave cuBLAS per vocabulary chunk through their own fp32 product."""
     n, d, v = 33, 48, 300
     h, w, b, t = make_inputs(n, d, v, dtype)
-    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=1.0)
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=1.0)
+    lse, ent = r_lse.float(), r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     out = linear_logprobs_backward(
         h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN,
@@ -292,8 +292,8 @@ def test_float16_upstream_gradients_far_from_one(upstream, chunk_elems, logits):
     h, w, b, t = make_inputs(n, d, v, torch.float16, bias=upstream < 1)
     if upstream > 1:
         h, w = h * 2.0**-5, w * 2.0**-5
-    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=0.7)
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=0.7)
+    lse, ent = r_lse.float(), r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE) * upstream, torch.randn(n, device=DEVICE) * upstream
     out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
                                    chunk_elems=chunk_elems, logits=logits)
@@ -330,9 +330,9 @@ def test_cublas_backward_rounds_the_product_into_dl_only_where_that_costs_no_pre
     h, w, b, t = make_inputs(n, d, v, dtype, bias=bias)
     if dtype != torch.float32:
         h[:, 0], w[:, 0] = 8.0, 8.0  # exact: z = (64 + the rest) / 0.7
-    r_lse, _, r_spz = ref_forward(h, w, b, t, temperature=0.7)
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=0.7)
     assert dtype == torch.float32 or r_lse.min() > 64
-    lse, ent = r_lse.float(), (r_lse - r_spz).float()
+    lse, ent = r_lse.float(), r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     for chunk_elems in (None, 16 * 256):  # one chunk; token and vocabulary chunks
         out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
@@ -352,13 +352,13 @@ def test_noncontiguous_inputs(logits):
     t = torch.randint(0, v, (2 * n,), device=DEVICE)[::2]
     t[3] = IGN
     assert not (h.is_contiguous() or w.is_contiguous() or b.is_contiguous() or t.is_contiguous())
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+    lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
                                            **source_options(logits, n))
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+    r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=1.0)
     check("lse", lse, r_lse, 2e-5)
     check("target_logit", tl, r_tl, 2e-5)
-    check("sum_pz", spz, r_spz, 2e-5)
-    ent = (r_lse - r_spz).float()
+    check("entropy", ent, r_ent, 2e-5)
+    ent = r_ent.float()
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN, logits=logits)
     for name, got, ref in zip(("hidden", "weight", "bias"),
@@ -371,13 +371,13 @@ def test_noncontiguous_inputs(logits):
 def test_huge_logits_finite(dtype, logits):
     n, d, v = 7, 16, 37
     h, w, b, t = make_inputs(n, d, v, dtype, scale=1e3 if dtype == torch.float16 else 1e5)
-    lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True,
+    lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=0.5, ignore_index=IGN, with_entropy=True,
                                            **source_options(logits, n))
-    r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.5)
-    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("sum_pz", spz, r_spz)):
+    r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=0.5)
+    for name, got, ref in (("lse", lse, r_lse), ("target_logit", tl, r_tl), ("entropy", ent, r_ent)):
         check(name, got, ref, 2e-5)
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    ent = (r_lse - r_spz).float()
+    ent = r_ent.float()
     out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.5, ignore_index=IGN, logits=logits)
     for g in out:
         assert torch.isfinite(g.float()).all()
@@ -405,7 +405,7 @@ def test_a_recomputed_logit_above_the_forwards_lse_is_a_probability_of_one(logit
 @pytest.mark.parametrize("poisoned", ["hidden", "weight"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
 def test_a_nan_logit_makes_the_lse_of_its_rows_nan(logits, poisoned):
-    """A NaN in one hidden row, or in one weight row that no token targets: the lse and sum_pz of every
+    """A NaN in one hidden row, or in one weight row that no token targets: the lse and entropy of every
     row whose logits hold the NaN are NaN, as torch.logsumexp's, not those of the other logits (tl.maximum's
     default, max.f32 on a GPU, returns the operand that is not NaN); the other rows keep their values."""
     n, d, v = 7, 16, 37
@@ -416,11 +416,11 @@ def test_a_nan_logit_makes_the_lse_of_its_rows_nan(logits, poisoned):
         h[2, 5] = float("nan")
     else:
         w[33, 5] = float("nan")
-    lse, target_logit, sum_pz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN,
+    lse, target_logit, entropy = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN,
                                                         with_entropy=True, **source_options(logits, n))
     nan_rows = torch.arange(n, device=DEVICE) == 2 if poisoned == "hidden" else torch.ones(n, dtype=torch.bool,
                                                                                           device=DEVICE)
-    assert torch.equal(lse.isnan(), nan_rows) and torch.equal(sum_pz.isnan(), nan_rows)
+    assert torch.equal(lse.isnan(), nan_rows) and torch.equal(entropy.isnan(), nan_rows)
     torch.testing.assert_close(lse[~nan_rows], clean[0][~nan_rows], rtol=0, atol=0)
     torch.testing.assert_close(target_logit[~nan_rows], clean[1][~nan_rows], rtol=0, atol=0)
 
@@ -580,10 +580,10 @@ def test_raw_op_pair_matches_launchers():
 
     n, d, v = 7, 5, 37
     h, w, b, t = make_inputs(n, d, v, torch.float32)
-    lse, tl, spz = raw_ops.forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True,
+    lse, tl, ent = raw_ops.forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True,
                                    backend="triton")
     r = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, vocab_start=3, with_entropy=True)
-    for a, c in zip((lse, tl, spz), r):
+    for a, c in zip((lse, tl, ent), r):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
     gl = torch.randn(n, device=DEVICE)
     out = raw_ops.backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN, backend="triton",
@@ -664,15 +664,15 @@ def test_tma_only_on_aligned_rows(monkeypatch):
         elif layout == "broadcast":  # one hidden row for every token: row stride 0
             h = h[:1].expand(n, d)
         built.clear()
-        lse, tl, spz = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
+        lse, tl, ent = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
                                                logits="tma")
         gl = torch.randn(n, device=DEVICE)
         gh, gw, gb = linear_logprobs_backward(h, w, b, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
                                               logits="tma")
         assert bool(built) == (expect and supported), (d, layout, built)
-        r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=1.0)
+        r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=1.0)
         check("lse", lse, r_lse, 2e-5)
-        ent = (r_lse - r_spz).float()
+        ent = r_ent.float()
         for name, got, ref in zip(("hidden", "weight", "bias"), (gh, gw, gb),
                                   ref_backward(h, w, b, t, lse, ent, gl, None, temperature=1.0)):
             check(f"grad_{name}", got, ref, 2e-5)
@@ -757,12 +757,12 @@ def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtyp
     monkeypatch.setattr(_config, "family_of", lambda device: family)
     for n, d, v in [(130, 64, 200), (37, 48, 300)]:
         h, w, b, t = make_inputs(n, d, v, dtype, ignored=(3,))
-        lse, target_logit, sum_pz = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN,
+        lse, target_logit, entropy = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN,
                                                             with_entropy=True)
-        r_lse, r_tl, r_spz = ref_forward(h, w, b, t, temperature=0.7)
-        for name, got, ref in (("lse", lse, r_lse), ("target_logit", target_logit, r_tl), ("sum_pz", sum_pz, r_spz)):
+        r_lse, r_tl, r_ent = ref_forward(h, w, b, t, temperature=0.7)
+        for name, got, ref in (("lse", lse, r_lse), ("target_logit", target_logit, r_tl), ("entropy", entropy, r_ent)):
             check(f"{family} {name}", got, ref, FWD_TOL[dtype])
-        ent = (r_lse - r_spz).float()
+        ent = r_ent.float()
         gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
         grads = linear_logprobs_backward(h, w, b, t, r_lse.float(), ent, gl, ge, temperature=0.7, ignore_index=IGN)
         refs = ref_backward(h, w, b, t, r_lse, ent, gl, ge, temperature=0.7)

@@ -34,8 +34,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
             from ..distributed import merge_vocab_partials
 
             partials = merge_vocab_partials(*partials, group=group)
-        lse, target_logit, sum_pz = partials
-        logp, entropy = finish_logprobs(lse, target_logit, sum_pz, targets, options.ignore_index)
+        lse, target_logit, entropy = partials
+        logp, entropy = finish_logprobs(lse, target_logit, entropy, targets, options.ignore_index)
         ctx.options, ctx.raw_backward, ctx.group, ctx.vocab_start = options, raw_backward, group, vocab_start
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.set_materialize_grads(False)

@@ -17,10 +17,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def finish_logprobs(lse, target_logit, sum_pz, targets, ignore_index):
+def finish_logprobs(lse, target_logit, entropy, targets, ignore_index):
     """logp and entropy from the (merged) partials; 0 at ignored rows."""
     active = targets != ignore_index
     zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
     logp = torch.where(active, target_logit - lse, zero)
-    entropy = None if sum_pz is None else torch.where(active, lse - sum_pz, zero)
+    entropy = None if entropy is None else torch.where(active, entropy, zero)
     return logp, entropy

@@ -58,13 +58,13 @@ def linear_logprobs_fwd_body(
     chunk_vocab: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     raw_forward, _ = _implementation(backend, chunk_tokens, chunk_vocab)
-    lse, target_logit, sum_pz = raw_forward(
+    lse, target_logit, entropy = raw_forward(
         hidden, weight, bias, targets,
         temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start, with_entropy=with_entropy,
     )
-    if sum_pz is None:
-        sum_pz = lse.new_empty((0,))
-    return lse, target_logit, sum_pz
+    if entropy is None:
+        entropy = lse.new_empty((0,))
+    return lse, target_logit, entropy
 
 
 # The bodies stay callable as plain functions: a TorchDispatchMode sees a custom op as one op, and a
@@ -143,12 +143,12 @@ torch.library.register_autograd("rlplus::linear_logprobs_bwd", _second_derivativ
 
 def forward(hidden, weight, bias, targets, *, temperature: float, ignore_index: int, vocab_start: int = 0,
             with_entropy: bool, backend: str, chunk_tokens: Optional[int] = None, chunk_vocab: Optional[int] = None):
-    """CONTRACT.md forward through the custom op: (lse, target_logit, sum_pz | None)."""
-    lse, target_logit, sum_pz = torch.ops.rlplus.linear_logprobs_fwd(
+    """CONTRACT.md forward through the custom op: (lse, target_logit, entropy | None)."""
+    lse, target_logit, entropy = torch.ops.rlplus.linear_logprobs_fwd(
         hidden, weight, bias, targets, float(temperature), int(ignore_index), int(vocab_start), bool(with_entropy),
         backend, int(chunk_tokens or 0), int(chunk_vocab or 0),
     )
-    return lse, target_logit, none_if_empty(sum_pz, with_entropy)
+    return lse, target_logit, none_if_empty(entropy, with_entropy)
 
 
 def backward(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *, temperature: float,

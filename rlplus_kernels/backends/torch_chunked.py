@@ -6,7 +6,7 @@ grad_weight accumulator is one chunk):
     for each vocabulary chunk W_c (chunk_vocab rows):
         for each token chunk h_t (chunk_tokens rows):
             z = (h_t @ W_c^T + b_c) / T                      # the only [tokens, vocab]-shaped tensor
-            forward:  online max m, sum-exp s, sum exp(z - m) * z, target logit
+            forward:  online max m, sum-exp s, sum exp(z - m) * (z - m), target logit
             backward: dz = g_logp * (onehot - p) + g_ent * (-p * (log p + H)),  p = exp(z - lse)
                       grad_hidden[t] += dz @ W_c ;  grad_weight[c] += dz^T @ h_t ;  grad_bias[c] += sum dz
 
@@ -75,7 +75,7 @@ def forward(
     chunk_tokens: Optional[int] = None,
     chunk_vocab: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(lse, target_logit, sum_pz | None) over this weight shard, as in CONTRACT.md."""
+    """(lse, target_logit, entropy | None) over this weight shard, as in CONTRACT.md."""
     dtype = compute_dtype(hidden.dtype)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     chunk_tokens = min(chunk_tokens or DEFAULT_CHUNK_TOKENS, n_tokens)
@@ -121,9 +121,11 @@ def forward(
             running_max[t0:t1] = new_max
 
     lse = running_max + torch.log(sum_exp)
-    # a shard whose every logit is -inf (vocabulary parallelism, masked by its bias): lse -inf, sum_pz 0
-    sum_pz = torch.where(sum_exp == 0, 0.0, running_max + sum_exp_shifted / sum_exp) if with_entropy else None
-    return lse, target_logit, sum_pz
+    # log s - sum_exp_shifted / s: two terms >= 0, where lse - sum p*z would cancel to ulp(lse) at large logits.
+    # A shard whose every logit is -inf (vocabulary parallelism, masked by its bias): lse -inf, entropy 0.
+    entropy = (torch.where(sum_exp == 0, 0.0, torch.log(sum_exp) - sum_exp_shifted / sum_exp)
+               if with_entropy else None)
+    return lse, target_logit, entropy
 
 
 def backward(

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import raw_ops  # noqa: F401  registers rlplus::linear_logprobs_bwd, which the backward calls
+from .common import finish_logprobs
 
 
 # --------------------------------------------------------------------------- differentiable op
@@ -26,20 +27,14 @@ def _linear_logprobs_op(
     ignore_index: int,
     with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from rlplus_kernels.kernels.linear_logprobs_fwd import linear_logprobs_forward_parts
+    from rlplus_kernels.kernels.linear_logprobs_fwd import linear_logprobs_forward
 
-    lse, target_logit, _, entropy = linear_logprobs_forward_parts(
+    lse, target_logit, entropy = linear_logprobs_forward(
         hidden, weight, bias, targets,
         temperature=temperature, ignore_index=ignore_index, vocab_start=0, with_entropy=with_entropy,
     )
-    valid = targets != ignore_index
-    logp = torch.where(valid, target_logit - lse, 0.0)
-    if with_entropy:
-        # entropy = log S - T/S from the merged partials (no lse - sum_pz cancellation)
-        entropy = torch.where(valid, entropy, 0.0)
-    else:
-        entropy = lse.new_empty((0,))
-    return logp, entropy, lse
+    logp, entropy = finish_logprobs(lse, target_logit, entropy, targets, ignore_index)
+    return logp, (entropy if with_entropy else lse.new_empty((0,))), lse
 
 
 @_linear_logprobs_op.register_fake
@@ -83,7 +78,7 @@ def triton_linear_logprobs(hidden, weight, bias, targets, *, temperature: float 
                            ignore_index: int = -100, with_entropy: bool = False):
     """Differentiable (logp [N] f32, entropy [N] f32 | None), both 0 at ignored rows.
 
-    logp = target_logit - lse and entropy = lse - sum_pz (computed as log S - T/S); gradients
+    logp = target_logit - lse and entropy as CONTRACT.md's forward gives it; gradients
     flow into hidden, weight and bias for any upstream gradient of either output, and only the
     gradients that autograd asks for are computed.
     """

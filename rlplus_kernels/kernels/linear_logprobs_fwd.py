@@ -1,11 +1,11 @@
-"""Forward of the vocabulary-streaming op: log-sum-exp, target logit and sum p*z per token.
+"""Forward of the vocabulary-streaming op: log-sum-exp, target logit and entropy per token.
 
 Exact computation (CONTRACT.md), never materialising ``z`` for all tokens::
 
     z            = (hidden.float() @ weight.float().T + bias) / temperature
     lse          = z.logsumexp(-1)
     target_logit = z[n, targets[n] - vocab_start] if that is inside this shard, else 0 (0 if ignored)
-    sum_pz       = (z.softmax(-1) * z).sum(-1)
+    entropy      = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
 
 Blocked algorithm (one program = BLOCK_N tokens x one vocabulary split)::
 
@@ -248,12 +248,12 @@ def choose_splits(n_tokens: int, n_vocab: int, block_n: int, block_v: int, devic
 def merge_partials(m, s, t, tz, with_entropy: bool):
     """Merge [splits, N] partials: lse = M + log sum_k s_k e^(m_k - M), and likewise for t.
 
-    Returns (lse, target_logit, sum_pz | None, entropy | None). ``entropy`` is
-    log S - T / S, computed without the cancellation of lse - sum_pz at large logits.
+    Returns (lse, target_logit, entropy | None). ``entropy`` is log S - T / S, a sum of two terms >= 0
+    (T <= 0): no cancellation at large logits, where lse - sum p*z would lose ulp(lse).
     """
     big = m.max(0).values
     # relative to a finite max, as in the kernel: -inf where every logit of this shard is -inf (a
-    # vocabulary-parallel shard masked by its bias), whose lse is then -inf and sum_pz 0, not NaN
+    # vocabulary-parallel shard masked by its bias), whose lse is then -inf and entropy 0, not NaN
     big = torch.where(big == float("-inf"), 0.0, big)
     shift = (m - big).clamp(min=LOG_P_FLOOR.value)  # floored as in the kernel: s * shift stays finite
     scale = torch.exp(shift)
@@ -261,10 +261,10 @@ def merge_partials(m, s, t, tz, with_entropy: bool):
     lse = big + torch.log(s_tot)
     target_logit = tz.sum(0)
     if not with_entropy:
-        return lse, target_logit, None, None
+        return lse, target_logit, None
     t_tot = ((t + s * shift) * scale).sum(0)
-    mean_zc = torch.where(s_tot == 0, 0.0, t_tot / s_tot)  # NaN stays NaN
-    return lse, target_logit, big + mean_zc, torch.log(s_tot) - mean_zc
+    entropy = torch.where(s_tot == 0, 0.0, torch.log(s_tot) - t_tot / s_tot)  # NaN stays NaN
+    return lse, target_logit, entropy
 
 
 def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperature, ignore_index, vocab_start,
@@ -324,7 +324,7 @@ def _forward_from_products(h, w, b, targets, cfg, chunk_elems, **launch):
 
 
 def forward_from_product(h, w, b, targets, prod, cfg, **launch):
-    """Merged (lse, target_logit, sum_pz, entropy) of logits whose matmul part `prod` (fp32 [N, V], the
+    """Merged (lse, target_logit, entropy | None) of logits whose matmul part `prod` (fp32 [N, V], the
     product h @ w^T from cuBLAS) holds for all of w's rows: one launch, its splits merged."""
     splits, per_split = choose_splits(h.shape[0], w.shape[0], cfg.BLOCK_N, cfg.BLOCK_V, h.device,
                                       min_splits=1, waves=4)
@@ -334,7 +334,7 @@ def forward_from_product(h, w, b, targets, prod, cfg, **launch):
                           launch["with_entropy"])
 
 
-def linear_logprobs_forward_parts(
+def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -348,10 +348,12 @@ def linear_logprobs_forward_parts(
     logits: Optional[str] = None,
     chunk_elems: Optional[int] = None,
 ):
-    """Launch the kernel and merge the splits; returns (lse, target_logit, sum_pz, entropy).
+    """CONTRACT.md forward: (lse [N], target_logit [N], entropy [N] | None), float32; the kernel's splits merged.
 
-    ``logits`` picks the logits source ("fused", "tma" or "cublas", default env ``RLPLUS_LOGITS`` or fused);
-    ``chunk_elems`` bounds the cuBLAS path's fp32 product (default 2^26 elements).
+    ``config`` overrides the launch table (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages,
+    GROUP_N, PIPELINE_TILES, splits); tests use it to run small tiles under the interpreter. ``logits`` picks
+    the logits source ("fused", "tma" or "cublas", default env ``RLPLUS_LOGITS`` or fused); ``chunk_elems``
+    bounds the cuBLAS path's fp32 product (default 2^26 elements).
     """
     n_tokens, dim = hidden.shape
     n_vocab = weight.shape[0]
@@ -362,7 +364,7 @@ def linear_logprobs_forward_parts(
     out_shape = (n_tokens,)
     if n_tokens == 0:
         z = torch.zeros(out_shape, device=device, dtype=torch.float32)
-        return z, z.clone(), (z.clone() if with_entropy else None), (z.clone() if with_entropy else None)
+        return z, z.clone(), (z.clone() if with_entropy else None)
     check_interpreter()
     h = kernel_operand(hidden)
     w = kernel_operand(weight)
@@ -389,31 +391,3 @@ def linear_logprobs_forward_parts(
         _launch(h, w, b, targets, parts, None, per_split, splits, cfg, descriptors=descriptors, autotune=autotune,
                 **launch)
     return merge_partials(parts[0], parts[1], parts[3] if with_entropy else None, parts[2], with_entropy)
-
-
-def linear_logprobs_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    targets: torch.Tensor,
-    *,
-    temperature: float,
-    ignore_index: int,
-    vocab_start: int = 0,
-    with_entropy: bool,
-    config: Optional[dict] = None,
-    logits: Optional[str] = None,
-    chunk_elems: Optional[int] = None,
-):
-    """CONTRACT.md forward: (lse [N], target_logit [N], sum_pz [N] | None), float32.
-
-    ``config`` overrides the launch table (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages,
-    GROUP_N, PIPELINE_TILES, splits); tests use it to run small tiles under the interpreter. ``logits`` and
-    ``chunk_elems`` as in ``linear_logprobs_forward_parts``.
-    """
-    lse, target_logit, sum_pz, _ = linear_logprobs_forward_parts(
-        hidden, weight, bias, targets,
-        temperature=temperature, ignore_index=ignore_index, vocab_start=vocab_start,
-        with_entropy=with_entropy, config=config, logits=logits, chunk_elems=chunk_elems,
-    )
-    return lse, target_logit, sum_pz

@@ -118,12 +118,12 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
             n1 = min(n0 + slice_rows, c1)
             h_s, t_s = h_k[n0:n1], targets[n0:n1]
             prod = mm_fp32(h_s, w_k.t(), out=padded_matrix(product, n1 - n0, n_vocab))
-            lse, target_logit, _, ent = forward_from_product(h_s, w_k, b_k, t_s, prod, cfg, vocab_start=0,
+            lse, target_logit, ent = forward_from_product(h_s, w_k, b_k, t_s, prod, cfg, vocab_start=0,
                                                              with_entropy=with_entropy, **launch)
-            logp_s, _ = finish_logprobs(lse, target_logit, None, t_s, ignore_index)
+            logp_s, ent_s = finish_logprobs(lse, target_logit, ent, t_s, ignore_index)
             logp[n0:n1] = logp_s
             if with_entropy:
-                entropy[n0:n1] = torch.where(t_s != ignore_index, ent, 0.0)
+                entropy[n0:n1] = ent_s
             loss_s, dloss_dlogp, stats_s = rlplus_head_forward(
                 logp_s, entropy[n0:n1] if entropy_coef != 0 else None, advantages[n0:n1],
                 *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
