@@ -144,13 +144,25 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
 
 
 # ----------------------------------------------------------------------------- timing
-def bench(fn, rep=200):
+MIN_SAMPLES = 10
+
+
+def bench(fn, rep=200, grad_to_none=None):
+    """Quantiles (ms) of fn over at least `rep` ms and MIN_SAMPLES calls: do_bench repeats a call rep / its
+    estimate times, which is once for a 160 ms fwd+bwd at the bar's shape, where p20 = p50 = p80 would say nothing."""
     import triton
 
     fn()
     torch.cuda.synchronize()
-    q = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return dict(p50=q[0], p20=q[1], p80=q[2])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    one_call_ms = max(start.elapsed_time(end), 1e-3)
+    rep = max(rep, MIN_SAMPLES * one_call_ms)
+    q = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+    return dict(p50=q[0], p20=q[1], p80=q[2], samples=max(1, int(rep / one_call_ms)))
 
 
 def kernel_breakdown(fn, top=12):
@@ -205,8 +217,11 @@ def peak_extra_mb(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+NAIVE_OUT_OF_MEMORY = "out of memory"
+
+
 def naive_peak_extra_mb(h, w, t, gl, ge):
-    """peak_extra_mb of the naive forward+backward (its gradients of h and w included); inf when out of memory."""
+    """peak_extra_mb of the naive forward+backward (its gradients of h and w included), or NAIVE_OUT_OF_MEMORY."""
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
 
     def fwd_bwd():
@@ -216,7 +231,7 @@ def naive_peak_extra_mb(h, w, t, gl, ge):
     try:
         return peak_extra_mb(fwd_bwd)
     except torch.cuda.OutOfMemoryError:
-        return float("inf")
+        return NAIVE_OUT_OF_MEMORY
     finally:
         del hr, wr
         torch.cuda.empty_cache()
@@ -224,10 +239,15 @@ def naive_peak_extra_mb(h, w, t, gl, ge):
 
 def record_memory(res, peak_mb, h, w, naive_mb=None):
     """The issue's memory figure: MiB beyond the inputs and the gradients of h and w (which every
-    implementation returns), ours and naive's, in MiB (bytes / 2^20) throughout."""
+    implementation returns), ours and naive's, in MiB (bytes / 2^20) throughout. `naive_mb` None: not measured;
+    NAIVE_OUT_OF_MEMORY is recorded as such, with no fraction. Naive's gradients come after its peak (mid-backward), so
+    taking them off its peak too understates naive by grads_mb: the fraction errs against us, by 3 % of itself at
+    the bar's shape."""
     grads_mb = (h.numel() + w.numel()) * h.element_size() / 2**20
     res.update(ours_peak_extra_mb=peak_mb, grads_mb=grads_mb, ours_beyond_grads_mb=peak_mb - grads_mb)
-    if naive_mb is not None:
+    if naive_mb == NAIVE_OUT_OF_MEMORY:
+        res.update(naive_peak_extra_mb=None, naive_error=naive_mb)
+    elif naive_mb is not None:
         res.update(naive_peak_extra_mb=naive_mb, naive_beyond_grads_mb=naive_mb - grads_mb,
                    memory_fraction_of_naive=(peak_mb - grads_mb) / (naive_mb - grads_mb))
 
@@ -394,12 +414,17 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
         try:
             res["naive_fwd_bwd"] = bench(lambda: torch.autograd.backward(
-                [x.sum() for x in naive(hr, wr, None, t, 1.0)]), max(20, rep // 4))
+                [x.sum() for x in naive(hr, wr, None, t, 1.0)]), max(20, rep // 4), grad_to_none=[hr, wr])
         except torch.cuda.OutOfMemoryError:
             res["naive_fwd_bwd"] = None
         del hr, wr
         torch.cuda.empty_cache()
     return res
+
+
+def timing_shapes(quick: bool) -> list:
+    """(N, D, V) of the timings, the issue's bar (N=16384) first."""
+    return [(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)]
 
 
 def main():
@@ -438,10 +463,11 @@ def main():
     checks, timings, errors = [], [], []
 
     def save():  # after every case: a run cut short by the device's time limit keeps what it measured
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.json:  # written aside, then renamed: a kill mid-write leaves the previous file whole
+            with open(args.json + ".tmp", "w") as f:
                 json.dump(dict(info=info, checks=checks, timings=timings, errors=errors,
                                ok=bool(checks) and not errors and all(r["ok"] for r in checks)), f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
     def attempt(what, fn):
         """fn(), or None with the error recorded: one logits source that fails (TMA has never run on a
@@ -463,6 +489,14 @@ def main():
         if not args.quick:
             loss_checks.append((16384, 4096, 151936, torch.bfloat16))
         check_cases = []  # the launchers' checks and timings are the other mode's
+        # the bar's shape first, and timings before checks: a step cut by the time limit loses the least
+        for (n, d, v), (schedule, logits) in ((shape, run) for shape in timing_shapes(args.quick) for run in runs):
+            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}",
+                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile))
+            if timing is not None:
+                timings.append(timing)
+                print(json.dumps(timing), flush=True)
+                save()
         references = {}  # per shape, shared by the runs
         for (n, d, v, dtype), (schedule, logits) in ((case, run) for case in loss_checks for run in runs):
             rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}",
@@ -476,16 +510,15 @@ def main():
                 references.pop(next(iter(references)))
         references.clear()
         torch.cuda.empty_cache()
-        for (n, d, v), (schedule, logits) in ((shape, run) for run in runs
-                                               for shape in ([(4096, 4096, 151936)] if args.quick
-                                                             else [(4096, 4096, 151936), (16384, 4096, 151936)])):
-            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}",
-                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile))
-            if timing is not None:
-                timings.append(timing)
-                print(json.dumps(timing), flush=True)
-                save()
         sources = []
+
+    for (n, d, v), logits in ((shape, logits) for shape in timing_shapes(args.quick) for logits in sources):
+        timing = attempt(f"timing {logits} {(n, d, v)}", lambda: time_and_memory(
+            n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile, config))
+        if timing is not None:
+            timings.append(timing)
+            print(json.dumps(timing), flush=True)
+            save()
 
     for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()
@@ -498,15 +531,6 @@ def main():
         print(f"check {logits:6} {rows[0]['shape']:>20} {rows[0]['dtype']:9} bias={case[4]!s:5}{upstream} "
               f"{'OK ' if all(r['ok'] for r in rows) else 'FAIL'} worst {worst['out']} rel {worst['rel_err']:.2e} "
               f"(tol {worst['tol']:.0e}, ref {worst['ref']}) [{time.time() - t0:.1f}s]", flush=True)
-
-    timing_cases = [(4096, 4096, 151936), (16384, 4096, 151936)] if not args.quick else [(4096, 4096, 151936)]
-    for (n, d, v), logits in ((shape, logits) for logits in sources for shape in timing_cases):
-        timing = attempt(f"timing {logits} {(n, d, v)}", lambda: time_and_memory(
-            n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile, config))
-        if timing is not None:
-            timings.append(timing)
-            print(json.dumps(timing), flush=True)
-            save()
 
     print("\n=== summary (" + ", ".join(f"{k} {v}" for k, v in info.items()) + ") ===")
     print(f"{'correctness':12} {'logits':6} {'shape':>20} {'dtype':9} {'worst output':14} {'rel err':>9} {'tol':>7} ok")

@@ -124,14 +124,25 @@ def test_a_vocabulary_masked_by_its_bias(backend, source, temperature, masked, m
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shift", [100.0, -100.0])
-def test_log_ratios_of_100_stay_finite(backend, shift):
+def test_log_ratios_of_100_are_clamped_as_the_reference_clamps_them(backend, shift):
+    """Log-ratios of +-100 meet SPEC's clamps at +-20: the PPO ratio's and the KL's on both sides, the MIS
+    weight's log w = 100 at shift 100 (log w <= 20; no mis_clip_max to hide it). Finite, and the reference's
+    values and gradients."""
     hidden, weight = leaf(6, 4), leaf(9, 4)
     targets = torch.randint(0, 9, (6,))
     logp = linear_logprobs(hidden.detach(), weight.detach(), targets)
-    out = rlplus_loss(hidden, weight, targets, torch.randn(6), logp - shift, behavior_logprobs=logp + shift,
-                      external_mask=torch.arange(6) % 2 == 0, kl_coef=0.5, ref_logprobs=logp + shift,
-                      clip_eps_low=None, clip_eps_high=None, backend=backend)
+    args = (targets, torch.randn(6), logp - shift)
+    kwargs = dict(behavior_logprobs=logp - shift, external_mask=torch.arange(6) % 2 == 0, kl_coef=0.5,
+                  ref_logprobs=logp + shift, clip_eps_low=None, clip_eps_high=None, mis_clip_max=None)
+    out = rlplus_loss(hidden, weight, *args, backend=backend, **kwargs)
+    h, w = reference_inputs(hidden, weight)
+    ref = rlplus_loss_reference(h, w, *args, **kwargs)
+    value_tol, grad_tol = TOLERANCES[torch.float32]["value"], TOLERANCES[torch.float32]["grad"]
+    assert_close(out.loss.detach(), ref.loss.detach(), rtol=value_tol[0], atol=value_tol[1], name="loss")
     _finite_everywhere(out, (hidden, weight))
+    ref.loss.backward()
+    for name, leaf_, ref_leaf in (("hidden", hidden, h), ("weight", weight, w)):
+        assert_grad_close(leaf_.grad, ref_leaf.grad, rtol=grad_tol, name=f"grad_{name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
