@@ -139,6 +139,18 @@ def test_forward(shape, dtype, bias, logits):
     torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("logits", LOGITS)
+def test_forward_streams_several_vocabulary_tiles_per_split(logits):
+    """V = 3000 under the default launch: 47 tiles of 64 columns in 32 splits (16 on the cuBLAS source), so a
+    split's running max, sum-exp and entropy sum move from tile to tile, as at any real vocabulary. The
+    shapes above (V <= 300) give every split one tile."""
+    n, d, v = 9, 32, 3000
+    h, w, b, t = make_inputs(n, d, v, torch.float32)
+    got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True, logits=logits)
+    for name, g, ref in zip(("lse", "target_logit", "entropy"), got, ref_forward(h, w, b, t, temperature=0.7)):
+        check(name, g, ref, FWD_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("logits,shape", SOURCE_SHAPES)
@@ -301,6 +313,22 @@ def test_float16_upstream_gradients_far_from_one(upstream, chunk_elems, logits):
     for name, got, ref in zip(("hidden", "weight", "bias")[: 3 if b is not None else 2], out, refs):
         # in units of the upstream gradient, so that check's absolute 1e-6 stays below float16's resolution
         check(f"grad_{name} / {upstream}", got.double() / upstream, ref / upstream, BWD_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("logits", LOGITS)
+def test_float16_dl_scale_covers_an_entropy_only_upstream(logits):
+    """An entropy bonus where every advantage is 0: only grad_entropy reaches the backward. Its term alone,
+    |g_ent| (1/e + H) / T, must size the float16 dl scale: from the logp term (0) the scale would be 2^12 and
+    the stored dl (up to 256 * 0.4 / 0.7 here) would overflow."""
+    n, d, v = 33, 16, 500
+    h, w, b, t = make_inputs(n, d, v, torch.float16, bias=False)
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=0.7)
+    lse, ent = r_lse.float(), r_ent.float()
+    ge = torch.randn(n, device=DEVICE) * 256
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, None, ge, temperature=0.7, ignore_index=IGN, logits=logits)
+    refs = ref_backward(h, w, b, t, lse, ent, None, ge, temperature=0.7)
+    for name, got, ref in zip(("hidden", "weight"), out, refs):
+        check(f"grad_{name}", got, ref, BWD_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype,bias,in_dl", [(torch.bfloat16, False, True), (torch.float32, True, True),
