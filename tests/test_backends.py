@@ -94,11 +94,12 @@ def _curvature_allowances(head_loss, hidden, weight, bias, targets, temperature,
     return [None if x is None or grads is None else next(grads).abs() for x in leaves]
 
 
-def _allowances(problem, hidden, weight, bias, targets, head_loss, grad_logp, grad_entropy):
+def _allowances(problem, backend, hidden, weight, bias, targets, head_loss, grad_logp, grad_entropy):
     if problem.dtype == torch.float64:
         return [None] * 3
     temperature = problem.options["temperature"]
-    rounding = dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature)
+    rounding = dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature,
+                                     backend=backend)
     if head_loss is None:
         return rounding
     delta = _logit_rounding(hidden, weight, bias, targets, temperature)
@@ -150,7 +151,7 @@ def check_rlplus_loss(problem, backend):
     grads = torch.autograd.grad(out.loss * scale, leaves)
     ref_grads = torch.autograd.grad(ref.loss * scale, ref_leaves)
     head_loss = lambda logp, entropy: scale * head(logp, entropy).loss  # noqa: E731
-    allowances = _allowances(problem, hidden, weight, bias, targets, head_loss, *_per_token_upstream(
+    allowances = _allowances(problem, backend, hidden, weight, bias, targets, head_loss, *_per_token_upstream(
         head_loss, hidden, weight, bias, targets, problem.options["temperature"]))
     for name, g, rg, allowance, leaf in zip(["hidden", "weight", "bias"], grads, ref_grads, allowances, leaves):
         assert g.dtype == leaf.dtype, f"grad {name} dtype {g.dtype} != input dtype {leaf.dtype}"
@@ -180,7 +181,7 @@ def check_linear_logprobs(problem, backend):
     upstream = tuple(torch.randn(r.shape, generator=g, dtype=r.dtype).to(r.device) for r in ref)
     grads = torch.autograd.grad((logp, entropy), leaves, tuple(u.to(logp.dtype) for u in upstream))
     ref_grads = torch.autograd.grad(ref, ref_leaves, upstream)
-    allowances = _allowances(problem, hidden, weight, bias, targets, None, *upstream)  # linear: no curvature
+    allowances = _allowances(problem, backend, hidden, weight, bias, targets, None, *upstream)  # linear: no curvature
     for name, g, rg, allowance in zip(["hidden", "weight", "bias"], grads, ref_grads, allowances):
         assert_grad_close(g, rg, rtol=tol["grad"], name=f"grad_{name}", allowance=allowance)
 
