@@ -27,6 +27,13 @@ if hasattr(torch._functorch.config, "enable_autograd_cache"):
 os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
 
 
+# The half-precision gradient bounds (helpers.dot_product_allowance) assume GEMMs that accumulate in float32 and
+# round once; cuBLAS may also reduce split-K partial sums in half precision unless told not to.
+if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
