@@ -269,6 +269,16 @@ def _measure_cpu(call, repeats) -> dict:
     return rec
 
 
+def cuda_call_ms(call) -> float:
+    """The device time of one call (ms, at least 1e-3), to size a timing run."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
 def _measure_cuda(call, repeats) -> dict:
     torch.cuda.synchronize()
     gc.collect()
@@ -278,13 +288,7 @@ def _measure_cuda(call, repeats) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - m0 - _nbytes(out)
     del out
-    # one timed call to size the run: about 1 s of repeats, at least `repeats`
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    call()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
+    est = cuda_call_ms(call)  # sizes the run: about 1 s of repeats, at least `repeats`
     try:
         from triton.testing import do_bench
         rep = max(repeats * est, 500.0)
