@@ -10,7 +10,7 @@ import torch
 
 from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, LargestAllocation, assert_close, assert_grad_close,
                      reference_inputs)
-from reference import rlplus_loss_reference
+from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
 BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
@@ -313,6 +313,25 @@ def test_a_second_derivative_is_refused_with_a_reason(backend):
     torch.testing.assert_close(grad.detach(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(NotImplementedError, match="first derivatives .* only"):
         grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_entropy_only_loss_has_the_references_gradients(backend):
+    """Only the entropy reaches the loss (an entropy bonus on its own): the backward's path without a
+    log-prob gradient, against the reference (float64 on the torch backend, float32 on Triton's)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    hidden, weight, bias = leaf(6, 16, dtype=dtype), leaf(11, 16, dtype=dtype), leaf(11, dtype=dtype)
+    targets = torch.randint(0, 11, (6,))
+    targets[2] = -100
+    _, entropy = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, backend=backend,
+                                 chunk_tokens=4, chunk_vocab=5)
+    assert entropy[2] == 0
+    grads = torch.autograd.grad(entropy.sum(), (hidden, weight, bias))
+    h, w, b = reference_inputs(hidden, weight, bias)
+    _, ref_entropy = linear_logprobs_reference(h, w, targets, bias=b, return_entropy=True)
+    ref_grads = torch.autograd.grad(ref_entropy.sum(), (h, w, b))
+    for name, g, rg in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert_grad_close(g, rg, rtol=TOLERANCES[dtype]["grad"], name=f"grad_{name}")
 
 
 def test_linear_logprobs_under_no_grad_is_detached():

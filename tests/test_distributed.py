@@ -540,6 +540,26 @@ def test_group_without_initialised_torch_distributed_is_refused():
         global_token_count(targets >= 0, group=object())
 
 
+def test_a_refusal_that_cannot_reach_the_other_ranks_is_still_this_ranks_own(monkeypatch):
+    """A bad input with a group: without torch.distributed initialised nothing is exchanged, and where the
+    exchange itself fails, the rank still raises its own error, with a note that the others were not told."""
+    from rlplus_kernels import distributed
+
+    weight, targets = torch.randn(7, HIDDEN), torch.randint(0, 7, (4,))
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        linear_logprobs("not a tensor", weight, targets, vocab_parallel_group=object())
+
+    def exchange_fails(*args):
+        raise RuntimeError("store down")
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "_exchange", exchange_fails)
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor") as refused:
+        linear_logprobs("not a tensor", weight, targets, vocab_parallel_group=object())
+    if hasattr(refused.value, "add_note"):  # Python >= 3.11
+        assert any("could not be told" in note and "store down" in note for note in refused.value.__notes__)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_all_scenarios_on_cuda(size, tmp_path):

@@ -544,6 +544,36 @@ def test_build_group_batch(padding_side):
     assert b.attention_mask[4, side] == 0
 
 
+def test_build_group_batch_takes_tensors_and_a_rewards_matrix():
+    b = build_group_batch([torch.tensor([5, 6])], [[torch.tensor([7]), [8, 9]]], torch.tensor([[1.0, 0.0]]),
+                          device="cpu")
+    assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
+    assert b.loss_mask.tolist() == [[False, False, True, False], [False, False, True, True]]
+    assert b.advantages.tolist() == [0.5, -0.5]
+
+
+BAD_GROUPS = [  # (keyword overrides of a good call, the error, words of its message)
+    (dict(padding_side="top"), ValueError, "padding_side must be 'right' or 'left'"),
+    (dict(completions=[[[7]], [[8]]]), ValueError, r"completions must hold one list per prompt \(1\), got 2"),
+    (dict(rewards=[[1.0], [0.0]]), ValueError, r"rewards must hold one list per prompt \(1\), got 2"),
+    (dict(external_completions=[[[9]], [[9]]]), ValueError, "external_completions must hold one list per prompt"),
+    (dict(external_rewards=[[1.0]]), ValueError, "external_rewards given without external_completions"),
+    (dict(rewards=[[1.0]]), ValueError, "prompt 0: 2 completions but 1 rewards"),
+    (dict(external_completions=[[[9]]], external_rewards=[[1.0, 0.0]]), ValueError,
+     "prompt 0: 1 external completions but 2 rewards"),
+    (dict(prompts=[], completions=[], rewards=[]), ValueError, "no sequences"),
+    (dict(prompts=[torch.tensor([[5, 6]])]), TypeError, "prompts\\[0\\] must be a 1-D integer tensor"),
+    (dict(completions=[7]), TypeError, r"completions\[0\] must be a list"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,words", BAD_GROUPS, ids=[w for _, _, w in BAD_GROUPS])
+def test_build_group_batch_names_what_is_wrong(overrides, error, words):
+    good = dict(prompts=[[5, 6]], completions=[[[7], [8, 9]]], rewards=[[1.0, 0.0]])
+    with pytest.raises(error, match=words):
+        build_group_batch(**{**good, **overrides})
+
+
 @pytest.mark.parametrize("loss_agg", ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batching_does_not_change_the_step(loss_agg):
     """Gradient accumulation with a global normalizer: the loss, every metric and the update of one
@@ -617,6 +647,20 @@ def test_a_non_finite_step_is_skipped_not_applied(poisoned):
         metrics = trainer.step(batch)
         assert metrics["skipped_step"] == 0 and trainer.num_steps == 1 and math.isfinite(metrics["loss"])
         assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_the_lr_scheduler_steps_with_the_optimizer_only():
+    """lr_scheduler steps after every optimizer step, and not after a step skipped as non-finite."""
+    model = make_model("qwen2", tied=True, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = RLPlusTrainer(model, optimizer,
+                            lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5))
+    batch = build_group_batch([[5, 6]], [[[7, 2], [8, 2]]], [[1.0, 0.0]]).model_inputs()
+    assert trainer.step(batch)["skipped_step"] == 0
+    assert optimizer.param_groups[0]["lr"] == 5e-4
+    bad = dict(batch, advantages=torch.full_like(batch["advantages"], float("nan")))
+    assert trainer.step(bad)["skipped_step"] == 1
+    assert optimizer.param_groups[0]["lr"] == 5e-4
 
 
 def test_training_raises_logprob_of_rewarded_completions():
