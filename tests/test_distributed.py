@@ -308,6 +308,18 @@ def _run_compiled_uneven(rank: int, world: int, device: str) -> float:
     return _error(compiled, step(weight))
 
 
+def _run_outside_the_group(rank: int, device: str) -> str:
+    """linear_logprobs with a group of rank 0 alone: rank 0 computes its vocabulary alone, every other rank, not
+    in the group, is refused (its shard would otherwise be taken as a whole vocabulary)."""
+    group = dist.new_group([0])  # a collective: every rank creates it
+    hidden, weight = torch.randn(4, HIDDEN, device=device), torch.randn(7, HIDDEN, device=device)
+    try:
+        linear_logprobs(hidden, weight, torch.randint(0, 7, (4,), device=device), vocab_parallel_group=group)
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
 ENTROPY_BACKENDS = ("torch", "triton") if TRITON_ON_CPU else ("torch",)
 
 
@@ -393,6 +405,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["refusals"] = _run_refusals(rank, world, device)
     results["compiled"] = _run_compiled_uneven(rank, world, device)
     results["large_logit_entropy"] = _run_large_logit_entropy(rank, world, device)
+    results["outside_group"] = _run_outside_the_group(rank, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -470,6 +483,13 @@ def test_compiled_step_on_uneven_shards_matches_eager(world):
     size, results = world
     for per_rank in results:
         assert per_rank["compiled"] <= TOL[torch.float32]
+
+
+def test_a_rank_outside_the_group_is_refused(world):
+    size, results = world
+    assert results[0]["outside_group"] == "no error"
+    for rank in range(1, size):
+        assert "vocab_parallel_group does not contain this process" in results[rank]["outside_group"], rank
 
 
 @pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
