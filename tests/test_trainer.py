@@ -6,9 +6,11 @@ those logits; the wrapper instead runs the backbone and streams the head.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip(
     "transformers", reason="the trainer wrapper needs transformers (pip install rlplus-kernels[train])")
@@ -276,6 +278,36 @@ def test_refuses_soft_capped_and_scaled_logits():
         num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625))
     with pytest.raises(ValueError, match="logit_scale"):
         check_plain_linear_head(cohere)
+
+
+class _StubModel(nn.Module):
+    """A model with an nn.Linear head and the given config, for check_plain_linear_head alone."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.head = nn.Linear(8, VOCAB, bias=False)
+        if config is not None:
+            self.config = config
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("config,refused", [
+    (SimpleNamespace(text_config=SimpleNamespace(final_logit_softcapping=30.0)), True),  # a multimodal config
+    (SimpleNamespace(text_config={"final_logit_softcapping": 30.0}), True),  # its text config kept as a dict
+    (SimpleNamespace(text_config={"final_logit_softcapping": None}), False),
+    (SimpleNamespace(logits_scaling=1.0, logit_scale=1), False),  # scales of 1 change nothing
+    (SimpleNamespace(logit_scale=2), True),
+    (None, False),  # no config at all: verify_head is the check
+], ids=["text_config", "text_config-dict", "dict-unset", "scales-of-1", "scale-2", "no-config"])
+def test_logit_post_processing_is_found_in_the_text_config_too(config, refused):
+    model = _StubModel(config)
+    if refused:
+        with pytest.raises(ValueError, match="not a plain linear map"):
+            check_plain_linear_head(model)
+    else:
+        check_plain_linear_head(model)
 
 
 def test_verify_head_catches_undeclared_postprocessing():

@@ -64,8 +64,8 @@ def _configs(model: nn.Module) -> list[Any]:
     out = [config]
     for sub in ("text_config", "decoder"):
         sub_config = getattr(config, sub, None)
-        if sub_config is not None and not isinstance(sub_config, (dict, str)):
-            out.append(sub_config)
+        if sub_config is not None and not isinstance(sub_config, str):
+            out.append(sub_config)  # an object, or a dict as some multimodal configs keep it
     return out
 
 
@@ -78,7 +78,7 @@ def check_plain_linear_head(model: nn.Module) -> None:
     """
     for config in _configs(model):
         for attr, (what, needed) in _LOGIT_POSTPROCESSING.items():
-            value = getattr(config, attr, None)
+            value = config.get(attr) if isinstance(config, dict) else getattr(config, attr, None)
             if value is None or value is False:
                 continue
             is_scale = "cap" not in attr  # a soft-cap is harmless only when unset, a scale also at 1
