@@ -439,6 +439,23 @@ def test_bad_inputs_are_named_before_any_work():
             build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
 
 
+@pytest.mark.parametrize("call,error,words", [
+    (lambda m, ids: target_mask(ids, attention_mask=[[1, 1]]), TypeError, "attention_mask must be a torch.Tensor"),
+    (lambda m, ids: target_mask([[1, 2]], None), TypeError, "input_ids must be a torch.Tensor"),
+    (lambda m, ids: target_mask(ids[:, :1], None), ValueError, "at least 2 positions"),
+    (lambda m, ids: rlplus_model_loss(m, ids, None, None, None), TypeError, "advantages must be a torch.Tensor"),
+    (lambda m, ids: RLPlusTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1), max_grad_norm="1"), ValueError,
+     "max_grad_norm must be a positive number or None"),
+    (lambda m, ids: RLPlusTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1)).step({"input_ids": ids}), ValueError,
+     r"batch lacks \['advantages'\]"),
+], ids=["attention_mask-list", "input_ids-list", "one-position", "advantages-None", "max_grad_norm-string",
+        "batch-without-advantages"])
+def test_wrapper_refusals_name_the_argument(call, error, words):
+    model = make_model("qwen2", tied=True, dtype=torch.float32)
+    with pytest.raises(error, match=words):
+        call(model, torch.randint(3, VOCAB, (2, 5)))
+
+
 class CountBackboneRuns:
     """Counts the input-embedding lookups of `model` (one per backbone forward)."""
 

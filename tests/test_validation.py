@@ -84,6 +84,11 @@ CASES = [
     ("string return_entropy", good(return_entropy="no"), TypeError, "return_entropy"),
     ("per-sequence advantages wrong length", batched(advantages=torch.randn(3)), ValueError, "advantages"),
     ("string gamma", good(gamma="0.5"), TypeError, "gamma"),
+    ("advantages None", good(advantages=None), TypeError, "advantages must be a torch.Tensor, got None"),
+    ("boolean normalizer tensor", good(normalizer=torch.tensor(True)), TypeError,
+     "normalizer must be a real number tensor"),
+    ("cu_seqlens on meta", good(cu_seqlens=torch.tensor([0, N], device="meta")), ValueError, "cu_seqlens is on meta"),
+    ("normalizer on meta", good(normalizer=torch.tensor(3.0, device="meta")), ValueError, "normalizer is on meta"),
     *[(f"{value} {name}", good(**{name: float(value)}), ValueError, name)
       for name in ("kl_coef", "gamma", "entropy_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max")
       for value in ("nan", "inf")],
