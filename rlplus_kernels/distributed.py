@@ -11,7 +11,8 @@ shard (CONTRACT.md, `vocab_start` = its first row's global id) and merges the pe
     y       = sum_r target_logit_r  (one rank owns y_t)         > one all_reduce(SUM) of a [3, N] stack
     U       = sum_r exp(lse_r - M) * (H_r + M - lse_r)         /  ([2, N] without entropy)
     lse     = M + log S
-    entropy = U / S + log S         (H_r: shard r's entropy; every term >= 0, so nothing cancels)
+    entropy = U / S + log S         (H_r: shard r's entropy; every term >= 0, so nothing cancels, and
+                                     only each float32 lse_r's rounding, weighted by its shard's mass, remains)
 
 `backends.autograd.LinearLogprobsFunction` does this around any backend's raw pair. The backward
 runs the raw backward on the shard with the GLOBAL lse and entropy, which yields this

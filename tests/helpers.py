@@ -54,18 +54,18 @@ FLOAT32_EPS = 2.0**-24
 
 
 def dz_rounding(dtype, backend) -> float:
-    """Relative error of dz stored in `dtype` for a half-precision GEMM: half an ulp (u = 2^-11 in float16,
-    2^-8 in bfloat16), a whole one for bfloat16 from Triton's interpreter, which converts float32 to bfloat16
-    by truncation (2^-7: 1999 of 4096 values differ from round-to-nearest, all toward 0; compiled kernels
-    and torch round to nearest). 0 in float32 and float64, which keep dz in float32 or float64."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    """Relative error of dz stored in `dtype` for a half-precision GEMM by `backend`: the Triton backend rounds it
+    to half an ulp (u = 2^-11 in float16, 2^-8 in bfloat16), a whole one for bfloat16 under Triton's interpreter,
+    which converts float32 to bfloat16 by truncation (2^-7: 1999 of 4096 values differ from round-to-nearest,
+    all toward 0; compiled kernels round to nearest). The torch backend keeps dz in float32 (float64): 0."""
+    if backend == "torch" or dtype not in (torch.float16, torch.bfloat16):
         return 0.0
     truncates = dtype == torch.bfloat16 and backend == "triton" and TRITON_ON_CPU
     return torch.finfo(dtype).eps * (1.0 if truncates else 0.5)
 
 
 def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature, *, backend,
-                          ignore_index=-100, vocab_start=0, log_p_rounding=0.0):
+                          ignore_index=-100, log_p_rounding=0.0, log_p_offset=0.0):
     """Rounding allowance of float32 gradients, from float32 error analysis of z -> dz -> grads.
 
     The input dtype's relative rounding of dz is allowed too: a backend may round the logits' gradient
@@ -80,9 +80,9 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     (8 eps (sqrt(K) + max|z|) + r) * (M @ |W|, M^T @ |h|, sum M), M including 1/temperature, r the rounding of
     dz to the input dtype by `backend` (`dz_rounding`).
 
-    `log_p_rounding` (a relative error r of each log p, as where a kernel rounds T log p to the input dtype)
-    adds r |log p_v| times the dz terms that depend on p: r |log p| (M - |g_logp| 1[v=y]). With a weight
-    shard, targets are global ids and `vocab_start` the shard's first; grad_logp or grad_entropy may be None.
+    `log_p_rounding` r, where a kernel rounds T (log p + c) to the input dtype (c: `log_p_offset`, per token [N]
+    or 0), moves each log p by up to r (|log p| + |c|): that times the dz terms that depend on p,
+    M - |g_logp| 1[v=y], is added. grad_logp or grad_entropy may be None.
     """
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     w = weight.detach().double()
@@ -91,13 +91,13 @@ def dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets
     p = log_p.exp()
     entropy = -(p * log_p).sum(-1, keepdim=True)
     active = (targets.reshape(-1) != ignore_index)[:, None]
-    columns = torch.arange(w.shape[0], device=targets.device)[None, :]
-    onehot = (columns == (targets.reshape(-1, 1) - vocab_start)).double()
+    onehot = torch.zeros_like(p).scatter_(1, targets.reshape(-1, 1).clamp(min=0), 1.0)
     g1 = 0 if grad_logp is None else grad_logp.detach().double().reshape(-1, 1).abs()
     g2 = 0 if grad_entropy is None else grad_entropy.detach().double().reshape(-1, 1).abs()
     through_p = g1 * p + g2 * p * (1 + log_p.abs() + entropy)
     M = torch.where(active, g1 * onehot + through_p, 0.0) / temperature
-    from_log_p = torch.where(active, log_p_rounding * log_p.abs() * through_p, 0.0) / temperature
+    offset = torch.as_tensor(log_p_offset, dtype=torch.float64, device=p.device).reshape(-1, 1).abs()
+    from_log_p = torch.where(active, log_p_rounding * (log_p.abs() + offset) * through_p, 0.0) / temperature
     rounding = dz_rounding(hidden.dtype, backend)
     factor = lambda terms: 8 * FLOAT32_EPS * (terms**0.5 + z.abs().max().item()) + rounding  # noqa: E731
     allowances = [(factor(w.shape[0]) * M + from_log_p) @ w.abs(), (factor(h.shape[0]) * M + from_log_p).T @ h.abs()]

@@ -310,6 +310,12 @@ def test_logit_post_processing_is_found_in_the_text_config_too(config, refused):
         check_plain_linear_head(model)
 
 
+def test_dropout_rates_in_a_text_config_dict_are_zeroed():
+    model = _StubModel(SimpleNamespace(attention_dropout=0.1, text_config={"attention_dropout": 0.1, "hidden": 8}))
+    RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), verify_model_head=False)
+    assert model.config.attention_dropout == 0.0 and model.config.text_config["attention_dropout"] == 0.0
+
+
 def test_verify_head_catches_undeclared_postprocessing():
     model = make_model("llama", tied=False)
     verify_head(model)

@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import assert_close, dot_product_allowance, dz_rounding  # noqa: E402
+from helpers import assert_close, dot_product_allowance  # noqa: E402
 from rlplus_kernels.backends import triton_interpreting  # noqa: E402
 from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
 from rlplus_kernels.kernels._config import descriptors_supported  # noqa: E402
@@ -121,15 +121,17 @@ def check_grads(out, h, w, b, t, lse, ent, gl, ge, *, temperature, logits="fused
     BWD_TOL of the largest. float16 and bfloat16, element by element, by their error analysis: u |ref| for
     the gradient's own rounding (u half an ulp, half the smallest subnormal below that), and
     `dot_product_allowance` for dz rounded to the dtype (`dz_rounding`) and float32's logits; on the cuBLAS
-    source in bfloat16 without a bias, T log p is rounded to bfloat16 in dl (the product written into it),
-    so log p errs by that rounding times |log p| too."""
+    source in bfloat16 without a bias, dl first holds T log p + (T lse - S), S = T lse rounded to bfloat16,
+    rounded to nearest by the GEMM (the product written into it), so log p errs by u (|log p| + |lse - S / T|)
+    too."""
     refs = ref_backward(h, w, b, t, lse, ent, gl, ge, temperature=temperature)
     half = h.dtype in (torch.float16, torch.bfloat16)
     if half:
         u = torch.finfo(h.dtype).eps / 2
         product_in_dl = logits == "cublas" and h.dtype == torch.bfloat16 and b is None
+        offset = lse - (lse * temperature).to(h.dtype).float() / temperature
         allowances = dot_product_allowance(gl, ge, h, w, b, t, temperature, backend="triton", ignore_index=IGN,
-                                           log_p_rounding=dz_rounding(h.dtype, "triton") if product_in_dl else 0.0)
+                                           log_p_rounding=u if product_in_dl else 0.0, log_p_offset=offset)
     for i, (name, need, got, ref) in enumerate(zip(("hidden", "weight", "bias"), needs, out, refs)):
         if not need or (name == "bias" and b is None):
             assert got is None, f"{label}grad_{name} computed though not needed"

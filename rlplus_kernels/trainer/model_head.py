@@ -147,9 +147,13 @@ def disable_dropout(model: nn.Module) -> int:
         if isinstance(owner, nn.modules.dropout._DropoutNd):
             changed += owner.p != 0
             owner.p = 0.0
-        for name, value in list(vars(owner).items()):
+        is_dict = isinstance(owner, dict)  # a sub-config kept as a dict (`_configs`)
+        for name, value in list((owner if is_dict else vars(owner)).items()):
             if "dropout" in name and isinstance(value, float) and value != 0.0:
-                setattr(owner, name, 0.0)
+                if is_dict:
+                    owner[name] = 0.0
+                else:
+                    setattr(owner, name, 0.0)
                 changed += 1
     return changed
 
