@@ -337,6 +337,24 @@ def test_float16_dl_scale_covers_an_entropy_only_upstream(logits):
     check_grads(out, h, w, b, t, lse, ent, None, ge, temperature=0.7, logits=logits)
 
 
+@pytest.mark.parametrize("top", [40.0, 3008.0])
+def test_in_place_bfloat16_products_at_a_large_lse(top):
+    """The cuBLAS source's in-place bfloat16 dl holds T log p + (T lse - S), S = T lse rounded to bfloat16: at an lse
+    of 3000 that residual reaches ulp/2 = 8 and its rounding moves log p by 2^-8 (|log p| + 8); check_grads allows
+    it, and the gradients are the reference's within that (a review's counterexample to a bound without it)."""
+    n, v = 8, 8
+    logits = torch.full((n, v), top - 64.0)
+    logits[:, 0] = top
+    h = torch.cat([logits, torch.full((n, 1), 6.0), torch.full((n, 1), 0.015)], 1).to(torch.bfloat16).to(DEVICE)
+    w = torch.cat([torch.eye(v), torch.ones(v, 2)], 1).to(torch.bfloat16).to(DEVICE)
+    t = torch.randint(1, v, (n,), device=DEVICE)
+    r_lse, _, r_ent = ref_forward(h, w, None, t, temperature=1.0)
+    lse, ent = r_lse.float(), r_ent.float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, None, t, lse, ent, gl, ge, temperature=1.0, ignore_index=IGN, logits="cublas")
+    check_grads(out, h, w, None, t, lse, ent, gl, ge, temperature=1.0, logits="cublas")
+
+
 @pytest.mark.parametrize("dtype,bias,in_dl", [(torch.bfloat16, False, True), (torch.float32, True, True),
                                               (torch.bfloat16, True, False), (torch.float16, False, False)], ids=str)
 def test_cublas_backward_rounds_the_product_into_dl_only_where_that_costs_no_precision(monkeypatch, dtype, bias, in_dl):
