@@ -220,7 +220,7 @@ def measure(provider, mode, problem: Problem, warmup: int, repeats: int, ref: di
     return rec
 
 
-def _quantiles(ms: list[float]) -> dict:
+def quantiles_ms(ms: list[float]) -> dict:
     ms = sorted(ms)
 
     def q(p):  # linear interpolation, as numpy's default
@@ -264,7 +264,7 @@ def _measure_cpu(call, repeats) -> dict:
         out = call()
         times.append((time.perf_counter() - t0) * 1e3)
         del out
-    rec = _quantiles(times)
+    rec = quantiles_ms(times)
     rec["peak_mem_mb"] = peak / 2**20 if hwm_ok else None
     return rec
 
@@ -279,6 +279,16 @@ def cuda_call_ms(call) -> float:
     return max(start.elapsed_time(end), 1e-3)
 
 
+def do_bench_ms(call, call_ms: float, *, min_samples: int, min_ms: float, warmup_ms: float, grad_to_none=None):
+    """triton.testing.do_bench's samples (ms) of `call` (one call takes about `call_ms`): at least `min_ms` of
+    them and at least `min_samples`. do_bench's own estimate of a call includes its L2 flush, so it is asked for
+    one call more."""
+    from triton.testing import do_bench
+
+    return do_bench(call, warmup=warmup_ms, rep=max((min_samples + 1) * call_ms, min_ms), grad_to_none=grad_to_none,
+                    return_mode="all")
+
+
 def _measure_cuda(call, repeats) -> dict:
     torch.cuda.synchronize()
     gc.collect()
@@ -290,14 +300,12 @@ def _measure_cuda(call, repeats) -> dict:
     del out
     est = cuda_call_ms(call)  # sizes the run: about 1 s of repeats, at least `repeats`
     try:
-        from triton.testing import do_bench
-        # do_bench's own estimate includes its L2 flush: one call more than `repeats` of ours
-        times = do_bench(call, warmup=max(2 * est, 25.0), rep=max((repeats + 1) * est, 500.0), return_mode="all")
+        times = do_bench_ms(call, est, min_samples=repeats, min_ms=500.0, warmup_ms=max(2 * est, 25.0))
         timer = "triton.testing.do_bench"
     except ImportError:
         times = [cuda_call_ms(call) for _ in range(max(repeats, int(1000 / est)))]
         timer = "cuda events"
-    rec = {**_quantiles(times), "timer": timer}
+    rec = {**quantiles_ms(times), "timer": timer}
     rec["peak_mem_mb"] = peak / 2**20
     return rec
 

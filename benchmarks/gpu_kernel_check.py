@@ -151,16 +151,13 @@ def bench(fn, rep=200, grad_to_none=None):
     """Quantiles (ms) of fn over at least `rep` ms and MIN_SAMPLES calls, and how many it took: do_bench repeats
     a call rep / its estimate times (the estimate includes its L2 flush), which is once for a 160 ms fwd+bwd at
     the bar's shape, where p20 = p50 = p80 would say nothing."""
-    import triton
-    from bench_loss import cuda_call_ms
+    from bench_loss import cuda_call_ms, do_bench_ms, quantiles_ms
 
     fn()
     torch.cuda.synchronize()
-    rep = max(rep, (MIN_SAMPLES + 1) * cuda_call_ms(fn))
-    times = torch.tensor(triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none,
-                                                 return_mode="all"), dtype=torch.float64)
-    p50, p20, p80 = torch.quantile(times, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-    return dict(p50=p50, p20=p20, p80=p80, samples=times.numel())
+    q = quantiles_ms(do_bench_ms(fn, cuda_call_ms(fn), min_samples=MIN_SAMPLES, min_ms=rep, warmup_ms=25,
+                                 grad_to_none=grad_to_none))
+    return dict(p50=q["median_ms"], p20=q["p20_ms"], p80=q["p80_ms"], samples=q["repeats"])
 
 
 def kernel_breakdown(fn, top=12):
