@@ -53,6 +53,12 @@ def assert_close(actual, expected, *, rtol, atol, name, allowance=None):
 FLOAT32_EPS = 2.0**-24
 
 
+def exact_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy of softmax(logits) over the last dimension, in float64."""
+    z = logits.double()
+    return -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+
+
 def dz_rounding(dtype, backend) -> float:
     """Relative error of dz stored in `dtype` for a half-precision GEMM by `backend`: the Triton backend rounds it
     to half an ulp (u = 2^-11 in float16, 2^-8 in bfloat16), a whole one for bfloat16 under Triton's interpreter,

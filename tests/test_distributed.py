@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import TRITON_ON_CPU
+from helpers import FLOAT32_EPS, TRITON_ON_CPU, exact_entropy
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
 from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
@@ -338,16 +338,14 @@ def _run_large_logit_entropy(rank: int, world: int, device: str) -> dict:
     targets = torch.randint(0, vocab, (16,), generator=gen)
     shard_weight = torch.eye(vocab)[starts[rank]:starts[rank + 1]]  # hidden @ shard_weight.T: the shard's logits
 
-    exact_entropy = lambda z: -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)  # noqa: E731
     z = logits.double()
     lse, entropy = z.logsumexp(-1), exact_entropy(z)
     shards = [z[:, a:b] for a, b in zip(starts, starts[1:])]
-    eps = 2.0**-24
-    allowance = 8 * eps * (vocab**0.5 + entropy)
+    allowance = 8 * FLOAT32_EPS * (vocab**0.5 + entropy)
     for shard in shards:
         shard_lse = shard.logsumexp(-1)
         slope = torch.exp(shard_lse - lse) * (exact_entropy(shard) + lse - shard_lse - entropy)
-        allowance = allowance + eps * shard_lse.abs() * slope.abs()
+        allowance = allowance + FLOAT32_EPS * shard_lse.abs() * slope.abs()
     ratios = {}
     for backend in ENTROPY_BACKENDS:
         _, got = linear_logprobs(logits.to(device), shard_weight.to(device), targets.to(device),
