@@ -391,6 +391,22 @@ def test_bad_shapes_are_named():
         score_logprobs(model, ids, am.to("meta"))
 
 
+# build_group_batch's refusals of one prompt with two completions: (keyword overrides, error, message)
+BAD_GROUPS = [
+    (dict(padding_side="top"), ValueError, "padding_side must be 'right' or 'left'"),
+    (dict(completions=[[[7]], [[8]]]), ValueError, r"completions must hold one list per prompt \(1\), got 2"),
+    (dict(rewards=[[1.0], [0.0]]), ValueError, r"rewards must hold one list per prompt \(1\), got 2"),
+    (dict(external_completions=[[[9]], [[9]]]), ValueError, "external_completions must hold one list per prompt"),
+    (dict(external_rewards=[[1.0]]), ValueError, "external_rewards given without external_completions"),
+    (dict(rewards=[[1.0]]), ValueError, "prompt 0: 2 completions but 1 rewards"),
+    (dict(external_completions=[[[9]]], external_rewards=[[1.0, 0.0]]), ValueError,
+     "prompt 0: 1 external completions but 2 rewards"),
+    (dict(prompts=[], completions=[], rewards=[]), ValueError, "no sequences"),
+    (dict(prompts=[torch.tensor([[5, 6]])]), TypeError, "prompts\\[0\\] must be a 1-D integer tensor"),
+    (dict(completions=[7]), TypeError, r"completions\[0\] must be a list"),
+]
+
+
 def test_bad_inputs_are_named_before_any_work():
     """Each of these failed deep inside (an embedding lookup, range(), len() of a float) with a message
     that did not name the argument, or was accepted: a misspelt batch key trained on-policy, a token id
@@ -407,6 +423,10 @@ def test_bad_inputs_are_named_before_any_work():
          ValueError, "position_ids"),
         (lambda: rlplus_model_loss(model, ids, am, lm, adv, ignore_index=0), TypeError, "ignore_index"),
         (lambda: score_logprobs(model, ids.float()), TypeError, "input_ids"),
+        (lambda: rlplus_model_loss(model, ids, None, None, None), TypeError, "advantages must be a torch.Tensor"),
+        (lambda: target_mask(ids, attention_mask=[[1, 1]]), TypeError, "attention_mask must be a torch.Tensor"),
+        (lambda: target_mask([[1, 2]], None), TypeError, "input_ids must be a torch.Tensor"),
+        (lambda: target_mask(ids[:, :1], None), ValueError, "at least 2 positions"),
     ]:
         with pytest.raises(error, match=match):
             call()
@@ -426,7 +446,8 @@ def test_bad_inputs_are_named_before_any_work():
     batch = dict(input_ids=ids, attention_mask=am, loss_mask=lm, advantages=adv)
     for bad, match in [({**batch, "old_logprob": torch.zeros(ids.shape)}, "old_logprob"),
                        ({**batch, "rewards": torch.ones(ids.shape[0] + 1)}, "rewards"),
-                       ({k: v[:0] for k, v in batch.items()}, "no sequences")]:
+                       ({k: v[:0] for k, v in batch.items()}, "no sequences"),
+                       ({"input_ids": ids}, r"batch lacks \['advantages'\]")]:
         with pytest.raises(ValueError, match=match):
             trainer.step(bad)
 
@@ -440,26 +461,10 @@ def test_bad_inputs_are_named_before_any_work():
     for kwargs, error, match in [(dict(completions=[[[10, -2], [11]]]), ValueError, r"completions\[0\]\[0\] must hold "
                                   "token ids >= 0"),
                                  (dict(pad_token_id=0.5), TypeError, "pad_token_id"),
-                                 (dict(pad_token_id=-1), TypeError, "pad_token_id")]:
+                                 (dict(pad_token_id=-1), TypeError, "pad_token_id"),
+                                 *BAD_GROUPS]:
         with pytest.raises(error, match=match):
             build_group_batch(**{**dict(prompts=prompts, completions=completions, rewards=rewards), **kwargs})
-
-
-@pytest.mark.parametrize("call,error,words", [
-    (lambda m, ids: target_mask(ids, attention_mask=[[1, 1]]), TypeError, "attention_mask must be a torch.Tensor"),
-    (lambda m, ids: target_mask([[1, 2]], None), TypeError, "input_ids must be a torch.Tensor"),
-    (lambda m, ids: target_mask(ids[:, :1], None), ValueError, "at least 2 positions"),
-    (lambda m, ids: rlplus_model_loss(m, ids, None, None, None), TypeError, "advantages must be a torch.Tensor"),
-    (lambda m, ids: RLPlusTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1), max_grad_norm="1"), ValueError,
-     "max_grad_norm must be a positive number or None"),
-    (lambda m, ids: RLPlusTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1)).step({"input_ids": ids}), ValueError,
-     r"batch lacks \['advantages'\]"),
-], ids=["attention_mask-list", "input_ids-list", "one-position", "advantages-None", "max_grad_norm-string",
-        "batch-without-advantages"])
-def test_wrapper_refusals_name_the_argument(call, error, words):
-    model = make_model("qwen2", tied=True, dtype=torch.float32)
-    with pytest.raises(error, match=words):
-        call(model, torch.randint(3, VOCAB, (2, 5)))
 
 
 class CountBackboneRuns:
@@ -605,28 +610,6 @@ def test_build_group_batch_takes_tensors_and_a_rewards_matrix():
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
     assert b.loss_mask.tolist() == [[False, False, True, False], [False, False, True, True]]
     assert b.advantages.tolist() == [0.5, -0.5]
-
-
-BAD_GROUPS = [  # (keyword overrides of a good call, the error, words of its message)
-    (dict(padding_side="top"), ValueError, "padding_side must be 'right' or 'left'"),
-    (dict(completions=[[[7]], [[8]]]), ValueError, r"completions must hold one list per prompt \(1\), got 2"),
-    (dict(rewards=[[1.0], [0.0]]), ValueError, r"rewards must hold one list per prompt \(1\), got 2"),
-    (dict(external_completions=[[[9]], [[9]]]), ValueError, "external_completions must hold one list per prompt"),
-    (dict(external_rewards=[[1.0]]), ValueError, "external_rewards given without external_completions"),
-    (dict(rewards=[[1.0]]), ValueError, "prompt 0: 2 completions but 1 rewards"),
-    (dict(external_completions=[[[9]]], external_rewards=[[1.0, 0.0]]), ValueError,
-     "prompt 0: 1 external completions but 2 rewards"),
-    (dict(prompts=[], completions=[], rewards=[]), ValueError, "no sequences"),
-    (dict(prompts=[torch.tensor([[5, 6]])]), TypeError, "prompts\\[0\\] must be a 1-D integer tensor"),
-    (dict(completions=[7]), TypeError, r"completions\[0\] must be a list"),
-]
-
-
-@pytest.mark.parametrize("overrides,error,words", BAD_GROUPS, ids=[w for _, _, w in BAD_GROUPS])
-def test_build_group_batch_names_what_is_wrong(overrides, error, words):
-    good = dict(prompts=[[5, 6]], completions=[[[7], [8, 9]]], rewards=[[1.0, 0.0]])
-    with pytest.raises(error, match=words):
-        build_group_batch(**{**good, **overrides})
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
