@@ -308,6 +308,42 @@ def test_entropy_of_a_confident_token_does_not_cancel_at_large_logits(backend, t
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_half_precision_gradients_element_by_element(backend, dtype, with_bias):
+    """linear_logprobs' gradients for any upstream (g_logp, g_entropy), each element against the float64
+    reference, by the error analysis of `dot_product_allowance`: half an ulp of the gradient's own rounding,
+    float32's rounding of the logits and dot products, and dz's rounding to the input dtype where `backend`
+    rounds it (`dz_rounding`: the torch backend keeps dz in float32). The property tests compare norms, which
+    one more random rounding of dz barely moves; here it fails the element where the sum cancels."""
+    generator = torch.Generator().manual_seed(11)
+    n, d, vocab, temperature = 24, 32, 96, 0.8
+    draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=generator) * scale).to(dtype)  # noqa: E731
+    hidden, weight = draw(n, d, scale=d**-0.5), draw(vocab, d)
+    bias = draw(vocab) if with_bias else None
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    targets[3] = -100
+    grad_logp, grad_entropy = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
+    leaves = [x for x in (hidden, weight, bias) if x is not None]
+    inputs = [x.to(DEVICE).requires_grad_() for x in leaves]
+    logp, entropy = linear_logprobs(inputs[0], inputs[1], targets.to(DEVICE), bias=inputs[2] if with_bias else None,
+                                    temperature=temperature, return_entropy=True, backend=backend,
+                                    chunk_tokens=8, chunk_vocab=32)
+    grads = torch.autograd.grad((logp, entropy), inputs, (grad_logp.to(DEVICE), grad_entropy.to(DEVICE)))
+    references = [x.double().requires_grad_() for x in leaves]
+    ref_logp, ref_entropy = linear_logprobs_reference(references[0], references[1], targets,
+                                                      bias=references[2] if with_bias else None,
+                                                      temperature=temperature, return_entropy=True)
+    ref_grads = torch.autograd.grad((ref_logp, ref_entropy), references, (grad_logp.double(), grad_entropy.double()))
+    allowances = dot_product_allowance(grad_logp, grad_entropy, hidden, weight, bias, targets, temperature,
+                                       backend=backend)
+    u = torch.finfo(dtype).eps / 2
+    for name, got, ref, allowance in zip(("hidden", "weight", "bias"), grads, ref_grads, allowances):
+        assert got.dtype == dtype, f"grad_{name}: dtype {got.dtype}"
+        assert_close(got, ref, rtol=u, atol=torch.finfo(dtype).tiny * u, allowance=allowance, name=f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 3)])
 def test_degenerate_sizes(backend, shape):
     """N=1, V=2, D=1: the smallest problems, with every option on."""
