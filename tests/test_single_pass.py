@@ -116,6 +116,16 @@ def test_two_pass_wherever_single_pass_does_not_apply(monkeypatch, single_pass_c
     assert single_pass_calls == []
 
 
+def test_the_launcher_refuses_float16_by_name():
+    """What the dispatch above keeps from it, the launcher refuses when called directly."""
+    from rlplus_kernels.kernels.single_pass import rlplus_loss_single_pass
+
+    hidden, weight, targets, _ = inputs(torch.float16)
+    with pytest.raises(TypeError, match="^hidden: the single-pass schedule takes float32 or bfloat16, not "
+                                        "torch.float16"):
+        rlplus_loss_single_pass(hidden, weight, None, targets, *[None] * 6, temperature=1.0, ignore_index=-100,
+                                with_entropy=False, head={})
+
 def test_two_pass_for_bfloat16_where_cublas_cannot_return_fp32_products(monkeypatch, single_pass_calls):
     """torch < 2.8 on CUDA has no mm out_dtype: a bf16 product slice would upcast the whole weight, so the
     two-pass schedule runs; float32 heads need no upcast and keep the single pass."""

@@ -498,6 +498,23 @@ def test_all_ignored():
     assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
 
 
+
+def test_launchers_name_what_they_refuse():
+    """Direct calls of the launchers (the public API refuses these inputs earlier): float64, which has no
+    tensor-core path, and an upstream gradient of the entropy without the forward's entropy."""
+    h, w, b, t = make_inputs(7, 5, 37, torch.float32)
+    lse, _, _ = linear_logprobs_forward(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
+    h64, w64, b64 = h.double(), w.double(), b.double()
+    with pytest.raises(TypeError, match="^hidden: .* not float64"):
+        linear_logprobs_forward(h64, w64, b64, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
+    with pytest.raises(TypeError, match="^hidden: .* not float64"):
+        linear_logprobs_backward(h64, w64, b64, t, lse, None, torch.ones(7, device=DEVICE), None, temperature=1.0,
+                                 ignore_index=IGN)
+    with pytest.raises(ValueError, match="^entropy: needed when grad_entropy is given"):
+        linear_logprobs_backward(h, w, b, t, lse, None, None, torch.ones(7, device=DEVICE), temperature=1.0,
+                                 ignore_index=IGN)
+
+
 # ----------------------------------------------------------------------------- custom op
 def _ref_logp_entropy(h, w, b, t, temperature):
     z = ref_logits(h, w, b, temperature)
