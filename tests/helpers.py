@@ -41,6 +41,9 @@ def assert_close(actual, expected, *, rtol, atol, name, allowance=None):
     allowance = 0 if allowance is None else torch.as_tensor(allowance).double().cpu()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual[~torch.isfinite(actual)][:5]}"
+    # a NaN reference or allowance would compare as no excess: it is a failure, not a pass
+    assert torch.isfinite(expected).all(), f"{name}: non-finite expected values {expected[~torch.isfinite(expected)][:5]}"
+    assert torch.isfinite(torch.as_tensor(allowance)).all(), f"{name}: non-finite allowance"
     excess = (actual - expected).abs() - (atol + rtol * expected.abs() + allowance)
     if actual.numel() and excess.max() > 0:
         i = int(excess.flatten().argmax())
@@ -121,9 +124,11 @@ def assert_grad_close(actual, expected, *, rtol, name, allowance=None):
                   if actual.dtype in (torch.float16, torch.bfloat16) else 0.0)
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert torch.isfinite(actual).all(), f"{name}: non-finite gradient"
+    assert torch.isfinite(expected).all(), f"{name}: non-finite reference gradient"  # NaN > bound is False
     error = (actual - expected).norm().item()
     bound = (rtol * expected.norm().item() + (0 if allowance is None else allowance.norm().item())
              + resolution + 1e-12)
+    assert bound < float("inf"), f"{name}: non-finite allowance"  # a NaN bound would pass any error
     if error > bound:
         i = int((actual - expected).abs().flatten().argmax())
         raise AssertionError(

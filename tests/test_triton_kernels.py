@@ -89,6 +89,7 @@ def check(name, got, ref, tol):
     got64 = got.double().cpu()
     ref = ref.cpu()
     assert torch.isfinite(got64).all(), f"{name}: non-finite output"
+    assert torch.isfinite(ref).all(), f"{name}: non-finite reference"  # NaN > bound is False: it would pass
     bound = tol * (ref.abs().max().clamp_min(1e-30) if ref.numel() else 1.0) + 1e-6
     err = (got64 - ref).abs()
     if (err > bound).any():
