@@ -3,6 +3,7 @@ frozen heads, memory, the module, the preset and group advantages."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -247,6 +248,47 @@ def test_module_equals_function_and_takes_the_preset():
     override = module(hidden, weight, targets, advantages, old, external_mask=external, normalizer=2.0)
     torch.testing.assert_close(override.loss, direct.loss * 8192 / 2.0)
     assert "loss_agg='sum'" in repr(module) and "normalizer=8192" in repr(module)  # both define the objective
+
+
+def test_the_module_takes_the_functions_defaults():
+    """RLPlusLoss() is rlplus_loss(): each hyper-parameter's default is the function's (SPEC.md's signature)."""
+    parameters = inspect.signature(rlplus_loss).parameters
+    module = RLPlusLoss()
+    defaults = {**module.config.as_kwargs(), "normalizer": module.normalizer}
+    assert set(defaults) <= set(parameters)
+    for name, value in defaults.items():
+        assert value == parameters[name].default, (
+            f"{name}: RLPlusLoss's default {value!r}, rlplus_loss's {parameters[name].default!r}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_normalizer_and_a_float_loss_mask_are_read_as_given(backend):
+    """A fractional normalizer divides as it is (not truncated), and a float loss_mask selects its nonzero
+    entries, negative ones too, as the reference reads it."""
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
+    advantages, mask = torch.randn(6), torch.tensor([1.0, -1.0, 0.0, 0.5, -2.0, 1.0])
+    args = (hidden, weight, targets, advantages)
+    plain = rlplus_loss(*args, loss_agg="sum", backend=backend).loss
+    torch.testing.assert_close(rlplus_loss(*args, loss_agg="sum", normalizer=2.5, backend=backend).loss, plain / 2.5)
+    masked = rlplus_loss(*args, loss_mask=mask, backend=backend)
+    assert torch.equal(masked.loss, rlplus_loss(*args, loss_mask=mask != 0, backend=backend).loss)
+    assert masked.metrics["num_tokens"].item() == 5
+    expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, advantages, loss_mask=mask).loss
+    rtol, atol = TOLERANCES[torch.float32]["value"]
+    assert_close(masked.loss, expected, rtol=rtol, atol=atol, name="loss with a float loss_mask")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_takes_its_ignore_index(backend):
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
+    targets[1] = -1
+    got = linear_logprobs(hidden, weight, targets, ignore_index=-1, backend=backend)
+    expected = linear_logprobs_reference(hidden.double(), weight.double(), targets, ignore_index=-1)
+    assert got[1].item() == 0.0
+    rtol, atol = TOLERANCES[torch.float32]["value"]
+    assert_close(got, expected, rtol=rtol, atol=atol, name="logprobs")
 
 
 def test_official_preset_is_the_papers_recipe():

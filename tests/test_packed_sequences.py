@@ -91,3 +91,24 @@ def test_cu_seqlens_rules():
     with pytest.raises(ValueError, match=r"advantages must have shape \[17\] or \[5\]"):
         rlplus_loss(packed["hidden"], weight, packed["targets"], per_sequence["advantages"][:4],
                     cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8], ids=str)
+def test_cu_seqlens_of_any_integer_dtype(dtype):
+    _, packed, per_sequence, cu_seqlens, weight, _, _ = _batch()
+    args = (packed["hidden"], weight, packed["targets"], per_sequence["advantages"])
+    want = rlplus_loss(*args, cu_seqlens=cu_seqlens, loss_agg="seq-mean-token-mean").loss
+    assert torch.equal(rlplus_loss(*args, cu_seqlens=cu_seqlens.to(dtype), loss_agg="seq-mean-token-mean").loss, want)
+
+
+def test_per_token_tensors_are_read_per_token_when_there_are_as_many_sequences_as_tokens():
+    """S == N (only with empty sequences): an [N] tensor is read per token, as docs/distributed.md says."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(6, D, generator=gen, dtype=torch.float64), torch.randn(V, D, generator=gen,
+                                                                                         dtype=torch.float64)
+    targets, advantages = torch.randint(0, V, (6,), generator=gen), torch.randn(6, generator=gen, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 0, 2, 2, 3, 3, 6])
+    got = rlplus_loss(hidden, weight, targets, advantages, cu_seqlens=cu_seqlens).loss
+    torch.testing.assert_close(got, rlplus_loss(hidden, weight, targets, advantages).loss, rtol=1e-12, atol=1e-14)
+    want = rlplus_loss_reference(hidden, weight, targets, advantages, cu_seqlens=cu_seqlens).loss
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

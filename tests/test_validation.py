@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ def batched(**overrides):
 CASES = [
     # (description, kwargs, exception, words the message must contain)
     ("hidden 1-D", good(hidden=torch.randn(D)), ValueError, "hidden"),
-    ("hidden 4-D", good(hidden=torch.randn(1, 2, 3, D)), ValueError, "hidden"),
+    ("hidden 4-D", good(hidden=torch.randn(1, 2, 3, D), targets=torch.zeros(1, 2, 3, dtype=torch.long),
+                        advantages=torch.randn(1, 2, 3)), ValueError, "hidden must be 2-D [N, D] or 3-D [B, T, D]"),
     ("hidden not a tensor", good(hidden=[[0.0] * D] * N), TypeError, "hidden"),
     ("weight 1-D", good(weight=torch.randn(V)), ValueError, "weight"),
     ("hidden size mismatch", good(weight=torch.randn(V, D + 1)), ValueError, "weight.shape[1]"),
@@ -38,11 +40,17 @@ CASES = [
     ("targets wrong shape", good(targets=torch.zeros(N + 1, dtype=torch.long)), ValueError, "targets"),
     ("target >= V", good(targets=torch.full((N,), V)), ValueError, "targets"),
     ("negative target", good(targets=torch.full((N,), -3)), ValueError, "targets"),
+    ("target -1 with the default ignore_index", good(targets=torch.full((N,), -1)), ValueError,
+     "targets must lie in [0, 11) or equal ignore_index=-100, found -1"),
     ("advantages wrong shape", good(advantages=torch.randn(N + 1)), ValueError, "advantages"),
     ("advantages integer", good(advantages=torch.ones(N, dtype=torch.long)), TypeError, "advantages"),
     ("per-sequence advantages on flat input", good(advantages=torch.randn(1)), ValueError, "advantages"),
     ("old_logprobs wrong shape", good(old_logprobs=torch.randn(N, 1)), ValueError, "old_logprobs"),
     ("old_logprobs integer", good(old_logprobs=torch.zeros(N, dtype=torch.int32)), TypeError, "old_logprobs"),
+    ("per-sequence old_logprobs", batched(old_logprobs=-torch.rand(2)), ValueError,
+     "old_logprobs must have shape [2, 3], got [2]"),
+    ("behavior_logprobs integer", good(behavior_logprobs=torch.zeros(N, dtype=torch.long)), TypeError,
+     "behavior_logprobs must be a floating-point tensor"),
     ("behavior_logprobs wrong shape", good(behavior_logprobs=torch.randn(2)), ValueError, "behavior_logprobs"),
     ("ref_logprobs integer", good(ref_logprobs=torch.zeros(N, dtype=torch.long), kl_coef=0.1), TypeError,
      "ref_logprobs"),
@@ -68,12 +76,14 @@ CASES = [
     ("hidden size 0", good(hidden=torch.randn(N, 0), weight=torch.randn(V, 0)), ValueError, "weight"),
     ("mis_clip_max = 0", good(mis_clip_max=0.0), ValueError, "mis_clip_max"),
     ("kl without ref_logprobs", good(kl_coef=0.1), ValueError, "ref_logprobs"),
+    ("small kl without ref_logprobs", good(kl_coef=1e-3), ValueError, "kl_coef=0.001 > 0 needs ref_logprobs"),
     ("unknown loss_agg", good(loss_agg="mean"), ValueError, "loss_agg"),
     ("seq mode on flat input", good(loss_agg="seq-mean-token-mean"), ValueError, "loss_agg"),
     ("seq mode (token-sum) on flat input", good(loss_agg="seq-mean-token-sum"), ValueError, "loss_agg"),
     ("normalizer 0", good(normalizer=0), ValueError, "normalizer"),
     ("normalizer negative", good(normalizer=-4.0), ValueError, "normalizer"),
     ("normalizer string", good(normalizer="8192"), TypeError, "normalizer"),
+    ("normalizer bool", good(normalizer=True), TypeError, "normalizer must be a positive number or a 0-dim tensor"),
     ("normalizer 1-D tensor", good(normalizer=torch.ones(2)), ValueError, "normalizer"),
     ("normalizer inf", good(normalizer=float("inf")), ValueError, "normalizer"),
     ("normalizer tensor negative", good(normalizer=torch.tensor(-1.0)), ValueError, "normalizer"),
@@ -81,6 +91,9 @@ CASES = [
     ("normalizer tensor nan", good(normalizer=torch.tensor(float("nan"))), ValueError, "normalizer"),
     ("unknown backend", good(backend="cuda"), ValueError, "backend"),
     ("ignore_index beyond int64", good(ignore_index=2**64), ValueError, "ignore_index"),
+    ("ignore_index 2^63", good(ignore_index=2**63), ValueError, "ignore_index must fit in int64"),
+    ("ignore_index below int64", good(ignore_index=-2**63 - 1), ValueError, "ignore_index must fit in int64"),
+    ("chunk_tokens bool", good(chunk_tokens=True), ValueError, "chunk_tokens must be a positive int or None"),
     ("string return_entropy", good(return_entropy="no"), TypeError, "return_entropy"),
     ("per-sequence advantages wrong length", batched(advantages=torch.randn(3)), ValueError, "advantages"),
     ("string gamma", good(gamma="0.5"), TypeError, "gamma"),
@@ -89,9 +102,14 @@ CASES = [
      "normalizer must be a real number tensor"),
     ("cu_seqlens on meta", good(cu_seqlens=torch.tensor([0, N], device="meta")), ValueError, "cu_seqlens is on meta"),
     ("normalizer on meta", good(normalizer=torch.tensor(3.0, device="meta")), ValueError, "normalizer is on meta"),
+    *[(f"{name} on meta", good(**{name: torch.zeros(N, device="meta")}, kl_coef=0.1, ref_logprobs=-torch.rand(N)),
+       ValueError, f"{name} is on meta but targets is on cpu")
+      for name in ("old_logprobs", "behavior_logprobs", "external_mask", "loss_mask")],
+    ("ref_logprobs on meta", good(kl_coef=0.1, ref_logprobs=torch.zeros(N, device="meta")), ValueError,
+     "ref_logprobs is on meta but targets is on cpu"),
     *[(f"{value} {name}", good(**{name: float(value)}), ValueError, name)
       for name in ("kl_coef", "gamma", "entropy_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max")
-      for value in ("nan", "inf")],
+      for value in ("nan", "inf", "-inf")],
 ]
 
 
@@ -100,7 +118,7 @@ def test_bad_input_is_refused_naming_the_argument(description, kwargs, error, wo
     hidden = kwargs["hidden"]
     if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
         hidden.requires_grad_()
-    with CountMatmuls() as counter, pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+    with CountMatmuls() as counter, pytest.raises(error, match=re.escape(words)):
         rlplus_loss(**kwargs)
     assert counter.count == 0, "refused only after the logits' GEMMs ran"
 
@@ -175,3 +193,12 @@ def test_tensors_on_different_devices():
         rlplus_loss(**good(targets=torch.zeros(N, dtype=torch.long, device="meta")))
     with pytest.raises(ValueError, match="advantages"):
         rlplus_loss(**good(advantages=torch.randn(N, device="meta")))
+
+
+def test_a_normalizer_counted_on_the_cpu_is_taken_to_the_inputs_device():
+    """A 0-dim count on the CPU serves inputs on any device (meta stands in for a GPU): it is moved, not refused;
+    one on another non-CPU device is refused (the "normalizer on meta" case above)."""
+    from rlplus_kernels.validation import check_normalizer
+
+    moved = check_normalizer(torch.tensor(3.0), torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == ()
