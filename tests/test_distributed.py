@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -249,6 +249,11 @@ def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str)
     }
 
 
+class Differs(NamedTuple):
+    """A refusal of a layout that differs between ranks: every rank raises the same error, naming this field."""
+    field: str
+
+
 REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right; the error that rank raises
     # DTensor's Shard(0) of a vocabulary smaller than the world
     "a shard without rows": (dict(weight=(0, HIDDEN)), "weight must have at least one row"),
@@ -258,10 +263,13 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
     "decreasing cu_seqlens": (dict(cu_seqlens=[0, 3, 1, 4]), "cu_seqlens must start at 0"),
     "temperature 0": (dict(temperature=0.0), "temperature must be > 0"),
     "hidden on another device": (dict(hidden_device="meta"), "but hidden is on meta"),
-    "float64 beside float32": (dict(dtype=torch.float64), None),
-    "other targets": (dict(target=1), None),
-    "a target out of range": (dict(target=10**6), None),
-    "fewer tokens": (dict(tokens=3), None),
+    "float64 beside float32": (dict(dtype=torch.float64), Differs("dtype")),
+    "other targets": (dict(targets=[1, 1, 1, 2]), Differs("targets' sum")),
+    "other targets of the same sum": (dict(targets=[1, 1, 1, 1]), Differs("targets' sum of squares")),
+    "a target out of range": (dict(targets=[10**6] * 4), Differs("targets' sum")),
+    "fewer tokens": (dict(tokens=3), Differs("hidden rows (N)")),
+    # its backward would skip the all_reduce of grad_hidden that the other ranks wait in
+    "hidden without a gradient": (dict(hidden_requires_grad=False), Differs("whether hidden needs a gradient")),
 }
 
 
@@ -272,15 +280,16 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
     messages = {}
     for name, (bad, _) in REFUSALS.items():
         spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4,
-                    temperature=1.0, hidden_device=device, target=0)
+                    temperature=1.0, hidden_device=device, targets=[0, 2, 1, 1], hidden_requires_grad=True)
         if rank == world - 1:
             spec.update(bad)
         n = spec["tokens"]
         cu_seqlens = spec["cu_seqlens"] if spec["cu_seqlens"][-1] == n else [0, n]
         try:
-            rlplus_loss(torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"]),
+            hidden = torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"])
+            rlplus_loss(hidden.requires_grad_(spec["hidden_requires_grad"]),
                         torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
-                        torch.full((n,), spec["target"], dtype=torch.int64, device=device),
+                        torch.tensor(spec["targets"][:n], dtype=torch.int64, device=device),
                         torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
                         cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
                         temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD)
@@ -318,6 +327,34 @@ def _run_outside_the_group(rank: int, device: str) -> str:
         return "no error"
     except ValueError as exc:
         return str(exc)
+
+
+def _run_target_at_the_vocabulary_size(rank: int, world: int, device: str) -> str:
+    """Every rank passes target V (3 x world, one past the last row of the last shard): each must refuse it."""
+    hidden, weight = torch.randn(4, HIDDEN, device=device), torch.randn(3, HIDDEN, device=device)
+    try:
+        linear_logprobs(hidden, weight, torch.full((4,), 3 * world, device=device),
+                        vocab_parallel_group=dist.group.WORLD)
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+def _run_subgroup(rank: int, world: int, device: str) -> Optional[float]:
+    """A group of global ranks 1 .. world - 1, whose group ranks are one less: shards of 5 (and 7) rows start at
+    the group rank's offset. This rank's error of log p against float64 (None on rank 0, outside the group)."""
+    group = dist.new_group(list(range(1, world)))  # a collective: every rank creates it
+    if rank == 0:
+        return None
+    sizes = [5, 7][:world - 1]
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(4, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(sum(sizes), HIDDEN, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([0, 4, sum(sizes) - 1, 2])
+    start = sum(sizes[:rank - 1])
+    got = linear_logprobs(hidden.to(device), weight[start:start + sizes[rank - 1]].to(device), targets.to(device),
+                          backend="torch", vocab_parallel_group=group)
+    return _error(got.cpu(), linear_logprobs_reference(hidden, weight, targets))
 
 
 ENTROPY_BACKENDS = ("torch", "triton") if TRITON_ON_CPU else ("torch",)
@@ -404,6 +441,8 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["compiled"] = _run_compiled_uneven(rank, world, device)
     results["large_logit_entropy"] = _run_large_logit_entropy(rank, world, device)
     results["outside_group"] = _run_outside_the_group(rank, device)
+    results["target_at_vocabulary_size"] = _run_target_at_the_vocabulary_size(rank, world, device)
+    results["subgroup"] = _run_subgroup(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -468,8 +507,9 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(world, scenario):
     own_error = REFUSALS[scenario][1]
     for rank, per_rank in enumerate(results):
         message = per_rank["refusals"][scenario]
-        if own_error is None:
+        if isinstance(own_error, Differs):
             assert "every rank must pass the same" in message, (rank, message)
+            assert f"{own_error.field} per rank:" in message, (rank, message)
         elif rank == size - 1:
             assert own_error in message, (rank, message)
         else:
@@ -488,6 +528,20 @@ def test_a_rank_outside_the_group_is_refused(world):
     assert results[0]["outside_group"] == "no error"
     for rank in range(1, size):
         assert "vocab_parallel_group does not contain this process" in results[rank]["outside_group"], rank
+
+
+def test_a_target_at_the_whole_vocabularys_size_is_refused_on_every_rank(world):
+    size, results = world
+    for rank, per_rank in enumerate(results):
+        message = per_rank["target_at_vocabulary_size"]
+        assert f"targets must lie in [0, {3 * size})" in message, (rank, message)
+
+
+def test_a_subgroups_shards_start_at_its_own_ranks_offsets(world):
+    size, results = world
+    assert results[0]["subgroup"] is None
+    for rank in range(1, size):
+        assert results[rank]["subgroup"] <= TOL[torch.float64], (rank, results[rank]["subgroup"])
 
 
 @pytest.mark.parametrize("backend", ENTROPY_BACKENDS)
@@ -534,6 +588,8 @@ def test_global_counts_without_process_group():
     assert global_token_count([valid, valid[:1]]).item() == 5
     assert global_sequence_count(valid).item() == 2
     assert global_sequence_count(valid, nonempty_only=False).item() == 3
+    numeric = torch.tensor([[0.5, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # read as rlplus_loss reads loss_mask
+    assert global_token_count(numeric).item() == 3 and global_sequence_count(numeric).item() == 2
     packed, cu_seqlens = valid.reshape(-1), torch.tensor([0, 3, 3, 9])
     assert global_sequence_count(packed, cu_seqlens=cu_seqlens).item() == 2
     assert global_normalizer("seq-mean-token-sum", packed, cu_seqlens=cu_seqlens).item() == 3
