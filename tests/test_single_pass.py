@@ -20,7 +20,7 @@ BLOCK_N = 16  # the interpreter's product tile (kernels/_config.py): a chunk is 
 
 def inputs(dtype=torch.float32, bias=True):
     torch.manual_seed(3)
-    hidden = torch.randn(N, D).to(dtype)
+    hidden = (torch.randn(N, D) / D**0.5).to(dtype)  # logits of order 1: no one term of the loss swamps the rest
     weight = torch.randn(V, D).to(dtype)
     targets = torch.randint(0, V, (N,))
     targets[5] = -100
@@ -178,9 +178,10 @@ def test_no_tokens(monkeypatch):
     """hidden [2, 0, D]: its gradient is an empty [2, 0, D] tensor, as on the two-pass schedule, not None."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
     hidden, weight = torch.randn(2, 0, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
-    out = rlplus_loss(hidden, weight, torch.zeros(2, 0, dtype=torch.long), torch.randn(2), backend="triton")
+    out = rlplus_loss(hidden, weight, torch.zeros(2, 0, dtype=torch.long), torch.randn(2), backend="triton",
+                      return_entropy=True)
     out.loss.backward()
-    assert out.loss.item() == 0.0 and hidden.grad.shape == (2, 0, D)
+    assert out.loss.item() == 0.0 and hidden.grad.shape == (2, 0, D) and out.entropy.shape == (2, 0)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
 
 
@@ -255,7 +256,8 @@ def test_chunks_grow_rather_than_pass_max_token_chunks(monkeypatch):
 
     # the bar's shape: 22 chunks of 768 tokens, each 4 product slices of 192
     assert single_pass.plan_chunks(16384, 151936, 2**26, 64) == (768, 192)
-    for n_tokens in (1, 63, 64 * 400, 100_000, 1_000_000):
+    # the last: ceil(N / MAX_TOKEN_CHUNKS) just past whole slices of 192 rows (floor division gives 65 chunks)
+    for n_tokens in (1, 63, 64 * 400, 100_000, 1_000_000, single_pass.MAX_TOKEN_CHUNKS * 192 * 100 + 1):
         rows, slice_rows = single_pass.plan_chunks(n_tokens, 151936, 2**26, 64)
         assert math.ceil(n_tokens / rows) <= single_pass.MAX_TOKEN_CHUNKS
         assert rows == n_tokens or (rows % slice_rows == 0 and slice_rows % 64 == 0)
