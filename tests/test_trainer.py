@@ -245,6 +245,23 @@ def test_left_and_right_padding_agree():
         torch.testing.assert_close(lp_r[i][am_r[i].bool()], lp_l[i][am_l[i].bool()], rtol=1e-6, atol=1e-6)
 
 
+def test_score_logprobs_counts_positions_from_the_first_real_token():
+    """GPT-2 learns absolute positions (RoPE models are shift-invariant and cannot tell): a padded row scores as
+    the same row alone, whichever side the padding is on."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).double().eval()
+    for side in ("left", "right"):
+        input_ids, attention_mask, _ = padded_batch(padding_side=side)
+        got = score_logprobs(model, input_ids, attention_mask)
+        for row, mask in zip(range(input_ids.shape[0]), attention_mask.bool()):
+            real = input_ids[row][mask]
+            with torch.no_grad():
+                logits = model(real[None]).logits[0, :-1]
+            want = torch.log_softmax(logits, -1).gather(-1, real[1:, None])[:, 0]
+            torch.testing.assert_close(got[row][mask][1:].double(), want, rtol=1e-9, atol=1e-10, msg=side)
+
+
 def test_refuses_soft_capped_and_scaled_logits():
     cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -610,6 +627,8 @@ def test_build_group_batch_takes_tensors_and_a_rewards_matrix():
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
     assert b.loss_mask.tolist() == [[False, False, True, False], [False, False, True, True]]
     assert b.advantages.tolist() == [0.5, -0.5]
+    zero = build_group_batch([[0, 5]], [[[0, 2]]], [[1.0]], pad_token_id=3)  # token id 0 is a token, not padding
+    assert zero.input_ids.tolist() == [[0, 5, 0, 2]] and zero.loss_mask.tolist() == [[False, False, True, True]]
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -685,6 +704,52 @@ def test_a_non_finite_step_is_skipped_not_applied(poisoned):
         metrics = trainer.step(batch)
         assert metrics["skipped_step"] == 0 and trainer.num_steps == 1 and math.isfinite(metrics["loss"])
         assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _target_batch():
+    input_ids, attention_mask, loss_mask = padded_batch()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                advantages=torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5], dtype=torch.float64))
+
+
+def _grad_norm(model) -> float:
+    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
+
+
+def test_a_step_starts_from_zero_gradients_and_takes_the_trainers_normalizer():
+    """Gradients left by an earlier backward do not enter the step, and a `normalizer` given to the trainer is
+    the loss's."""
+    batch = _target_batch()
+    model = make_model("llama", tied=False)
+    want = rlplus_model_loss(model, **batch, normalizer=3.0)
+    want.loss.backward()
+    want_norm = _grad_norm(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), preset={}, max_grad_norm=None,
+                            normalizer=3.0)
+    metrics = trainer.step(batch)
+    assert math.isclose(metrics["loss"], float(want.loss.detach()), rel_tol=1e-12)
+    assert math.isclose(metrics["grad_norm"], want_norm, rel_tol=1e-9)
+
+
+def test_gradients_are_clipped_to_norm_one_by_default():
+    batch = dict(_target_batch(), advantages=torch.full((5,), 50.0, dtype=torch.float64))
+    model = make_model("llama", tied=False)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    metrics = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), preset={}).step(batch)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert metrics["grad_norm"] > 1.0  # the norm before clipping
+    assert math.isclose(float((after - before).norm()), 1.0, rel_tol=1e-6)
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_is_skipped():
+    model = make_model("llama", tied=False)
+    model.lm_head.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), preset={}).step(_target_batch())
+    assert math.isfinite(metrics["loss"]) and math.isnan(metrics["grad_norm"]) and metrics["skipped_step"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_the_lr_scheduler_steps_with_the_optimizer_only():
