@@ -316,8 +316,12 @@ class _StubModel(nn.Module):
     (SimpleNamespace(text_config={"final_logit_softcapping": None}), False),
     (SimpleNamespace(logits_scaling=1.0, logit_scale=1), False),  # scales of 1 change nothing
     (SimpleNamespace(logit_scale=2), True),
+    (SimpleNamespace(decoder=SimpleNamespace(logit_scale=2.0)), True),  # an encoder-decoder's decoder config
+    (SimpleNamespace(final_logit_softcapping=False), False),  # a flag that is off
+    (SimpleNamespace(final_logit_softcapping=1.0), True),  # a cap of 1 still caps, unlike a scale of 1
     (None, False),  # no config at all: verify_head is the check
-], ids=["text_config", "text_config-dict", "dict-unset", "scales-of-1", "scale-2", "no-config"])
+], ids=["text_config", "text_config-dict", "dict-unset", "scales-of-1", "scale-2", "decoder", "cap-off", "cap-1",
+        "no-config"])
 def test_logit_post_processing_is_found_in_the_text_config_too(config, refused):
     model = _StubModel(config)
     if refused:

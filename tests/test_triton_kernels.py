@@ -552,7 +552,8 @@ def test_custom_op_autograd(compiled):
         check(f"grad_{name}", x.grad, r.grad, 2e-5)
 
 
-def test_custom_op_frozen_head_and_no_entropy(monkeypatch):
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "frozen bias"])
+def test_custom_op_frozen_head_and_no_entropy(monkeypatch, bias):
     """A frozen head (LoRA): the backward asks the kernels for grad_hidden only, so the grad_weight GEMM
     never runs (w.grad being None alone says nothing: autograd drops an unwanted gradient anyway)."""
     from rlplus_kernels import kernels
@@ -563,14 +564,14 @@ def test_custom_op_frozen_head_and_no_entropy(monkeypatch):
     monkeypatch.setattr(kernels, "linear_logprobs_backward",
                         lambda *args, **kw: asked.append(kw["needs_grad"]) or backward(*args, **kw))
     n, d, v = 7, 5, 37
-    h0, w, _, t = make_inputs(n, d, v, torch.float32, bias=False)
+    h0, w, b, t = make_inputs(n, d, v, torch.float32, bias=bias)
     h = h0.clone().requires_grad_()
-    logp, ent = triton_linear_logprobs(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
+    logp, ent = triton_linear_logprobs(h, w, b, t, temperature=1.0, ignore_index=IGN, with_entropy=False)
     assert ent is None
     logp.sum().backward()
     assert asked == [(True, False, False)]
     hd = h0.double().clone().requires_grad_()
-    r_logp, _ = _ref_logp_entropy(hd, w, None, t, 1.0)
+    r_logp, _ = _ref_logp_entropy(hd, w, b, t, 1.0)
     r_logp.sum().backward()
     check("grad_hidden", h.grad, hd.grad, 2e-5)
     assert w.grad is None
@@ -654,6 +655,9 @@ def test_raw_op_pair_matches_launchers():
                                  vocab_start=3, needs_grad=(True, False, True))
     torch.testing.assert_close(out[0], r[0], rtol=0, atol=0)
     torch.testing.assert_close(out[2], r[2], rtol=0, atol=0)
+    without_bias = raw_ops.backward(h, w, None, t, lse, None, gl, None, temperature=1.0, ignore_index=IGN,
+                                    backend="triton")  # every gradient asked for: there is no bias to have one
+    assert without_bias[0] is not None and without_bias[1] is not None and without_bias[2] is None
 
 
 @pytest.mark.parametrize("source,entries", [
@@ -802,6 +806,28 @@ def test_each_gpu_launches_the_table_of_its_family(monkeypatch, capability, fami
         assert forward == backward
 
 
+def test_launch_choices_from_the_environment_torch_flags_and_operand_layouts(monkeypatch):
+    """The fused tl.dot unless RLPLUS_LOGITS or `logits=` says otherwise; a chunk size passed to a launcher
+    before RLPLUS_CHUNK_ELEMS; descriptors and wide loads only for rows of unit inner stride and a width and
+    row stride of whole 16 elements; TF32 for float32 operands only where torch.matmul itself uses it."""
+    from rlplus_kernels.kernels import _config
+
+    monkeypatch.delenv("RLPLUS_LOGITS", raising=False)
+    assert _config.logits_source() == "fused" and _config.logits_source("cublas") == "cublas"
+    monkeypatch.setenv("RLPLUS_CHUNK_ELEMS", "4096")
+    assert _config.chunk_budget(123) == 123 and _config.chunk_budget() == 4096
+    storage = torch.empty(1024)
+    assert _config.rows_aligned(storage[:256].view(8, 32))
+    assert not _config.rows_aligned(storage[:384].view(8, 48)[:, :40])  # width 40
+    assert not _config.rows_aligned(storage.as_strided((16, 16), (32, 2)))  # inner stride 2
+    cuda = torch.device("cuda")  # only its type is read
+    for allow_tf32, expected in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+        assert _config.dot_precision(torch.float32, cuda) == expected
+        assert _config.dot_precision(torch.float16, cuda) == "ieee"
+        assert _config.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+
+
 @pytest.mark.parametrize("family", ["sm80", "sm90", "sm100"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtype):
@@ -813,6 +839,9 @@ def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtyp
     if not triton_interpreting():
         pytest.skip("compiled kernels launch their own GPU's family only")
     monkeypatch.setattr(_config, "family_of", lambda device: family)
+    if dtype != torch.float32:  # the table's BLOCK_D = 64 divides D = 64; TMA reads a tail as zeros
+        assert [_config.pick_config(torch.device(DEVICE), dtype, dim=dim, descriptors=tma).BLOCK_D
+                for dim, tma in ((64, False), (48, False), (48, True))] == [64, 16, 64]
     for n, d, v in [(130, 64, 200), (37, 48, 300)]:
         h, w, b, t = make_inputs(n, d, v, dtype, ignored=(3,))
         lse, target_logit, entropy = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN,
