@@ -268,15 +268,14 @@ def test_the_normalizer_and_a_float_loss_mask_are_read_as_given(backend):
     torch.manual_seed(0)
     hidden, weight, targets = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
     advantages, mask = torch.randn(6), torch.tensor([1.0, -1.0, 0.0, 0.5, -2.0, 1.0])
-    args = (hidden, weight, targets, advantages)
-    plain = rlplus_loss(*args, loss_agg="sum", backend=backend).loss
-    torch.testing.assert_close(rlplus_loss(*args, loss_agg="sum", normalizer=2.5, backend=backend).loss, plain / 2.5)
-    masked = rlplus_loss(*args, loss_mask=mask, backend=backend)
-    assert torch.equal(masked.loss, rlplus_loss(*args, loss_mask=mask != 0, backend=backend).loss)
-    assert masked.metrics["num_tokens"].item() == 5
-    expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, advantages, loss_mask=mask).loss
+    args, reference_args = (hidden, weight, targets, advantages), (hidden.double(), weight.double(), targets, advantages)
     rtol, atol = TOLERANCES[torch.float32]["value"]
-    assert_close(masked.loss, expected, rtol=rtol, atol=atol, name="loss with a float loss_mask")
+    for kwargs in (dict(loss_agg="sum", normalizer=2.5), dict(loss_mask=mask)):
+        got = rlplus_loss(*args, **kwargs, backend=backend)
+        assert_close(got.loss, rlplus_loss_reference(*reference_args, **kwargs).loss, rtol=rtol, atol=atol,
+                     name=f"loss with {kwargs}")
+    assert torch.equal(got.loss, rlplus_loss(*args, loss_mask=mask != 0, backend=backend).loss)
+    assert got.metrics["num_tokens"].item() == 5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
