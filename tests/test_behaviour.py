@@ -268,7 +268,8 @@ def test_the_normalizer_and_a_float_loss_mask_are_read_as_given(backend):
     torch.manual_seed(0)
     hidden, weight, targets = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
     advantages, mask = torch.randn(6), torch.tensor([1.0, -1.0, 0.0, 0.5, -2.0, 1.0])
-    args, reference_args = (hidden, weight, targets, advantages), (hidden.double(), weight.double(), targets, advantages)
+    args = (hidden, weight, targets, advantages)
+    reference_args = (hidden.double(), weight.double(), targets, advantages)
     rtol, atol = TOLERANCES[torch.float32]["value"]
     for kwargs in (dict(loss_agg="sum", normalizer=2.5), dict(loss_mask=mask)):
         got = rlplus_loss(*args, **kwargs, backend=backend)
