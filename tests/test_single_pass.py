@@ -126,6 +126,7 @@ def test_the_launcher_refuses_float16_by_name():
         rlplus_loss_single_pass(hidden, weight, None, targets, *[None] * 6, temperature=1.0, ignore_index=-100,
                                 with_entropy=False, head={})
 
+
 def test_two_pass_for_bfloat16_where_cublas_cannot_return_fp32_products(monkeypatch, single_pass_calls):
     """torch < 2.8 on CUDA has no mm out_dtype: a bf16 product slice would upcast the whole weight, so the
     two-pass schedule runs; float32 heads need no upcast and keep the single pass."""

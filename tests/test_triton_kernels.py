@@ -499,7 +499,6 @@ def test_all_ignored():
     assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
 
 
-
 def test_launchers_name_what_they_refuse():
     """Direct calls of the launchers (the public API refuses these inputs earlier): float64, which has no
     tensor-core path, and an upstream gradient of the entropy without the forward's entropy."""
