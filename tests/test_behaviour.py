@@ -62,6 +62,8 @@ def test_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, shape, packe
     for key, value in out.metrics.items():
         assert value.item() == 0, key
     assert linear_logprobs(hidden, weight, empty(torch.long), backend=backend).shape == shape
+    logp, entropy = linear_logprobs(hidden, weight, empty(torch.long), return_entropy=True, backend=backend)
+    assert logp.shape == shape and entropy.shape == shape
 
 
 def _finite_everywhere(out, leaves):

@@ -24,7 +24,8 @@ from rlplus_kernels import OFFICIAL_RECIPE  # noqa: E402
 from rlplus_kernels.trainer import (  # noqa: E402
     RLPlusTrainer, build_group_batch, check_plain_linear_head, rlplus_model_loss,
     score_logprobs, target_mask, verify_head)
-from rlplus_kernels.trainer.model_head import position_ids_from_mask  # noqa: E402
+from rlplus_kernels.trainer.model_head import (  # noqa: E402
+    disable_dropout, get_backbone, get_lm_head, position_ids_from_mask)
 
 VOCAB = 50
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -329,6 +330,39 @@ def test_logit_post_processing_is_found_in_the_text_config_too(config, refused):
             check_plain_linear_head(model)
     else:
         check_plain_linear_head(model)
+
+
+class _HeadOfWeight(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class _ModelWithDecoder(nn.Module):
+    """No base_model_prefix: the backbone is what get_decoder() returns."""
+    base_model_prefix = ""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.decoder = head, nn.Identity()
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def get_decoder(self):
+        return self.decoder
+
+
+def test_head_and_backbone_discovery_beyond_transformers_defaults():
+    """A backbone found through get_decoder() when base_model_prefix names none; an output embedding whose
+    weight is not 2-D refused by name; disable_dropout counts the non-zero rates it zeroed, modules and config."""
+    model = _ModelWithDecoder(_HeadOfWeight(torch.randn(6, 4)))
+    assert get_backbone(model) is model.decoder
+    with pytest.raises(ValueError, match="has no 2-D `weight`"):
+        get_lm_head(_ModelWithDecoder(_HeadOfWeight(torch.randn(6))))
+    dropouts = nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.0), nn.Linear(2, 2))
+    dropouts.config = SimpleNamespace(attention_dropout=0.1, hidden_dropout=0.0)
+    assert disable_dropout(dropouts) == 2 and disable_dropout(dropouts) == 0
 
 
 def test_dropout_rates_in_a_text_config_dict_are_zeroed():

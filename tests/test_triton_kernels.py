@@ -805,6 +805,32 @@ def test_each_gpu_launches_the_table_of_its_family(monkeypatch, capability, fami
         assert forward == backward
 
 
+def test_which_tritons_and_gpus_take_the_pipelined_descriptor_and_autotuned_paths(monkeypatch):
+    """PIPELINE_TILES on every triton from 3.3 (tl.range's `flatten`); TMA descriptors on sm_90 and under the
+    interpreter (where CI tests them), not on sm_80 or sm_100; RLPLUS_AUTOTUNE=1 autotunes only half-precision
+    aligned rows with D % 64 == 0 on sm_80 and sm_90."""
+    from rlplus_kernels.kernels import _config
+
+    assert _config.pipelining_supported() == (tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3))
+    has_descriptors = _config.tensor_descriptor_class() is not None
+    for family, supported in (("sm90", True), ("interpret", True), ("sm80", False), ("sm100", False)):
+        monkeypatch.setattr(_config, "family_of", lambda device, family=family: family)
+        assert _config.descriptors_supported(torch.device("cpu")) == (supported and has_descriptors), family
+    gpu = torch.device("cuda")  # only its type is read
+    monkeypatch.setenv("RLPLUS_AUTOTUNE", "1")
+    for family in ("sm80", "sm90"):
+        monkeypatch.setattr(_config, "family_of", lambda device, family=family: family)
+        assert _config.autotune_applies(gpu, torch.bfloat16, True, 128), family
+        for dtype, aligned, dim in ((torch.bfloat16, True, 48), (torch.float32, True, 128),
+                                    (torch.bfloat16, False, 128)):
+            assert not _config.autotune_applies(gpu, dtype, aligned, dim), (family, dtype, aligned, dim)
+    monkeypatch.setattr(_config, "family_of", lambda device: "sm100")
+    assert not _config.autotune_applies(gpu, torch.bfloat16, True, 128)
+    monkeypatch.setenv("RLPLUS_AUTOTUNE", "0")
+    monkeypatch.setattr(_config, "family_of", lambda device: "sm90")
+    assert not _config.autotune_applies(gpu, torch.bfloat16, True, 128)
+
+
 def test_launch_choices_from_the_environment_torch_flags_and_operand_layouts(monkeypatch):
     """The fused tl.dot unless RLPLUS_LOGITS or `logits=` says otherwise; a chunk size passed to a launcher
     before RLPLUS_CHUNK_ELEMS; descriptors and wide loads only for rows of unit inner stride and a width and
