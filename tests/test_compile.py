@@ -149,23 +149,25 @@ def test_a_bad_shape_after_a_dynamic_recompile_is_named(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_entropy", [True, False])
-def test_custom_ops_pass_opcheck(backend, with_entropy):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_custom_ops_pass_opcheck(backend, with_entropy, dtype):
     """torch.library.opcheck on every custom op: schema, autograd registration, and each fake (what
     torch.compile traces with) against the real outputs, including the empty stand-ins of an absent
-    entropy or of a gradient that was not asked for, which nothing else reads."""
+    entropy or of a gradient that was not asked for, which nothing else reads. bfloat16 inputs: the
+    forward's outputs are float32 (what the fakes must say too); no bias: no bias gradient, even if asked."""
     from rlplus_kernels.backends import raw_ops, triton_op  # noqa: F401  (registers the ops)
 
     n, d, v = 5, 8, 37
-    hidden, weight, bias = torch.randn(n, d), torch.randn(v, d), torch.randn(v)
+    hidden, weight, bias = torch.randn(n, d).to(dtype), torch.randn(v, d).to(dtype), torch.randn(v).to(dtype)
     targets = torch.randint(0, v, (n,))
     targets[1] = -100
     forward = (hidden, weight, bias, targets, 0.8, -100, 3, with_entropy, backend, 0, 0)
     torch.library.opcheck(torch.ops.rlplus.linear_logprobs_fwd.default, forward)
     lse, _, entropy = torch.ops.rlplus.linear_logprobs_fwd(*forward)
     entropy, grad_entropy = (entropy, torch.randn(n)) if with_entropy else (None, None)
-    for needs in [(True, False, True), (False, True, False)]:
+    for head_bias, needs in [(bias, (True, False, True)), (bias, (False, True, False)), (None, (True, True, True))]:
         torch.library.opcheck(torch.ops.rlplus.linear_logprobs_bwd.default,
-                              (hidden, weight, bias, targets, lse, entropy, torch.randn(n), grad_entropy,
+                              (hidden, weight, head_bias, targets, lse, entropy, torch.randn(n), grad_entropy,
                                0.8, -100, 3, *needs, backend, 0, 0))
     if backend == "triton":
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]

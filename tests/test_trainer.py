@@ -358,8 +358,9 @@ def test_head_and_backbone_discovery_beyond_transformers_defaults():
     weight is not 2-D refused by name; disable_dropout counts the non-zero rates it zeroed, modules and config."""
     model = _ModelWithDecoder(_HeadOfWeight(torch.randn(6, 4)))
     assert get_backbone(model) is model.decoder
-    with pytest.raises(ValueError, match="has no 2-D `weight`"):
-        get_lm_head(_ModelWithDecoder(_HeadOfWeight(torch.randn(6))))
+    for check in (get_lm_head, check_plain_linear_head):  # a config without post-processing: the head itself
+        with pytest.raises(ValueError, match="has no 2-D `weight`"):
+            check(_ModelWithDecoder(_HeadOfWeight(torch.randn(6))))
     dropouts = nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.0), nn.Linear(2, 2))
     dropouts.config = SimpleNamespace(attention_dropout=0.1, hidden_dropout=0.0)
     assert disable_dropout(dropouts) == 2 and disable_dropout(dropouts) == 0
