@@ -273,6 +273,15 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
 }
 
 
+def _message(call) -> str:
+    """The ValueError that `call()` raises, as text, or "no error"."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
 def _run_refusals(rank: int, world: int, device: str) -> dict:
     """A bad input on the last rank only: every rank must raise (the last its own error, the others one that
     says a rank refused, or, for a layout that differs, the same error everywhere), none may wait for the
@@ -285,17 +294,14 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
             spec.update(bad)
         n = spec["tokens"]
         cu_seqlens = spec["cu_seqlens"] if spec["cu_seqlens"][-1] == n else [0, n]
-        try:
-            hidden = torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"])
-            rlplus_loss(hidden.requires_grad_(spec["hidden_requires_grad"]),
-                        torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
-                        torch.tensor(spec["targets"][:n], dtype=torch.int64, device=device),
-                        torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
-                        cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
-                        temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD)
-            messages[name] = "no error"
-        except ValueError as exc:
-            messages[name] = str(exc)
+        hidden = torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"])
+        messages[name] = _message(lambda: rlplus_loss(
+            hidden.requires_grad_(spec["hidden_requires_grad"]),
+            torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
+            torch.tensor(spec["targets"][:n], dtype=torch.int64, device=device),
+            torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
+            cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
+            temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD))
     return messages
 
 
@@ -322,22 +328,15 @@ def _run_outside_the_group(rank: int, device: str) -> str:
     in the group, is refused (its shard would otherwise be taken as a whole vocabulary)."""
     group = dist.new_group([0])  # a collective: every rank creates it
     hidden, weight = torch.randn(4, HIDDEN, device=device), torch.randn(7, HIDDEN, device=device)
-    try:
-        linear_logprobs(hidden, weight, torch.randint(0, 7, (4,), device=device), vocab_parallel_group=group)
-        return "no error"
-    except ValueError as exc:
-        return str(exc)
+    return _message(lambda: linear_logprobs(hidden, weight, torch.randint(0, 7, (4,), device=device),
+                                            vocab_parallel_group=group))
 
 
 def _run_target_at_the_vocabulary_size(rank: int, world: int, device: str) -> str:
     """Every rank passes target V (3 x world, one past the last row of the last shard): each must refuse it."""
     hidden, weight = torch.randn(4, HIDDEN, device=device), torch.randn(3, HIDDEN, device=device)
-    try:
-        linear_logprobs(hidden, weight, torch.full((4,), 3 * world, device=device),
-                        vocab_parallel_group=dist.group.WORLD)
-        return "no error"
-    except ValueError as exc:
-        return str(exc)
+    return _message(lambda: linear_logprobs(hidden, weight, torch.full((4,), 3 * world, device=device),
+                                            vocab_parallel_group=dist.group.WORLD))
 
 
 def _run_subgroup(rank: int, world: int, device: str) -> Optional[float]:
