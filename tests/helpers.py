@@ -42,7 +42,7 @@ def assert_close(actual, expected, *, rtol, atol, name, allowance=None):
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual[~torch.isfinite(actual)][:5]}"
     # a NaN reference or allowance would compare as no excess: it is a failure, not a pass
-    assert torch.isfinite(expected).all(), f"{name}: non-finite expected values {expected[~torch.isfinite(expected)][:5]}"
+    assert torch.isfinite(expected).all(), f"{name}: non-finite expected {expected[~torch.isfinite(expected)][:5]}"
     assert torch.isfinite(torch.as_tensor(allowance)).all(), f"{name}: non-finite allowance"
     excess = (actual - expected).abs() - (atol + rtol * expected.abs() + allowance)
     if actual.numel() and excess.max() > 0:
@@ -51,6 +51,14 @@ def assert_close(actual, expected, *, rtol, atol, name, allowance=None):
         raise AssertionError(
             f"{name}: worst element {index}: got {actual.flatten()[i].item():.10g}, expected "
             f"{expected.flatten()[i].item():.10g} (rtol={rtol}, atol={atol})")
+
+
+def assert_rounded_once(actual, expected, *, allowance, name):
+    """A half-precision gradient of float32 work, rounded once to its dtype, element by element: within half an ulp,
+    u |expected| (half the smallest normal's ulp where it is subnormal), of `expected`, plus `allowance`
+    (`dot_product_allowance`)."""
+    u = torch.finfo(actual.dtype).eps / 2
+    assert_close(actual, expected, rtol=u, atol=torch.finfo(actual.dtype).tiny * u, allowance=allowance, name=name)
 
 
 FLOAT32_EPS = 2.0**-24
