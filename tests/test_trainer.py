@@ -299,16 +299,21 @@ def test_refuses_soft_capped_and_scaled_logits():
 
 
 class _StubModel(nn.Module):
-    """A model with an nn.Linear head and the given config, for check_plain_linear_head alone."""
+    """A model with the given config and head (default an nn.Linear), for head discovery alone; no
+    base_model_prefix, so its backbone is what get_decoder() returns."""
+    base_model_prefix = ""
 
-    def __init__(self, config):
+    def __init__(self, config, head=None):
         super().__init__()
-        self.head = nn.Linear(8, VOCAB, bias=False)
+        self.head, self.decoder = nn.Linear(8, VOCAB, bias=False) if head is None else head, nn.Identity()
         if config is not None:
             self.config = config
 
     def get_output_embeddings(self):
         return self.head
+
+    def get_decoder(self):
+        return self.decoder
 
 
 @pytest.mark.parametrize("config,refused", [
@@ -338,29 +343,14 @@ class _HeadOfWeight(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-class _ModelWithDecoder(nn.Module):
-    """No base_model_prefix: the backbone is what get_decoder() returns."""
-    base_model_prefix = ""
-
-    def __init__(self, head):
-        super().__init__()
-        self.head, self.decoder = head, nn.Identity()
-
-    def get_output_embeddings(self):
-        return self.head
-
-    def get_decoder(self):
-        return self.decoder
-
-
 def test_head_and_backbone_discovery_beyond_transformers_defaults():
     """A backbone found through get_decoder() when base_model_prefix names none; an output embedding whose
     weight is not 2-D refused by name; disable_dropout counts the non-zero rates it zeroed, modules and config."""
-    model = _ModelWithDecoder(_HeadOfWeight(torch.randn(6, 4)))
+    model = _StubModel(None)
     assert get_backbone(model) is model.decoder
     for check in (get_lm_head, check_plain_linear_head):  # a config without post-processing: the head itself
         with pytest.raises(ValueError, match="has no 2-D `weight`"):
-            check(_ModelWithDecoder(_HeadOfWeight(torch.randn(6))))
+            check(_StubModel(None, head=_HeadOfWeight(torch.randn(6))))
     dropouts = nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.0), nn.Linear(2, 2))
     dropouts.config = SimpleNamespace(attention_dropout=0.1, hidden_dropout=0.0)
     assert disable_dropout(dropouts) == 2 and disable_dropout(dropouts) == 0
@@ -751,10 +741,6 @@ def _target_batch():
                 advantages=torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5], dtype=torch.float64))
 
 
-def _grad_norm(model) -> float:
-    return math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters() if p.grad is not None))
-
-
 def test_a_step_starts_from_zero_gradients_and_takes_the_trainers_normalizer():
     """Gradients left by an earlier backward do not enter the step, and a `normalizer` given to the trainer is
     the loss's."""
@@ -762,7 +748,7 @@ def test_a_step_starts_from_zero_gradients_and_takes_the_trainers_normalizer():
     model = make_model("llama", tied=False)
     want = rlplus_model_loss(model, **batch, normalizer=3.0)
     want.loss.backward()
-    want_norm = _grad_norm(model)
+    want_norm = torch.cat([grad.flatten() for grad in param_grads(model).values()]).norm().item()
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
     trainer = RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), preset={}, max_grad_norm=None,
