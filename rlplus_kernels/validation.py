@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -39,9 +40,29 @@ def refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[
         raise ValueError(eager_message())
 
 
+def _dtensor_placements(x: torch.Tensor):
+    """x's DTensor placements, or None for any other tensor. Nothing is imported (torch.distributed.tensor
+    takes ~1 s): a DTensor exists only where its module has been imported already."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, 2.4
+        dtensor = getattr(sys.modules.get(module), "DTensor", None)
+        if dtensor is not None and isinstance(x, dtensor):
+            return tuple(x.placements)
+    return None
+
+
 def require_tensor(name: str, x) -> torch.Tensor:
+    """A torch.Tensor, not a DTensor (whose ops would reach the kernels with plain tensors mixed in: torch's
+    error names neither the argument nor the remedy). Inside torch.compile the DTensor check is dynamo's."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    placements = None if torch.compiler.is_compiling() else _dtensor_placements(x)
+    if placements is not None:
+        remedy = (" FSDP2 (fully_shard) keeps a parameter sharded outside the forward of its unit: call the loss "
+                  "after the forward of the unit that holds the LM head, or call lm_head.unshard() first; a "
+                  f"tensor-parallel vocabulary shard is {name}.to_local() with vocab_parallel_group."
+                  if name in ("weight", "bias") else "")
+        raise TypeError(f"{name} is a DTensor (placements {placements}); the loss takes plain tensors.{remedy} "
+                        "See docs/distributed.md, 'FSDP2 and DTensor'")
     return x
 
 

@@ -273,11 +273,11 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
 }
 
 
-def _message(call) -> str:
-    """The ValueError that `call()` raises, as text, or "no error"."""
+def _message(call, error: type = ValueError) -> str:
+    """The `error` that `call()` raises, as text, or "no error"."""
     try:
         call()
-    except ValueError as exc:
+    except error as exc:
         return str(exc)
     return "no error"
 
@@ -394,6 +394,102 @@ FORBIDDEN_COLLECTIVES = ("all_gather", "all_gather_into_tensor", "gather", "broa
                          "all_to_all_single", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send", "recv")
 
 
+class _TinyLM(torch.nn.Module):
+    """An embedding, one layer and a linear LM head with bias: what FSDP2 shards in a real model."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, HIDDEN)
+        self.layer = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.lm_head = torch.nn.Linear(HIDDEN, vocab)
+
+    def forward(self, ids):
+        return torch.tanh(self.layer(self.embed(ids)))
+
+
+FSDP2_LAYOUTS = ("head in the root unit", "head in its own unit, unshard() first")
+
+
+def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
+    """FSDP2 (fully_shard, which averages gradients over ranks) around a model whose LM head the loss reads:
+    each rank holds 2 of the 2P sequences and divides by the global token count / P. Per layout: the error of
+    the loss (mean over ranks) and of every parameter's gradient (gathered) against the float64 reference of
+    the whole batch in one process; the refusal of a head left sharded; and a tensor-parallel DTensor shard
+    passed as `.to_local()`. None where this torch has no public fully_shard (torch < 2.6)."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:
+        return None
+    vocab = 4 * world + 1  # uneven shards
+    torch.manual_seed(11)  # the same model and batch on every rank
+    base = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (2 * world, 5), device=device)
+    targets = torch.randint(0, vocab, (2 * world, 5), device=device)
+    targets[:, -2:][torch.rand(2 * world, 2, device=device) < 0.5] = -100
+    advantages = torch.randn(2 * world, device=device, dtype=torch.float64)
+    kwargs = dict(loss_agg="token-mean", entropy_coef=0.01, backend="torch")
+
+    reference = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+    reference.load_state_dict(base.state_dict())
+    ref = rlplus_loss_reference(reference(ids), reference.lm_head.weight, targets, advantages,
+                                bias=reference.lm_head.bias, **{k: v for k, v in kwargs.items() if k != "backend"})
+    ref.loss.backward()
+
+    mine = slice(2 * rank, 2 * rank + 2)
+    normalizer = global_normalizer("token-mean", targets[mine] != -100) / world
+
+    def sharded_model(head_unit: bool):
+        model = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+        model.load_state_dict(base.state_dict())
+        fully_shard(model.layer)
+        if head_unit:
+            fully_shard(model.lm_head)
+        return fully_shard(model)
+
+    results = {}
+    for layout in FSDP2_LAYOUTS:
+        model = sharded_model(head_unit=layout != FSDP2_LAYOUTS[0])
+        hidden = model(ids[mine])
+        if layout != FSDP2_LAYOUTS[0]:
+            model.lm_head.unshard()
+        out = rlplus_loss(hidden, model.lm_head.weight, targets[mine], advantages[mine], bias=model.lm_head.bias,
+                          normalizer=normalizer, **kwargs)
+        out.loss.backward()
+        mean_loss = out.loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        errors = {"loss": _error(mean_loss / world, ref.loss.detach())}
+        reference_grads = dict(reference.named_parameters())
+        for name, parameter in model.named_parameters():
+            errors[name] = _error(parameter.grad.full_tensor(), reference_grads[name].grad)
+        results[layout] = errors
+
+    model = sharded_model(head_unit=True)
+    hidden = model(ids[mine])
+    results["sharded head"] = _message(lambda: rlplus_loss(hidden, model.lm_head.weight, targets[mine],
+                                                           advantages[mine], **kwargs), Exception)
+
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    # a clone: distribute_tensor broadcasts rank 0's values into the tensor it is given
+    replicated = distribute_tensor(advantages[mine].clone(), mesh, [Replicate()])
+    results["replicated advantages"] = _message(lambda: rlplus_loss(
+        hidden, reference.lm_head.weight, targets[mine], replicated, **kwargs), Exception)
+
+    # the remedy that the message gives for a tensor-parallel shard: the same batch on every rank, the head split
+    leaves = [reference.lm_head.weight.detach(), reference.lm_head.bias.detach()]
+    leaves = [distribute_tensor(x, mesh, [Shard(0)]).requires_grad_() for x in leaves]
+    hidden = reference(ids).detach().requires_grad_()
+    out = rlplus_loss(hidden, leaves[0].to_local(), targets, advantages, bias=leaves[1].to_local(),
+                      vocab_parallel_group=mesh.get_group(), **kwargs)
+    out.loss.backward()
+    results["tensor-parallel to_local()"] = {
+        "loss": _error(out.loss.detach(), ref.loss.detach()),
+        "lm_head.weight": _error(leaves[0].grad.full_tensor(), reference.lm_head.weight.grad),
+        "lm_head.bias": _error(leaves[1].grad.full_tensor(), reference.lm_head.bias.grad)}
+    return results
+
+
 @contextlib.contextmanager
 def _communication_log():
     """Records the shape and bytes of every all_reduce; any other collective is an error."""
@@ -442,6 +538,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["outside_group"] = _run_outside_the_group(rank, device)
     results["target_at_vocabulary_size"] = _run_target_at_the_vocabulary_size(rank, world, device)
     results["subgroup"] = _run_subgroup(rank, world, device)
+    results["fsdp2"] = _run_fsdp2(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -551,6 +648,34 @@ def test_merged_entropy_does_not_cancel_at_large_logits(world, backend):
         assert ratio <= 1.0, f"rank {rank}: entropy error {ratio:.3g} x the float32 allowance"
 
 
+def _fsdp2_results(results) -> list:
+    if results[0]["fsdp2"] is None:
+        pytest.skip(f"FSDP2's public fully_shard needs torch >= 2.6, this is {torch.__version__}")
+    return [per_rank["fsdp2"] for per_rank in results]
+
+
+@pytest.mark.parametrize("layout", [*FSDP2_LAYOUTS, "tensor-parallel to_local()"])
+def test_fsdp2_and_dtensor_heads_match_the_big_batch(world, layout):
+    """The layouts docs/distributed.md gives for FSDP2 and for a DTensor shard: loss and every gradient."""
+    size, results = world
+    for rank, per_rank in enumerate(_fsdp2_results(results)):
+        for quantity, error in per_rank[layout].items():
+            assert error <= TOL[torch.float64], (rank, quantity, error)
+
+
+def test_a_head_left_sharded_by_fsdp2_is_refused_naming_the_remedy(world):
+    """Before, torch raised "got mixed torch.Tensor and DTensor" from inside the op, naming neither."""
+    size, results = world
+    for rank, per_rank in enumerate(_fsdp2_results(results)):
+        message = per_rank["sharded head"]
+        assert message.startswith("weight is a DTensor (placements (Shard(dim=0),))"), (rank, message)
+        assert "lm_head.unshard()" in message and "weight.to_local()" in message, (rank, message)
+        # an argument that is no parameter: the refusal, without the parameters' remedy
+        message = per_rank["replicated advantages"]
+        assert message.startswith("advantages is a DTensor (placements (Replicate(),)); the loss takes plain "
+                                  "tensors. See docs/distributed.md"), (rank, message)
+
+
 # ---------------------------------------------------------------------------- single process
 def test_micro_batch_accumulation_with_global_normalizer_matches_big_batch():
     """Three micro-batches, each normalised by the count over all of them: gradients add up exactly."""
@@ -648,3 +773,6 @@ def test_all_scenarios_on_cuda(size, tmp_path):
     for loss_agg, layout in DP_AGG:
         error, where = _worst(results, f"{loss_agg} {layout}", "dp")
         assert error <= TOL[torch.float64], f"{backend}, {loss_agg} {layout}: {where}"
+    for layout in [*FSDP2_LAYOUTS, "tensor-parallel to_local()"]:
+        for rank, per_rank in enumerate(_fsdp2_results(results)):
+            assert max(per_rank[layout].values()) <= TOL[torch.float64], (backend, layout, rank, per_rank[layout])
