@@ -108,6 +108,12 @@ def rlplus_loss_reference(hidden, weight, targets, advantages, old_logprobs=None
         normalizer=normalizer, ignore_index=ignore_index)
 
 
+def _clamp(x, low=None, high=None):
+    """A clamp whose gradient passes at its bounds, the same on every torch (2.14 made torch.clamp's 0 there)."""
+    clamped = torch.clamp(x, low, high)
+    return torch.where(clamped == x, x, clamped)
+
+
 def _k3(x):
     """e^x - x - 1 to 5e-12 relative in float64: expm1(x) - x loses 2 eps / |x| to cancellation, so below
     |x| = 1e-4 its Taylor polynomial to x^4 (what it leaves out is x^3 / 60 of the sum, < 2e-14)."""
@@ -134,13 +140,13 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
         normalizer = float(normalizer)
 
     # On-policy tokens: the clipped PPO/GRPO surrogate (SPEC section 1).
-    ratio = torch.exp(torch.clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    ratio = torch.exp(_clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss_unclipped = -A * ratio
     loss_on = loss_unclipped
     if clip_eps_low is not None or clip_eps_high is not None:
         low = 1 - clip_eps_low if clip_eps_low is not None else -math.inf
         high = 1 + clip_eps_high if clip_eps_high is not None else math.inf
-        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, low, high))
+        loss_on = torch.maximum(loss_unclipped, -A * _clamp(ratio, low, high))
     clipped = loss_on > loss_unclipped
     if dual_clip is not None:
         loss_on = torch.where(A < 0, torch.minimum(loss_on, -A * dual_clip), loss_on)
@@ -151,15 +157,15 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
     else:
         log_pw = torch.log((torch.exp(o) + 1) / 2)
     log_w = logp - torch.logaddexp(o, log_pw) + math.log(2)
-    w = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
+    w = torch.exp(_clamp(log_w, high=LOG_RATIO_CLAMP))
     if mis_clip_max is not None:
-        w = torch.clamp(w, max=mis_clip_max)
+        w = _clamp(w, high=mis_clip_max)
     explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** gamma
     loss_ext = -w * A * explore
 
     per_token = torch.where(external, loss_ext, loss_on)
     if kl_coef > 0:
-        log_ratio_ref = torch.clamp(ref_logprobs.detach().to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_ratio_ref = _clamp(ref_logprobs.detach().to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = _k3(log_ratio_ref)
         per_token = per_token + kl_coef * kl
 

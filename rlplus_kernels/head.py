@@ -69,6 +69,14 @@ def _as_bound(x: Optional[float], dtype: torch.dtype) -> Optional[float]:
     return x if x is None or abs(x) <= torch.finfo(dtype).max else math.copysign(math.inf, x)
 
 
+def clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:
+    """torch.clamp whose gradient passes at the bounds, on every torch: the Triton head's convention at the kinks,
+    and torch.clamp's own until 2.14 (which makes it 0 at a Python-number bound, 1/2 at a tensor bound).
+    Outside the bounds the gradient is 0; a NaN stays NaN."""
+    clamped = torch.clamp(x, low, high)
+    return torch.where(clamped == x, x, clamped)
+
+
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Mean of x over `where`, 0 over an empty set, with no host sync."""
     total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
@@ -117,13 +125,13 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
     o = logp.detach() if batch.old_logprobs is None else batch.old_logprobs
 
     # On-policy tokens: the clipped PPO/GRPO surrogate.
-    ratio = torch.exp(torch.clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    ratio = torch.exp(clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss_unclipped = -A * ratio
     loss_on = loss_unclipped
     if config.clip_eps_low is not None or config.clip_eps_high is not None:
         low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
         high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
-        loss_on = torch.maximum(loss_unclipped, -A * torch.clamp(ratio, _as_bound(low, ratio.dtype),
+        loss_on = torch.maximum(loss_unclipped, -A * clamp(ratio, _as_bound(low, ratio.dtype),
                                                                  _as_bound(high, ratio.dtype)))
     terms = PerTokenTerms(loss=loss_on, ratio=ratio, clipped=loss_on > loss_unclipped)
     if config.dual_clip is not None:
@@ -137,14 +145,14 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         else:  # pi_omega unknown: the official estimator (p_old + 1) / 2
             log_pw = torch.logaddexp(o, torch.zeros_like(o)) - LOG_2
         log_w = logp - torch.logaddexp(o, log_pw) + LOG_2
-        terms.mis_weight = torch.exp(torch.clamp(log_w, max=LOG_RATIO_CLAMP))
+        terms.mis_weight = torch.exp(clamp(log_w, high=LOG_RATIO_CLAMP))
         if config.mis_clip_max is not None:
-            terms.mis_weight = torch.clamp(terms.mis_weight, max=_as_bound(config.mis_clip_max, terms.mis_weight.dtype))
+            terms.mis_weight = clamp(terms.mis_weight, high=_as_bound(config.mis_clip_max, terms.mis_weight.dtype))
         terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
         terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 
     if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)
-        log_ratio_ref = torch.clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        log_ratio_ref = clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         terms.kl = k3_kl(log_ratio_ref)
         terms.loss = terms.loss + config.kl_coef * terms.kl
     return terms

@@ -18,6 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from helpers import assert_close
+from reference import rlplus_loss_from_logprobs_reference
 from rlplus_kernels.backends import triton_installed
 from rlplus_kernels.config import RLPlusConfig
 from rlplus_kernels.head import TokenBatch, per_token_terms, rlplus_head, sequence_layout
@@ -153,15 +154,33 @@ KINKS = {
     # log-ratios exactly at +-20 (clamp bounds) and beyond, for the ratio and the KL term
     "log-ratio clamps": (RLPlusConfig(clip_eps_low=None, clip_eps_high=None, kl_coef=0.125),
                          [-21.0, -21.0, -41.0, -50.0], [-1.0, -41.0, -21.0, -1.0], [1.0, -1.0, 1.0, 1.0]),
-    # external tokens with old = behaviour = 0: w = p / 1 hits mis_clip_max = 2 exactly on the first
+    # external tokens with old = behaviour: w = p / p_old hits mis_clip_max = 2 exactly on the first (p = 0.5, whose
+    # exploration coefficient is not 0), and on the second (p = 2: no probability, but exact)
     "MIS clip": (RLPlusConfig(mis_clip_max=2.0),
-                 [0.0, 0.0, 0.0, 0.0], [math.log(2.0), math.log(4.0), math.log(0.5), -1.0], [1.0, 1.0, -1.0, 1.0]),
+                 [math.log(0.25), 0.0, 0.0, 0.0], [math.log(0.5), math.log(2.0), math.log(0.5), -1.0],
+                 [1.0, 1.0, -1.0, 1.0]),
 }
 
 
+def _minimum_norm_clamp(clamp):
+    """torch.clamp as torch >= 2.14 differentiates it with Python-number bounds: 0 at a bound (before: 1)."""
+    def minimum_norm(x, min=None, max=None):
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if min is not None:
+            inside &= x > min
+        if max is not None:
+            inside &= x < max
+        return torch.where(inside, x, clamp(x, min, max).detach())
+    return minimum_norm
+
+
+@pytest.mark.parametrize("torch_clamp", ["installed", "minimum-norm at bounds (torch >= 2.14)"])
 @pytest.mark.parametrize("kink", list(KINKS))
-def test_triton_head_derivatives_at_the_kinks(kink):
-    """At a kink both heads follow torch: a clamp passes the gradient at its bounds, minimum splits a tie."""
+def test_triton_head_derivatives_at_the_kinks(kink, torch_clamp, monkeypatch):
+    """At a kink the Triton head, the torch head and the reference agree, whatever torch.clamp's own convention:
+    a clamp passes the gradient at its bounds, torch.minimum / maximum split a tie."""
+    if torch_clamp != "installed":
+        monkeypatch.setattr(torch, "clamp", _minimum_norm_clamp(torch.clamp))
     config, old, logp, advantages = KINKS[kink]
     f64 = lambda values: torch.tensor(values, dtype=torch.float64, device=DEVICE)  # noqa: E731
     logp, n = f64(logp), len(logp)
@@ -176,6 +195,16 @@ def test_triton_head_derivatives_at_the_kinks(kink):
     assert_close(loss, t_loss, rtol=RTOL, atol=0.0, name="loss")
     assert_close(grad_logp, t_grad_logp, rtol=RTOL, atol=0.0, name="grad_logp")
     assert_close(metrics["clip_frac"], t_metrics["clip_frac"], rtol=0.0, atol=0.0, name="clip_frac")
+
+    leaf = logp.clone().requires_grad_()
+    hyper_parameters = {name: getattr(config, name) for name in (
+        "clip_eps_low", "clip_eps_high", "dual_clip", "gamma", "mis_clip_max", "kl_coef", "loss_agg")}
+    reference = rlplus_loss_from_logprobs_reference(
+        leaf, entropy, torch.zeros(n, dtype=torch.int64, device=DEVICE), batch.advantages, batch.old_logprobs,
+        external_mask=external, behavior_logprobs=batch.behavior_logprobs, ref_logprobs=batch.ref_logprobs,
+        **hyper_parameters)
+    reference.loss.backward()
+    assert_close(t_grad_logp, leaf.grad, rtol=RTOL, atol=0.0, name="grad_logp against the reference")
 
 
 def test_tokens_outside_the_loss_contribute_nothing_even_when_their_inputs_are_not_finite():

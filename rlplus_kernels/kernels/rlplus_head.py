@@ -13,10 +13,10 @@ Exact computation, per token t with aggregation weight a_t (0 outside the loss, 
                                                               (a series near 0: head.k3_kl)
     outputs    weighted_loss = a (l - entropy_coef H),   dloss_dlogp = a dl/dlogp
 
-The loss is ``weighted_loss.sum()``; d loss / d H = -entropy_coef a needs no kernel. Derivatives
-follow torch's conventions where the function has a kink, so that this kernel and the torch head
-(``head.per_token_terms``) agree exactly: a clamp passes the gradient at its bounds, and
-``torch.minimum`` splits it between equal arguments.
+The loss is ``weighted_loss.sum()``; d loss / d H = -entropy_coef a needs no kernel. Where the function
+has a kink, this kernel and the torch head (``head.per_token_terms``) take the same derivative, on every
+torch: a clamp passes the gradient at its bounds (``head.clamp``; torch.clamp's own convention until
+2.14), and ``torch.minimum`` / ``maximum`` split it between equal arguments.
 """
 
 # No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
