@@ -132,7 +132,7 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
         high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
         loss_on = torch.maximum(loss_unclipped, -A * clamp(ratio, _as_bound(low, ratio.dtype),
-                                                                 _as_bound(high, ratio.dtype)))
+                                                           _as_bound(high, ratio.dtype)))
     terms = PerTokenTerms(loss=loss_on, ratio=ratio, clipped=loss_on > loss_unclipped)
     if config.dual_clip is not None:
         terms.loss = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)

@@ -52,7 +52,7 @@ def _dtensor_placements(x: torch.Tensor):
 
 def require_tensor(name: str, x) -> torch.Tensor:
     """A torch.Tensor, not a DTensor (whose ops would reach the kernels with plain tensors mixed in: torch's
-    error names neither the argument nor the remedy). Inside torch.compile the DTensor check is dynamo's."""
+    error names neither the argument nor the remedy). The DTensor check is skipped inside torch.compile."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     placements = None if torch.compiler.is_compiling() else _dtensor_placements(x)

@@ -408,6 +408,7 @@ class _TinyLM(torch.nn.Module):
 
 
 FSDP2_LAYOUTS = ("head in the root unit", "head in its own unit, unshard() first")
+DTENSOR_LAYOUTS = (*FSDP2_LAYOUTS, "tensor-parallel to_local()")
 
 
 def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
@@ -483,7 +484,7 @@ def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
     out = rlplus_loss(hidden, leaves[0].to_local(), targets, advantages, bias=leaves[1].to_local(),
                       vocab_parallel_group=mesh.get_group(), **kwargs)
     out.loss.backward()
-    results["tensor-parallel to_local()"] = {
+    results[DTENSOR_LAYOUTS[-1]] = {
         "loss": _error(out.loss.detach(), ref.loss.detach()),
         "lm_head.weight": _error(leaves[0].grad.full_tensor(), reference.lm_head.weight.grad),
         "lm_head.bias": _error(leaves[1].grad.full_tensor(), reference.lm_head.bias.grad)}
@@ -654,7 +655,7 @@ def _fsdp2_results(results) -> list:
     return [per_rank["fsdp2"] for per_rank in results]
 
 
-@pytest.mark.parametrize("layout", [*FSDP2_LAYOUTS, "tensor-parallel to_local()"])
+@pytest.mark.parametrize("layout", DTENSOR_LAYOUTS)
 def test_fsdp2_and_dtensor_heads_match_the_big_batch(world, layout):
     """The layouts docs/distributed.md gives for FSDP2 and for a DTensor shard: loss and every gradient."""
     size, results = world
@@ -773,6 +774,6 @@ def test_all_scenarios_on_cuda(size, tmp_path):
     for loss_agg, layout in DP_AGG:
         error, where = _worst(results, f"{loss_agg} {layout}", "dp")
         assert error <= TOL[torch.float64], f"{backend}, {loss_agg} {layout}: {where}"
-    for layout in [*FSDP2_LAYOUTS, "tensor-parallel to_local()"]:
+    for layout in DTENSOR_LAYOUTS:
         for rank, per_rank in enumerate(_fsdp2_results(results)):
             assert max(per_rank[layout].values()) <= TOL[torch.float64], (backend, layout, rank, per_rank[layout])
