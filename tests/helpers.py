@@ -62,6 +62,8 @@ def assert_rounded_once(actual, expected, *, allowance, name):
 
 
 FLOAT32_EPS = 2.0**-24
+# rlplus_loss options that the RL head alone (rlplus_loss_from_logprobs_reference) does not take
+NOT_HEAD = ("temperature", "chunk_tokens", "chunk_vocab", "backend")
 
 
 def exact_entropy(logits: torch.Tensor) -> torch.Tensor:

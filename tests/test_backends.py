@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 
-from helpers import (FLOAT32_EPS, TOLERANCES, assert_close, assert_grad_close, assert_rounded_once,
+from helpers import (FLOAT32_EPS, NOT_HEAD, TOLERANCES, assert_close, assert_grad_close, assert_rounded_once,
                      dot_product_allowance, exact_entropy, reference_inputs)
 from problems import Problem, build, problems
 from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
@@ -62,9 +62,6 @@ def _value_allowances(head, logp, entropy, delta):
         for k in allowance:
             allowance[k] = allowance[k] + max(c[k] for c in changes)
     return allowance
-
-
-NOT_HEAD = ("temperature", "chunk_tokens", "chunk_vocab")
 
 
 def _per_token_upstream(head_loss, hidden, weight, bias, targets, temperature, shift=0.0):

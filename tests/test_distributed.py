@@ -430,20 +430,24 @@ def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
     targets = torch.randint(0, vocab, (2 * world, 5), device=device)
     targets[:, -2:][torch.rand(2 * world, 2, device=device) < 0.5] = -100
     advantages = torch.randn(2 * world, device=device, dtype=torch.float64)
-    kwargs = dict(loss_agg="token-mean", entropy_coef=0.01, backend="torch")
+    objective = dict(loss_agg="token-mean", entropy_coef=0.01)
+    kwargs = dict(objective, backend="torch")
 
-    reference = _TinyLM(vocab).to(device=device, dtype=torch.float64)
-    reference.load_state_dict(base.state_dict())
+    def copy_of_base():
+        model = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+        model.load_state_dict(base.state_dict())
+        return model
+
+    reference = copy_of_base()
     ref = rlplus_loss_reference(reference(ids), reference.lm_head.weight, targets, advantages,
-                                bias=reference.lm_head.bias, **{k: v for k, v in kwargs.items() if k != "backend"})
+                                bias=reference.lm_head.bias, **objective)
     ref.loss.backward()
 
     mine = slice(2 * rank, 2 * rank + 2)
     normalizer = global_normalizer("token-mean", targets[mine] != -100) / world
 
     def sharded_model(head_unit: bool):
-        model = _TinyLM(vocab).to(device=device, dtype=torch.float64)
-        model.load_state_dict(base.state_dict())
+        model = copy_of_base()
         fully_shard(model.layer)
         if head_unit:
             fully_shard(model.lm_head)
@@ -451,9 +455,10 @@ def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
 
     results = {}
     for layout in FSDP2_LAYOUTS:
-        model = sharded_model(head_unit=layout != FSDP2_LAYOUTS[0])
+        head_unit = layout != FSDP2_LAYOUTS[0]
+        model = sharded_model(head_unit)
         hidden = model(ids[mine])
-        if layout != FSDP2_LAYOUTS[0]:
+        if head_unit:
             model.lm_head.unshard()
         out = rlplus_loss(hidden, model.lm_head.weight, targets[mine], advantages[mine], bias=model.lm_head.bias,
                           normalizer=normalizer, **kwargs)

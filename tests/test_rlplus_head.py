@@ -17,7 +17,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import assert_close
+from helpers import NOT_HEAD, assert_close
 from reference import rlplus_loss_from_logprobs_reference
 from rlplus_kernels.backends import triton_installed
 from rlplus_kernels.config import RLPlusConfig
@@ -197,8 +197,7 @@ def test_triton_head_derivatives_at_the_kinks(kink, torch_clamp, monkeypatch):
     assert_close(metrics["clip_frac"], t_metrics["clip_frac"], rtol=0.0, atol=0.0, name="clip_frac")
 
     leaf = logp.clone().requires_grad_()
-    hyper_parameters = {name: getattr(config, name) for name in (
-        "clip_eps_low", "clip_eps_high", "dual_clip", "gamma", "mis_clip_max", "kl_coef", "loss_agg")}
+    hyper_parameters = {k: v for k, v in config.as_kwargs().items() if k not in NOT_HEAD}
     reference = rlplus_loss_from_logprobs_reference(
         leaf, entropy, torch.zeros(n, dtype=torch.int64, device=DEVICE), batch.advantages, batch.old_logprobs,
         external_mask=external, behavior_logprobs=batch.behavior_logprobs, ref_logprobs=batch.ref_logprobs,
