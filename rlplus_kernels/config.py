@@ -107,7 +107,8 @@ class RLPlusConfig:
 
     @property
     def with_entropy(self) -> bool:
-        return self.entropy_coef != 0 or self.return_entropy
+        # A bool even where entropy_coef is a SymFloat (torch.compile): torch 2.6's dynamo cannot bool() a SymBool
+        return True if self.entropy_coef != 0 else self.return_entropy
 
     def as_kwargs(self) -> dict:
         return asdict(self)

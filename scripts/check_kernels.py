@@ -10,7 +10,8 @@ variants the TMA loads (UTMALDG).
 Shared memory is Triton's dynamic allocation (metadata.shared).
 
 Exit status: 1 on any compile error or any spill (or a half-precision tl.dot kernel without HGMMA on
-sm_90 or without tcgen05 on sm_100, or a TMA variant without UTMALDG).
+sm_90 or without tcgen05 on sm_100, or a TMA variant without UTMALDG). sm_100 needs triton >= 3.3: on
+an older one the default targets leave it out, saying so, and --targets with 100 is an error.
 
     python scripts/check_kernels.py [--targets 80,90,100] [--dtypes bf16,fp16,fp32] [--quick] [-j N] [--json out.json]
 
@@ -290,17 +291,40 @@ def _flag_str(flags):
     return ",".join(parts + tuned + ([prec] if prec and prec != "ieee" else [])) or "-"
 
 
+TARGETS = (80, 90, 100)
+# Triton aborts (a C++ assertion, "computeCapability not supported") on a target older than its support for it
+MIN_TRITON = {100: (3, 3)}
+
+
+def triton_version() -> tuple:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def supported_targets(targets) -> tuple[list, list]:
+    """(the targets this triton compiles for, those it cannot)."""
+    too_new = [t for t in targets if triton_version() < MIN_TRITON.get(t, (0, 0))]
+    return [t for t in targets if t not in too_new], too_new
+
+
 def main(argv=None):
     import triton
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="80,90,100")
+    ap.add_argument("--targets", default=None, help="default: 80,90,100, less those this triton cannot compile for")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--quick", action="store_true", help="fewer flag combinations (see module docstring)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    targets = [int(t) for t in args.targets.split(",")]
+    asked = TARGETS if args.targets is None else [int(t) for t in args.targets.split(",")]
+    targets, too_new = supported_targets(asked)
+    for target in too_new:
+        note = f"sm_{target}: needs triton >= {'.'.join(map(str, MIN_TRITON[target]))}, this is {triton.__version__}"
+        if args.targets is not None:
+            ap.error(f"--targets {note}")
+        print(f"skipped {note}")
     cases = list(_cases(targets, args.dtypes.split(","), args.quick))
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(compile_one, cases))

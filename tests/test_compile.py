@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import CPU_BACKENDS
+from helpers import CPU_BACKENDS, TORCH_VERSION
 from rlplus_kernels import rlplus_loss
 
 BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
@@ -40,9 +40,6 @@ def test_compiled_loss_matches_eager(backend, frozen_head):
         assert weight.grad is None
     else:
         torch.testing.assert_close(weight.grad, eager_grads[1], rtol=1e-5, atol=1e-6)
-
-
-TORCH_VERSION = tuple(int(x) for x in torch.__version__.split(".")[:2])
 
 
 @pytest.mark.skipif(TORCH_VERSION < (2, 13),

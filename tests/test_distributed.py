@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import FLOAT32_EPS, TRITON_ON_CPU, exact_entropy
+from helpers import FLOAT32_EPS, TORCH_VERSION, TRITON_ON_CPU, exact_entropy
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
 from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
@@ -319,7 +319,10 @@ def _run_compiled_uneven(rank: int, world: int, device: str) -> float:
         return rlplus_loss(hidden, weight, targets, advantages, backend="torch", entropy_coef=0.01,
                            vocab_parallel_group=dist.group.WORLD).loss
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(weight)
+    # The shard sizes reach the host by tolist(): dynamo before 2.11 (2.6 checked) traces that only with
+    # capture_scalar_outputs, which docs/distributed.md tells users of those versions to set
+    with torch._dynamo.config.patch(capture_scalar_outputs=TORCH_VERSION < (2, 11)):
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(weight)
     return _error(compiled, step(weight))
 
 
@@ -411,18 +414,22 @@ FSDP2_LAYOUTS = ("head in the root unit", "head in its own unit, unshard() first
 DTENSOR_LAYOUTS = (*FSDP2_LAYOUTS, "tensor-parallel to_local()")
 
 
-def _run_fsdp2(rank: int, world: int, device: str) -> Optional[dict]:
+def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
     """FSDP2 (fully_shard, which averages gradients over ranks) around a model whose LM head the loss reads:
     each rank holds 2 of the 2P sequences and divides by the global token count / P. Per layout: the error of
     the loss (mean over ranks) and of every parameter's gradient (gathered) against the float64 reference of
     the whole batch in one process; the refusal of a head left sharded; and a tensor-parallel DTensor shard
-    passed as `.to_local()`. None where this torch has no public fully_shard (torch < 2.6)."""
+    passed as `.to_local()`. Where FSDP2 cannot run here, the reason (a str) instead."""
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     except ImportError:
-        return None
+        return f"FSDP2's public fully_shard needs torch >= 2.6, this is {torch.__version__}"
+    if device == "cpu" and TORCH_VERSION < (2, 11):
+        return ("FSDP2 on CPU tensors: torch 2.6's fully_shard fails in its own stream handling ('Stream' object has "
+                "no attribute 'record_event', a bare two-layer model as well); checked with gloo on torch 2.11 and "
+                f"2.13, this is {torch.__version__}")
     vocab = 4 * world + 1  # uneven shards
     torch.manual_seed(11)  # the same model and batch on every rank
     base = _TinyLM(vocab).to(device=device, dtype=torch.float64)
@@ -655,8 +662,8 @@ def test_merged_entropy_does_not_cancel_at_large_logits(world, backend):
 
 
 def _fsdp2_results(results) -> list:
-    if results[0]["fsdp2"] is None:
-        pytest.skip(f"FSDP2's public fully_shard needs torch >= 2.6, this is {torch.__version__}")
+    if isinstance(results[0]["fsdp2"], str):
+        pytest.skip(results[0]["fsdp2"])
     return [per_rank["fsdp2"] for per_rank in results]
 
 

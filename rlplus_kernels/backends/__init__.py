@@ -93,7 +93,8 @@ def linear_logprobs_op(backend: str, shard=None):
 
     def op(hidden, weight, bias, targets, options):
         raw_ops = linear_logprobs_raw_ops(backend, options)
-        return LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, shard)
+        outputs = LinearLogprobsFunction.apply(hidden, weight, bias, targets, options, raw_ops, shard)
+        return outputs if options.with_entropy else (outputs, None)
 
     return op
 

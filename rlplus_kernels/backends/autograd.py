@@ -13,7 +13,8 @@ from .common import finish_logprobs
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """(logp, entropy | None) of the targets; backward recomputes the logits (CONTRACT.md).
+    """logp, or (logp, entropy) with `options.with_entropy`, of the targets; backward recomputes the
+    logits (CONTRACT.md).
 
     `raw_ops` is a backend's (forward, backward) pair; with a `shard` (`distributed.VocabShard`), every
     rank of its group must call this with the same hidden, targets and options (a collective).
@@ -39,10 +40,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.options, ctx.raw_backward, ctx.group, ctx.vocab_start = options, raw_backward, group, vocab_start
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        # Without entropy the only output is logp: torch 2.6's dynamo fails to trace a None output
+        return logp if entropy is None else (logp, entropy)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         options = ctx.options
         grad_hidden, grad_weight, grad_bias = ctx.raw_backward(
