@@ -881,3 +881,67 @@ def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtyp
         gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
         grads = linear_logprobs_backward(h, w, b, t, r_lse.float(), ent, gl, ge, temperature=0.7, ignore_index=IGN)
         check_grads(grads, h, w, b, t, r_lse.float(), ent, gl, ge, temperature=0.7, label=f"{family} ")
+
+
+@pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
+def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, schedule):
+    """Triton launches on the current CUDA device and stream, torch ops on their tensors' device: a head on
+    cuda:1 while cuda:0 was current handed Triton pointers of another device. Every launcher now makes its
+    first tensor's device current (on CPU tensors a no-op context) around all its launches: each kernel
+    launch of a training step (forward, backward, RL head; the single pass) happens inside one."""
+    from contextlib import contextmanager
+
+    from rlplus_kernels import rlplus_loss
+    from rlplus_kernels.kernels import _config
+
+    # every launch: under the interpreter a GridExecutor call (on each triton from 3.2 to 3.9), else JITFunction.run
+    launcher_class, method = ((triton.runtime.interpreter.GridExecutor, "__call__") if triton_interpreting()
+                              else (triton.runtime.jit.JITFunction, "run"))
+    current, launches = [], []
+    real_context, real_run = _config.device_context, getattr(launcher_class, method)
+
+    @contextmanager
+    def recorded_context(x):
+        with real_context(x):
+            current.append(x.device)
+            yield
+            current.pop()
+
+    def recorded_run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, current[-1] if current else None))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(_config, "device_context", recorded_context)
+    monkeypatch.setattr(launcher_class, method, recorded_run)
+    monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    h, w, _, t = make_inputs(7, 32, 37, torch.float32)
+    h.requires_grad_(), w.requires_grad_()
+    rlplus_loss(h, w, t, torch.randn(7, device=DEVICE), entropy_coef=0.1, backend="triton").loss.backward()
+    kernels = {name for name, _ in launches}
+    assert {"_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel", "_rlplus_head_fwd_kernel"} <= kernels
+    assert [device for _, device in launches] == [h.device] * len(launches), launches
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or triton_interpreting(), reason="needs two CUDA devices")
+@pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
+def test_a_head_on_another_device_than_the_current_one(monkeypatch, schedule):
+    """Tensors on cuda:1 while cuda:0 is current: the same loss and gradients as with cuda:1 current."""
+    from rlplus_kernels import rlplus_loss
+
+    monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    h, w, b, t = make_inputs(33, 48, 300, torch.bfloat16)
+    advantages = torch.randn(33)
+
+    def step(device):
+        inputs = [x.to(device).requires_grad_() for x in (h, w, b)]
+        out = rlplus_loss(*inputs[:2], t.to(device), advantages.to(device), bias=inputs[2], entropy_coef=0.1,
+                          backend="triton")
+        out.loss.backward()
+        return [out.loss.cpu()] + [x.grad.cpu() for x in inputs]
+
+    with torch.cuda.device(1):
+        expected = step("cuda:1")
+    with torch.cuda.device(0):
+        got = step("cuda:1")
+    for g, e in zip(got, expected):  # the same device, shapes and kernels: bit for bit
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -7,6 +7,7 @@ the same on every run; the table below was chosen from register/spill reports
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, replace
@@ -304,6 +305,23 @@ def check_interpreter() -> None:
             f"TRITON_INTERPRET=1: triton {triton.__version__}'s interpreter cannot run these kernels with "
             f"numpy {numpy.__version__} ({_interpreter_failure()}); triton 3.6's needs numpy < 2.4, "
             "triton 3.9's takes numpy 2.4")
+
+
+def device_context(x: torch.Tensor):
+    """`x`'s CUDA device made current (a no-op context for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Runs a launcher with its first argument's CUDA device current. Triton launches on the current device
+    and stream, torch ops on their tensors' device: a head on cuda:1 while cuda:0 is current would hand
+    Triton another device's pointers ("cannot be accessed from Triton"), or cuda:0's stream."""
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        with device_context(first):
+            return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 def kernel_operand(x: torch.Tensor) -> torch.Tensor:

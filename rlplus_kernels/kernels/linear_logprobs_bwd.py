@@ -57,8 +57,8 @@ import triton
 import triton.language as tl
 
 from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, logits_source,
-                      operand_descriptors, padded_elements, padded_matrix, pick_config, product_config,
-                      rows_aligned, sm_count, uses_descriptors)
+                      on_tensor_device, operand_descriptors, padded_elements, padded_matrix, pick_config,
+                      product_config, rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, nan_minimum, source_logits_tile
 
@@ -312,6 +312,7 @@ def _float16_dl_scale(targets, ignore_index, entropy, grad_logp, grad_entropy, t
     return torch.ldexp(one, shift), torch.ldexp(one, -shift)
 
 
+@on_tensor_device
 def linear_logprobs_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,

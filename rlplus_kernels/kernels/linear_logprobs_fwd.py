@@ -38,6 +38,7 @@ from ._config import (
     dot_precision,
     kernel_operand,
     logits_source,
+    on_tensor_device,
     operand_descriptors,
     padded_elements,
     padded_matrix,
@@ -334,6 +335,7 @@ def forward_from_product(h, w, b, targets, prod, cfg, **launch):
                           launch["with_entropy"])
 
 
+@on_tensor_device
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,

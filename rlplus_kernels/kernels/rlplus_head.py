@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import head
+from ._config import on_tensor_device
 from .tl_utils import nan_maximum, nan_minimum
 
 # globals a @triton.jit function reads must be constexpr
@@ -182,6 +183,7 @@ def kernel_float(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
+@on_tensor_device
 def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
                         agg_weight, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
     """(weighted_loss [N], dloss_dlogp [N], stats [5, N]) of the kernel, in logp's dtype (float32 or float64).

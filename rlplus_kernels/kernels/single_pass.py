@@ -35,8 +35,8 @@ import torch
 
 from ..backends import SINGLE_PASS_DTYPES
 from ..backends.common import finish_logprobs
-from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, padded_elements,
-                      padded_matrix, product_config)
+from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, on_tensor_device,
+                      padded_elements, padded_matrix, product_config)
 from .cublas import mm_fp32
 from .linear_logprobs_bwd import launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
@@ -63,6 +63,7 @@ def plan_chunks(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> tuple
     return min(n_tokens, chunk_rows), min(n_tokens, slice_rows)
 
 
+@on_tensor_device
 def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logprobs, external,
                             behavior_logprobs, ref_logprobs, agg_weight, *, temperature: float,
                             ignore_index: int, with_entropy: bool, head: dict, needs_grad=(True, True, True),
