@@ -18,6 +18,7 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
 kernels), each against GEMMs timed in the same run. --profile adds (d) the device time of each
 kernel in one fwd+bwd (torch.profiler): where the time beyond the bare GEMMs goes. --config
 overrides the launch table (kernels/_config.py KernelConfig fields) for every check and timing.
+--dry-run runs the same code on the CPU (tests/test_gpu_scripts.py): see `dry_run_stand_ins`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 IGN = -100
+DEVICE = "cuda"  # "cpu" in a dry run
+DRY_RUN_MAX_SHAPE = (16, 48, 130)  # N, D, V: one token block and three vocabulary tiles under the interpreter
+
+
+def dry_run_stand_ins():
+    """--dry-run: every step on CPU tensors, the kernels under TRITON_INTERPRET=1, each shape cut to at most
+    DRY_RUN_MAX_SHAPE, torch.cuda's synchronisation and memory counters as no-ops (memory figures 0) and `bench`
+    timing a few wall-clock calls. The checks compare as on the GPU; the timings and memory figures mean
+    nothing. It proves the script runs through before a GPU's minutes are spent on it."""
+    global DEVICE
+    DEVICE = "cpu"
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    torch.cuda.memory_allocated = torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.get_device_name = lambda *args, **kwargs: "dry run: CPU, TRITON_INTERPRET=1"
+
+
+def scaled(n, d, v):
+    """(n, d, v), or in a dry run each cut to DRY_RUN_MAX_SHAPE."""
+    return (n, d, v) if DEVICE == "cuda" else tuple(min(x, top) for x, top in zip((n, d, v), DRY_RUN_MAX_SHAPE))
 
 
 def env_info():
@@ -105,14 +127,14 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
     gradients of logprob and entropy (2^-14: a token-mean loss over 16k tokens)."""
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = (torch.randn(n, d, device="cuda", generator=g) / d**0.25).to(dtype)
-    w = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
-    b = torch.randn(v, device="cuda", generator=g).to(dtype) if bias else None
-    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    h = (torch.randn(n, d, device=DEVICE, generator=g) / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device=DEVICE, generator=g) / d**0.25).to(dtype)
+    b = torch.randn(v, device=DEVICE, generator=g).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), device=DEVICE, generator=g)
     t[::7] = IGN
-    gl = torch.randn(n, device="cuda", generator=g) * upstream
-    ge = torch.randn(n, device="cuda", generator=g) * upstream
+    gl = torch.randn(n, device=DEVICE, generator=g) * upstream
+    ge = torch.randn(n, device=DEVICE, generator=g) * upstream
     big = n * v * d > 2**36
     ref_dtype = torch.float32 if big else torch.float64
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -155,8 +177,16 @@ def bench(fn, rep=200, grad_to_none=None):
 
     fn()
     torch.cuda.synchronize()
-    q = quantiles_ms(do_bench_ms(fn, cuda_call_ms(fn), min_samples=MIN_SAMPLES, min_ms=rep, warmup_ms=25,
-                                 grad_to_none=grad_to_none))
+    if DEVICE == "cpu":  # a dry run
+        samples = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - start))
+    else:
+        samples = do_bench_ms(fn, cuda_call_ms(fn), min_samples=MIN_SAMPLES, min_ms=rep, warmup_ms=25,
+                              grad_to_none=grad_to_none)
+    q = quantiles_ms(samples)
     return dict(p50=q["median_ms"], p20=q["p20_ms"], p80=q["p80_ms"], samples=q["repeats"])
 
 
@@ -179,7 +209,7 @@ def kernel_breakdown(fn, top=12):
 def bare_gemms(h, w, rep, res):
     """Times the three bare GEMMs of a naive implementation in the input dtype, as cuBLAS runs them
     (logits = h @ W^T, grad_hidden = dl @ W, grad_weight = dl^T @ h), into res; returns their sum (ms)."""
-    dl = torch.randn(h.shape[0], w.shape[0], device="cuda").to(h.dtype)
+    dl = torch.randn(h.shape[0], w.shape[0], device=DEVICE).to(h.dtype)
     res["gemm_logits"] = bench(lambda: h @ w.T, rep)
     res["gemm_grad_hidden"] = bench(lambda: dl @ w, rep)
     res["gemm_grad_weight"] = bench(lambda: dl.T @ h, rep)
@@ -254,13 +284,13 @@ ENTROPY_COEF = 0.01
 def loss_inputs(n, d, v, dtype, seed=0):
     """Hidden, weight, targets (every 7th ignored), advantages (mean 1: a loss without cancellation, so its
     relative error means something) and external tokens (every 5th) of a batch."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = (torch.randn(n, d, device="cuda", generator=g) / d**0.25).to(dtype)
-    w = (torch.randn(v, d, device="cuda", generator=g) / d**0.25).to(dtype)
-    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    h = (torch.randn(n, d, device=DEVICE, generator=g) / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device=DEVICE, generator=g) / d**0.25).to(dtype)
+    t = torch.randint(0, v, (n,), device=DEVICE, generator=g)
     t[::7] = IGN
-    adv = torch.randn(n, device="cuda", generator=g) + 1.0
-    return h, w, t, adv, torch.arange(n, device="cuda") % 5 == 0
+    adv = torch.randn(n, device=DEVICE, generator=g) + 1.0
+    return h, w, t, adv, torch.arange(n, device=DEVICE) % 5 == 0
 
 
 def loss_step(h, w, t, adv, old=None, external=None):
@@ -291,13 +321,13 @@ def loss_reference(n, d, v, dtype):
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        zero = torch.zeros(n, device="cuda")
+        zero = torch.zeros(n, device=DEVICE)
         fwd = reference(h, w, None, t, zero, zero, 1.0, ref_dtype, chunk=chunk, with_grads=False)
         valid = t != IGN
         logp = torch.where(valid, fwd["target_logit"] - fwd["lse"], 0.0)
         entropy = torch.where(valid, fwd["entropy"], 0.0)
-        g = torch.Generator(device="cuda").manual_seed(2)
-        old = (logp + 0.3 * torch.randn(n, device="cuda", generator=g, dtype=logp.dtype)).float()
+        g = torch.Generator(device=DEVICE).manual_seed(2)
+        old = (logp + 0.3 * torch.randn(n, device=DEVICE, generator=g, dtype=logp.dtype)).float()
         lp, en = logp.double().requires_grad_(), entropy.double().requires_grad_()
         head = rlplus_loss_from_logprobs_reference(lp, en, t, adv, old, external_mask=external,
                                                    entropy_coef=ENTROPY_COEF, return_entropy=True)
@@ -342,7 +372,7 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
     beyond the inputs and the two gradients it returns, against the naive forward+backward's."""
     with_schedule(schedule, logits)
     h, w, t, adv, external = loss_inputs(n, d, v, dtype)
-    old = -torch.rand(n, device="cuda") * 5
+    old = -torch.rand(n, device=DEVICE) * 5
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
 
     def step():
@@ -356,7 +386,7 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
     peak = peak_extra_mb(step)
     del hr, wr
     torch.cuda.empty_cache()
-    gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     record_memory(res, peak, h, w, naive_peak_extra_mb(h, w, t, gl, ge))
     return res
 
@@ -377,10 +407,10 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
 
     torch.manual_seed(0)
-    h = (torch.randn(n, d, device="cuda") / d**0.25).to(dtype)
-    w = (torch.randn(v, d, device="cuda") / d**0.25).to(dtype)
-    t = torch.randint(0, v, (n,), device="cuda")
-    gl, ge = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    h = (torch.randn(n, d, device=DEVICE) / d**0.25).to(dtype)
+    w = (torch.randn(v, d, device=DEVICE) / d**0.25).to(dtype)
+    t = torch.randint(0, v, (n,), device=DEVICE)
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=logits, config=config)
 
     def fwd():
@@ -419,7 +449,7 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
 
 def timing_shapes(quick: bool) -> list:
     """(N, D, V) of the timings, the issue's bar (N=16384) first."""
-    return [(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)]
+    return [scaled(*shape) for shape in ([(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)])]
 
 
 def main():
@@ -434,10 +464,16 @@ def main():
     ap.add_argument("--loss", default=None, metavar="SCHEDULES",
                     help="instead of the launchers, rlplus_loss forward+backward end to end under these comma-separated "
                          "schedules (RLPLUS_SCHEDULE: two-pass, single-pass); two-pass once per --logits source")
+    ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at small shapes: that it runs "
+                                                               "through, no measurement (see dry_run_stand_ins)")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs CUDA"
-    os.environ.pop("TRITON_INTERPRET", None)
+    if args.dry_run:
+        dry_run_stand_ins()
+    else:
+        assert torch.cuda.is_available(), "needs CUDA"
+        os.environ.pop("TRITON_INTERPRET", None)
     info = env_info()
+    info["dry_run"] = args.dry_run
     info["argv"] = sys.argv
     info["git_commit"] = os.environ.get("GIT_COMMIT")
     print(info, flush=True)
@@ -451,6 +487,7 @@ def main():
     ]
     if not args.quick:
         check_cases.append((16384, 4096, 151936, torch.bfloat16, False))
+    check_cases = [(*scaled(*case[:3]), *case[3:]) for case in check_cases]
     sources = args.logits.split(",")
     config = json.loads(args.config) if args.config else None
     if config:
@@ -483,6 +520,7 @@ def main():
         loss_checks = [(257, 1000, 5003, torch.float32), (2048, 4096, 151936, torch.bfloat16)]
         if not args.quick:
             loss_checks.append((16384, 4096, 151936, torch.bfloat16))
+        loss_checks = [(*scaled(*case[:3]), case[3]) for case in loss_checks]
         check_cases = []  # the launchers' checks and timings are the other mode's
         # the bar's shape first, and timings before checks: a step cut by the time limit loses the least
         for (n, d, v), (schedule, logits) in ((shape, run) for shape in timing_shapes(args.quick) for run in runs):

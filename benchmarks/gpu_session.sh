@@ -15,12 +15,19 @@
 #   bash benchmarks/gpu_session.sh static     # static check on the image's triton (also runs without a GPU)
 #
 # Pass GIT_COMMIT=<hash> when the tree was copied without .git; PYTHON overrides the interpreter.
+# DRY_RUN=1 runs the loss, kernels and pipelined steps on the CPU (gpu_kernel_check.py --dry-run: small shapes,
+# kernels interpreted, no measurement), as tests/test_gpu_scripts.py does: that a GPU's minutes will not be lost
+# to a broken script.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 STEPS=(loss kernels pipelined tests configs sweep static)
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_session.sh STEP... (${STEPS[*]})" >&2; exit 2; }
+DRY=()
+[ -z "${DRY_RUN:-}" ] || DRY=(--dry-run)
 for step in "$@"; do
     [[ " ${STEPS[*]} " == *" $step "* ]] || { echo "unknown step '$step' (${STEPS[*]})" >&2; exit 2; }
+    [[ -z "${DRY_RUN:-}" || " loss kernels pipelined static " == *" $step "* ]] \
+        || { echo "step '$step' has no dry run (DRY_RUN: loss kernels pipelined static)" >&2; exit 2; }
 done
 
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -28,15 +35,16 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}  # the GPU image's python3 is the one that holds torch
 # the package is not installed there: every script imports it from this checkout
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TRITON_INTERPRET=0  # compiled kernels on CUDA tensors, never the interpreter
+export TRITON_INTERPRET=0  # compiled kernels on CUDA tensors, never the interpreter (a dry run's script sets it)
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-560}))
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+[ -n "${DRY_RUN:-}" ] || "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
     || { echo "no CUDA device visible to $PY" >&2; exit 3; }
 {
     echo "steps: $*; $(date -u +%FT%TZ); commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-    "$PY" -c "import platform, torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
-'triton', triton.__version__, 'python', platform.python_version(), 'cuda', torch.version.cuda)"
+    "$PY" -c "import platform, torch, triton; print(torch.cuda.get_device_name() if torch.cuda.is_available()
+else 'dry run on the CPU', 'torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version(),
+'cuda', torch.version.cuda)"
 } | tee "$OUT/env.txt"
 
 run() {  # run LOG COMMAND...: the command under the time left, its output to the terminal and $OUT/LOG
@@ -51,13 +59,13 @@ status=0
 for step in "$@"; do
     case "$step" in
         loss)
-            run gpu_loss_check.txt "$PY" benchmarks/gpu_kernel_check.py --loss two-pass,single-pass --logits fused,cublas \
+            run gpu_loss_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --loss two-pass,single-pass --logits fused,cublas \
                 --rep 500 --profile --json "$OUT/gpu_loss_check.json" ;;
         kernels)
-            run gpu_kernel_check.txt "$PY" benchmarks/gpu_kernel_check.py --logits fused,tma,cublas --no-naive \
+            run gpu_kernel_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --logits fused,tma,cublas --no-naive \
                 --rep 100 --profile --json "$OUT/gpu_kernel_check.json" ;;
         pipelined)
-            run gpu_kernel_check_pipelined.txt "$PY" benchmarks/gpu_kernel_check.py --logits fused,tma --no-naive \
+            run gpu_kernel_check_pipelined.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --logits fused,tma --no-naive \
                 --rep 100 --profile --config '{"PIPELINE_TILES": true}' --json "$OUT/gpu_kernel_check_pipelined.json" ;;
         tests)
             RLPLUS_TEST_DEVICE=cuda run pytest_cuda.txt "$PY" -m pytest -q -p no:cacheprovider --durations=15 \

@@ -1,0 +1,53 @@
+"""benchmarks/gpu_session.sh and gpu_kernel_check.py run through on the CPU (DRY_RUN=1).
+
+A GPU is lent to a session rarely and for minutes, and the issue-3 bar is measured by these scripts only: a
+change that broke one (an import, a launcher's signature, a key the summary reads) would cost that session's
+measurement whole. The dry run runs the recommended call's steps (the loss end to end under both schedules,
+the launchers with the three logits sources, the PIPELINE_TILES option) at small shapes with the kernels
+interpreted; its checks compare against the references as on the GPU, its timings mean nothing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the figures the issue's bar and the summary table are read from, in every timing
+TIMING_KEYS = {"ours_fwd_bwd", "gemm_sum_ms", "ratio_fwd_bwd_over_gemms", "tflops_fwd_bwd", "ours_peak_extra_mb",
+               "ours_beyond_grads_mb", "kernels"}
+
+
+def _session(out_dir, *steps):
+    env = dict(os.environ, DRY_RUN="1", OUT=str(out_dir), PYTHON=sys.executable, GIT_COMMIT="dry-run")
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), *steps], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_the_recommended_gpu_session_runs_through(tmp_path):
+    proc = _session(tmp_path, "loss", "kernels", "pipelined")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    expected = {"gpu_loss_check.json": {"two-pass/fused", "two-pass/cublas", "single-pass/cublas"},
+                "gpu_kernel_check.json": {"fused", "tma", "cublas"},
+                "gpu_kernel_check_pipelined.json": {"fused", "tma"}}
+    for name, runs in expected.items():
+        result = json.loads((tmp_path / name).read_text())
+        assert result["info"]["dry_run"] and result["info"]["git_commit"] == "dry-run", name
+        assert result["ok"] and not result["errors"], (name, result["errors"])
+        assert {row["logits"] for row in result["checks"]} == runs, name
+        assert {row["logits"] for row in result["timings"]} == runs, name
+        for timing in result["timings"]:
+            assert TIMING_KEYS <= timing.keys(), (name, TIMING_KEYS - timing.keys())
+    pipelined = json.loads((tmp_path / "gpu_kernel_check_pipelined.json").read_text())
+    assert pipelined["info"]["config"] == {"PIPELINE_TILES": True}
+    assert "dry run on the CPU" in (tmp_path / "env.txt").read_text()
+
+
+def test_a_step_without_a_dry_run_is_refused(tmp_path):
+    proc = _session(tmp_path, "loss", "tests")
+    assert proc.returncode == 2 and "step 'tests' has no dry run" in proc.stderr, proc.stderr
+    assert not (tmp_path / "gpu_loss_check.json").exists()  # refused before any step ran
