@@ -945,3 +945,52 @@ def test_a_head_on_another_device_than_the_current_one(monkeypatch, schedule):
         got = step("cuda:1")
     for g, e in zip(got, expected):  # the same device, shapes and kernels: bit for bit
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the autotuner is replaced by one that chooses without timing, "
+                                             "and launches are recorded by the interpreter's executor")
+def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
+    """RLPLUS_AUTOTUNE=1: rollout batches change size every step, and triton's autotuner keys on the token count
+    itself, so each new size timed every candidate again. The choice is now kept per N rounded up to a power of
+    two (and V, D, entropy, bias, dtype, device): 100 tokens tune, 120 launch the kept candidate, 300 tune again,
+    400 launch the candidate kept at 300."""
+    from rlplus_kernels.kernels import _config
+    from rlplus_kernels.kernels import linear_logprobs_fwd as fwd
+
+    candidates = [_config.KernelConfig(16, 128, 64, num_warps=1, num_stages=1),
+                  _config.KernelConfig(32, 128, 64, num_warps=1, num_stages=1)]
+    tuned_at, launches = [], []
+
+    class ChoosesTheLast:  # the autotuner's interface: configs, [grid](*args, **kwargs), then best_config
+        configs = [object() for _ in candidates]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                tuned_at.append(args[11])  # N
+                chosen = candidates[-1]
+                meta = dict(BLOCK_N=chosen.BLOCK_N, BLOCK_V=chosen.BLOCK_V, BLOCK_D=chosen.BLOCK_D,
+                            GROUP_N=chosen.GROUP_N, PIPELINE_TILES=chosen.PIPELINE_TILES)
+                fwd._linear_logprobs_fwd_kernel[grid(meta)](*args, **kwargs, **meta, num_warps=chosen.num_warps,
+                                                            num_stages=chosen.num_stages)
+                self.best_config = self.configs[-1]
+            return run
+
+    real_run = triton.runtime.interpreter.GridExecutor.__call__
+
+    def recorded_run(self, *args, **kwargs):
+        if self.fn.__name__ == "_linear_logprobs_fwd_kernel":
+            launches.append((args[11], kwargs["BLOCK_N"]))  # N, tokens a program
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(fwd, "_autotuned_kernel", lambda: (ChoosesTheLast(), candidates))
+    monkeypatch.setattr(fwd, "autotune_applies", lambda *args: True)
+    monkeypatch.setattr(fwd, "_TUNED", {})
+    monkeypatch.setattr(triton.runtime.interpreter.GridExecutor, "__call__", recorded_run)
+    for n in (100, 120, 300, 400):
+        h, w, _, t = make_inputs(n, 64, 300, torch.float16, bias=False)
+        lse, tl, ent = linear_logprobs_forward(h, w, None, t, temperature=0.9, ignore_index=IGN, with_entropy=True)
+        for name, got, ref in zip(("lse", "target_logit", "entropy"), (lse, tl, ent),
+                                  ref_forward(h, w, None, t, temperature=0.9)):
+            check(f"{name} N={n}", got, ref, FWD_TOL[torch.float16])
+    assert tuned_at == [100, 300]
+    assert launches == [(100, 32), (120, 32), (300, 32), (400, 32)]  # the kept candidate, not the table's

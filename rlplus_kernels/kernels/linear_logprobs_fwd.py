@@ -212,21 +212,24 @@ def _online_softmax_step(
 
 
 _AUTOTUNED = None
+# RLPLUS_AUTOTUNE=1: the candidate chosen per (N rounded up to a power of two, V, D, entropy, bias, dtype, device).
+# The autotuner keys on N itself, and rollout batches change size every step: each new size would time every
+# candidate again.
+_TUNED: dict = {}
 
 
 def _autotuned_kernel():
-    """``RLPLUS_AUTOTUNE=1`` only: the candidates of `AUTOTUNE_CANDIDATES` (keyed on shapes)."""
+    """``RLPLUS_AUTOTUNE=1`` only: (the autotuner over `AUTOTUNE_CANDIDATES`, those candidates in its order)."""
     global _AUTOTUNED
     if _AUTOTUNED is None:
+        candidates = [c for c in AUTOTUNE_CANDIDATES if pipelining_supported() or not c.PIPELINE_TILES]
         configs = [
             triton.Config({"BLOCK_N": c.BLOCK_N, "BLOCK_V": c.BLOCK_V, "BLOCK_D": c.BLOCK_D, "GROUP_N": c.GROUP_N,
                            "PIPELINE_TILES": c.PIPELINE_TILES}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in AUTOTUNE_CANDIDATES
-            if pipelining_supported() or not c.PIPELINE_TILES
+            for c in candidates
         ]
-        _AUTOTUNED = triton.autotune(configs=configs, key=["N", "V", "D", "WITH_ENTROPY"])(
-            _linear_logprobs_fwd_kernel
-        )
+        tuner = triton.autotune(configs=configs, key=["N", "V", "D", "WITH_ENTROPY"])(_linear_logprobs_fwd_kernel)
+        _AUTOTUNED = tuner, candidates
     return _AUTOTUNED
 
 
@@ -282,9 +285,14 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
         float(temperature), int(ignore_index), int(vocab_start),
     )
     if autotune:
-        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
-        _autotuned_kernel()[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
-        return
+        key = (triton.next_power_of_2(n_tokens), w.shape[0], dim, with_entropy, b is not None, h.dtype, h.device)
+        if key not in _TUNED:  # the autotuner times the candidates on this call and launches the fastest
+            tuner, candidates = _autotuned_kernel()
+            grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
+            tuner[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
+            _TUNED[key] = candidates[tuner.configs.index(tuner.best_config)]
+            return
+        cfg = _TUNED[key]
     grid = (triton.cdiv(n_tokens, cfg.BLOCK_N) * splits,)
     _linear_logprobs_fwd_kernel[grid](
         *args,
