@@ -449,7 +449,8 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
 
 def timing_shapes(quick: bool) -> list:
     """(N, D, V) of the timings, the issue's bar (N=16384) first."""
-    return [scaled(*shape) for shape in ([(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)])]
+    shapes = [(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)]
+    return [scaled(*shape) for shape in shapes]
 
 
 def main():
