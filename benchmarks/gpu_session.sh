@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh loss       # rlplus_loss fwd+bwd end to end, two-pass (fused, cublas) and single-pass
 #   bash benchmarks/gpu_session.sh kernels    # the three logits sources vs the GEMMs of the same run, per-kernel profile
 #   bash benchmarks/gpu_session.sh pipelined  # the same with the PIPELINE_TILES launch option (fused, tma)
+#   bash benchmarks/gpu_session.sh autotune   # the fused launchers under RLPLUS_AUTOTUNE=1 (never yet run on a GPU)
 #   bash benchmarks/gpu_session.sh tests      # property/kernel/head tests on CUDA tensors (~3-8 min)
 #   bash benchmarks/gpu_session.sh configs    # launch-config sweep of the fused and tma kernels (bf16)
 #   bash benchmarks/gpu_session.sh sweep      # bench_loss.py sweep, bf16: naive, torch.compile, triton (both schedules)
@@ -20,7 +21,7 @@
 # to a broken script.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-STEPS=(loss kernels pipelined tests configs sweep static)
+STEPS=(loss kernels pipelined autotune tests configs sweep static)
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_session.sh STEP... (${STEPS[*]})" >&2; exit 2; }
 DRY=()
 [ -z "${DRY_RUN:-}" ] || DRY=(--dry-run)
@@ -67,6 +68,9 @@ for step in "$@"; do
         pipelined)
             run gpu_kernel_check_pipelined.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --logits fused,tma --no-naive \
                 --rep 100 --profile --config '{"PIPELINE_TILES": true}' --json "$OUT/gpu_kernel_check_pipelined.json" ;;
+        autotune)
+            RLPLUS_AUTOTUNE=1 run gpu_kernel_check_autotune.txt "$PY" benchmarks/gpu_kernel_check.py --logits fused \
+                --no-naive --quick --rep 100 --json "$OUT/gpu_kernel_check_autotune.json" ;;
         tests)
             RLPLUS_TEST_DEVICE=cuda run pytest_cuda.txt "$PY" -m pytest -q -p no:cacheprovider --durations=15 \
                 tests/test_backends.py tests/test_rlplus_head.py tests/test_triton_kernels.py ;;
