@@ -447,6 +447,13 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     return res
 
 
+def autotuned_candidates() -> list:
+    """RLPLUS_AUTOTUNE=1: the candidate the autotuner chose per key so far (an empty list: it never applied)."""
+    from rlplus_kernels.kernels import linear_logprobs_fwd
+
+    return [dict(key=repr(key), candidate=repr(cfg)) for key, cfg in linear_logprobs_fwd._TUNED.items()]
+
+
 def timing_shapes(quick: bool) -> list:
     """(N, D, V) of the timings, the issue's bar (N=16384) first."""
     shapes = [(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)]
@@ -475,6 +482,7 @@ def main():
         os.environ.pop("TRITON_INTERPRET", None)
     info = env_info()
     info["dry_run"] = args.dry_run
+    info["autotune"] = os.environ.get("RLPLUS_AUTOTUNE")
     info["argv"] = sys.argv
     info["git_commit"] = os.environ.get("GIT_COMMIT")
     print(info, flush=True)
@@ -499,6 +507,7 @@ def main():
         if args.json:  # written aside, then renamed: a kill mid-write leaves the previous file whole
             with open(args.json + ".tmp", "w") as f:
                 json.dump(dict(info=info, checks=checks, timings=timings, errors=errors,
+                               autotuned=autotuned_candidates(),
                                ok=bool(checks) and not errors and all(r["ok"] for r in checks)), f, indent=1)
             os.replace(args.json + ".tmp", args.json)
 
@@ -588,6 +597,10 @@ def main():
             print(f"\nkernels of one fwd+bwd, {r['logits']} {r['shape']} (ms, calls):")
             for k in r["kernels"]:
                 print(f"  {k['ms']:9.2f} {k['calls']:6}  {k['kernel']}")
+    if info["autotune"]:
+        chosen = "; ".join(f"{r['key']}: {r['candidate']}" for r in autotuned_candidates())
+        where = "it applies on sm_80/sm_90, fp16/bf16, aligned rows, D % 64 == 0"
+        print(f"\nautotuned (RLPLUS_AUTOTUNE): {chosen or f'none ({where})'}")
     ok = bool(checks) and not errors and all(r["ok"] for r in checks)
     print("\nALL CHECKS PASS" if ok else f"\nSOME CHECKS FAILED ({len(errors)} error(s))")
     save()

@@ -23,11 +23,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 STEPS=(loss kernels pipelined autotune tests configs sweep static)
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_session.sh STEP... (${STEPS[*]})" >&2; exit 2; }
-DRY=()
-[ -z "${DRY_RUN:-}" ] || DRY=(--dry-run)
+DRY=()  # the scripts' flag in a dry run
+[ "${DRY_RUN:-0}" = 0 ] || DRY=(--dry-run)
 for step in "$@"; do
     [[ " ${STEPS[*]} " == *" $step "* ]] || { echo "unknown step '$step' (${STEPS[*]})" >&2; exit 2; }
-    [[ -z "${DRY_RUN:-}" || " loss kernels pipelined static " == *" $step "* ]] \
+    [[ ${#DRY[@]} -eq 0 || " loss kernels pipelined static " == *" $step "* ]] \
         || { echo "step '$step' has no dry run (DRY_RUN: loss kernels pipelined static)" >&2; exit 2; }
 done
 
@@ -39,13 +39,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels on CUDA tensors, never the interpreter (a dry run's script sets it)
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-560}))
 
-[ -n "${DRY_RUN:-}" ] || "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
+[ ${#DRY[@]} -gt 0 ] || "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \
     || { echo "no CUDA device visible to $PY" >&2; exit 3; }
+DEVICE_NAME="torch.cuda.get_device_name()"
+[ ${#DRY[@]} -eq 0 ] || DEVICE_NAME="'dry run on the CPU'"
 {
     echo "steps: $*; $(date -u +%FT%TZ); commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-    "$PY" -c "import platform, torch, triton; print(torch.cuda.get_device_name() if torch.cuda.is_available()
-else 'dry run on the CPU', 'torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version(),
-'cuda', torch.version.cuda)"
+    "$PY" -c "import platform, torch, triton; print($DEVICE_NAME, 'torch', torch.__version__,
+'triton', triton.__version__, 'python', platform.python_version(), 'cuda', torch.version.cuda)"
 } | tee "$OUT/env.txt"
 
 run() {  # run LOG COMMAND...: the command under the time left, its output to the terminal and $OUT/LOG

@@ -29,11 +29,16 @@ def _session(out_dir, *steps):
 
 
 def test_the_recommended_gpu_session_runs_through(tmp_path):
-    proc = _session(tmp_path, "loss", "kernels", "pipelined")
+    from rlplus_kernels.kernels._config import pipelining_supported
+
+    # PIPELINE_TILES is refused before triton 3.3 (the GPU image has 3.6): that step is left out there
+    pipelined = pipelining_supported()
+    proc = _session(tmp_path, "loss", "kernels", *(["pipelined"] if pipelined else []))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     expected = {"gpu_loss_check.json": {"two-pass/fused", "two-pass/cublas", "single-pass/cublas"},
-                "gpu_kernel_check.json": {"fused", "tma", "cublas"},
-                "gpu_kernel_check_pipelined.json": {"fused", "tma"}}
+                "gpu_kernel_check.json": {"fused", "tma", "cublas"}}
+    if pipelined:
+        expected["gpu_kernel_check_pipelined.json"] = {"fused", "tma"}
     for name, runs in expected.items():
         result = json.loads((tmp_path / name).read_text())
         assert result["info"]["dry_run"] and result["info"]["git_commit"] == "dry-run", name
@@ -42,8 +47,9 @@ def test_the_recommended_gpu_session_runs_through(tmp_path):
         assert {row["logits"] for row in result["timings"]} == runs, name
         for timing in result["timings"]:
             assert TIMING_KEYS <= timing.keys(), (name, TIMING_KEYS - timing.keys())
-    pipelined = json.loads((tmp_path / "gpu_kernel_check_pipelined.json").read_text())
-    assert pipelined["info"]["config"] == {"PIPELINE_TILES": True}
+    if pipelined:
+        config = json.loads((tmp_path / "gpu_kernel_check_pipelined.json").read_text())["info"]["config"]
+        assert config == {"PIPELINE_TILES": True}
     assert "dry run on the CPU" in (tmp_path / "env.txt").read_text()
 
 
