@@ -61,14 +61,15 @@ status=0
 for step in "$@"; do
     case "$step" in
         loss)
-            run gpu_loss_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --loss two-pass,single-pass --logits fused,cublas \
-                --rep 500 --profile --json "$OUT/gpu_loss_check.json" ;;
+            run gpu_loss_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} \
+                --loss two-pass,single-pass --logits fused,cublas --rep 500 --profile --json "$OUT/gpu_loss_check.json" ;;
         kernels)
-            run gpu_kernel_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --logits fused,tma,cublas --no-naive \
-                --rep 100 --profile --json "$OUT/gpu_kernel_check.json" ;;
+            run gpu_kernel_check.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} \
+                --logits fused,tma,cublas --no-naive --rep 100 --profile --json "$OUT/gpu_kernel_check.json" ;;
         pipelined)
-            run gpu_kernel_check_pipelined.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} --logits fused,tma --no-naive \
-                --rep 100 --profile --config '{"PIPELINE_TILES": true}' --json "$OUT/gpu_kernel_check_pipelined.json" ;;
+            run gpu_kernel_check_pipelined.txt "$PY" benchmarks/gpu_kernel_check.py ${DRY[@]+"${DRY[@]}"} \
+                --logits fused,tma --no-naive --rep 100 --profile --config '{"PIPELINE_TILES": true}' \
+                --json "$OUT/gpu_kernel_check_pipelined.json" ;;
         autotune)
             RLPLUS_AUTOTUNE=1 run gpu_kernel_check_autotune.txt "$PY" benchmarks/gpu_kernel_check.py --logits fused \
                 --no-naive --quick --rep 100 --json "$OUT/gpu_kernel_check_autotune.json" ;;
