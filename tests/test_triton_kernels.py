@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import assert_rounded_once, dot_product_allowance, exact_entropy  # noqa: E402
+from helpers import assert_rounded_once, dot_product_allowance, exact_entropy, major_minor  # noqa: E402
 from rlplus_kernels.backends import triton_interpreting  # noqa: E402
 from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
 from rlplus_kernels.kernels._config import descriptors_supported  # noqa: E402
@@ -810,7 +810,7 @@ def test_which_tritons_and_gpus_take_the_pipelined_descriptor_and_autotuned_path
     aligned rows with D % 64 == 0 on sm_80 and sm_90."""
     from rlplus_kernels.kernels import _config
 
-    assert _config.pipelining_supported() == (tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 3))
+    assert _config.pipelining_supported() == (major_minor(triton.__version__) >= (3, 3))
     has_descriptors = _config.tensor_descriptor_class() is not None
     for family, supported in (("sm90", True), ("interpret", True), ("sm80", False), ("sm100", False)):
         monkeypatch.setattr(_config, "family_of", lambda device, family=family: family)
@@ -883,6 +883,20 @@ def test_each_family_launch_tiles_compute_the_contract(monkeypatch, family, dtyp
         check_grads(grads, h, w, b, t, r_lse.float(), ent, gl, ge, temperature=0.7, label=f"{family} ")
 
 
+def _record_launches(monkeypatch, record):
+    """record(kernel name, positional args, keyword args) at every kernel launch: under the interpreter a
+    GridExecutor call (on each triton from 3.2 to 3.9), compiled a JITFunction.run."""
+    launcher_class, method = ((triton.runtime.interpreter.GridExecutor, "__call__") if triton_interpreting()
+                              else (triton.runtime.jit.JITFunction, "run"))
+    real_run = getattr(launcher_class, method)
+
+    def recorded_run(self, *args, **kwargs):
+        record(self.fn.__name__, args, kwargs)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(launcher_class, method, recorded_run)
+
+
 @pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
 def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, schedule):
     """Triton launches on the current CUDA device and stream, torch ops on their tensors' device: a head on
@@ -894,11 +908,8 @@ def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, sche
     from rlplus_kernels import rlplus_loss
     from rlplus_kernels.kernels import _config
 
-    # every launch: under the interpreter a GridExecutor call (on each triton from 3.2 to 3.9), else JITFunction.run
-    launcher_class, method = ((triton.runtime.interpreter.GridExecutor, "__call__") if triton_interpreting()
-                              else (triton.runtime.jit.JITFunction, "run"))
     current, launches = [], []
-    real_context, real_run = _config.device_context, getattr(launcher_class, method)
+    real_context = _config.device_context
 
     @contextmanager
     def recorded_context(x):
@@ -907,12 +918,8 @@ def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, sche
             yield
             current.pop()
 
-    def recorded_run(self, *args, **kwargs):
-        launches.append((self.fn.__name__, current[-1] if current else None))
-        return real_run(self, *args, **kwargs)
-
     monkeypatch.setattr(_config, "device_context", recorded_context)
-    monkeypatch.setattr(launcher_class, method, recorded_run)
+    _record_launches(monkeypatch, lambda name, args, kwargs: launches.append((name, current[-1] if current else None)))
     monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     h, w, _, t = make_inputs(7, 32, 37, torch.float32)
     h.requires_grad_(), w.requires_grad_()
@@ -975,17 +982,14 @@ def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
                 self.best_config = self.configs[-1]
             return run
 
-    real_run = triton.runtime.interpreter.GridExecutor.__call__
-
-    def recorded_run(self, *args, **kwargs):
-        if self.fn.__name__ == "_linear_logprobs_fwd_kernel":
+    def record(name, args, kwargs):
+        if name == "_linear_logprobs_fwd_kernel":
             launches.append((args[11], kwargs["BLOCK_N"]))  # N, tokens a program
-        return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(fwd, "_autotuned_kernel", lambda: (ChoosesTheLast(), candidates))
     monkeypatch.setattr(fwd, "autotune_applies", lambda *args: True)
     monkeypatch.setattr(fwd, "_TUNED", {})
-    monkeypatch.setattr(triton.runtime.interpreter.GridExecutor, "__call__", recorded_run)
+    _record_launches(monkeypatch, record)
     for n in (100, 120, 300, 400):
         h, w, _, t = make_inputs(n, 64, 300, torch.float16, bias=False)
         lse, tl, ent = linear_logprobs_forward(h, w, None, t, temperature=0.9, ignore_index=IGN, with_entropy=True)
