@@ -409,6 +409,36 @@ def test_noncontiguous_inputs(logits):
     check_grads(out, h, w, b, t, lse, ent, gl, ge, temperature=1.0, logits=logits)
 
 
+@pytest.mark.parametrize("logits", LOGITS)
+def test_element_offsets_past_2_31(logits):
+    """Offsets into hidden, weight and bias are int64 in every kernel. Here their last rows lie past element
+    2^31 of one float16 storage (row stride 2^30 + 64), as the last weight rows do in a head of width 16384
+    and more than 131072 rows, or hidden rows past 2^18 tokens of width 8192; int32 offsets would wrap to
+    addresses outside the storage (the interpreter crashes, a GPU faults). The storage is ~4.3 GB of address
+    space, of which only the touched pages become memory (Linux allocates lazily; the interpreter reads a CPU
+    tensor in place)."""
+    n, d, v, stride = 3, 32, 3, 2**30 + 64
+    try:
+        base = torch.empty(stride * 2 + 4 * d, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError):  # a host without overcommit, or a GPU without the memory
+        pytest.skip("this host refuses 4.3 GB of address space for the strided storage")
+    h, w, b = (base.as_strided(shape, (stride, 1)[:len(shape)], offset)
+               for shape, offset in (((n, d), 0), ((v, d), 2 * d), ((v,), 3 * d)))
+    for view, values in zip((h, w, b), make_inputs(n, d, v, torch.float16)):
+        view.copy_(values)
+    assert min(x.storage_offset() + (x.shape[0] - 1) * x.stride(0) for x in (h, w, b)) > 2**31
+    t = torch.tensor([0, IGN, v - 1], device=DEVICE)  # the last hidden row's target is the last weight row
+    got = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN, with_entropy=True,
+                                  **source_options(logits, n))
+    refs = ref_forward(h, w, b, t, temperature=0.7)
+    for name, g, ref in zip(("lse", "target_logit", "entropy"), got, refs):
+        check(name, g, ref, FWD_TOL[torch.float16])
+    lse, ent = refs[0].float(), refs[2].float()
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN, logits=logits)
+    check_grads(out, h, w, b, t, lse, ent, gl, ge, temperature=0.7, logits=logits)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("logits", LOGITS)
 def test_huge_logits_finite(dtype, logits):
