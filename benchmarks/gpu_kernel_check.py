@@ -454,6 +454,26 @@ def autotuned_candidates() -> list:
     return [dict(key=repr(key), candidate=repr(cfg)) for key, cfg in linear_logprobs_fwd._TUNED.items()]
 
 
+BAR_RATIO, BAR_MEMORY_FRACTION = 1.5, 0.01  # issue 3: fwd+bwd within 1.5x the three bare GEMMs, 1% of naive's memory
+
+
+def bar_verdicts(timings, bar_shape) -> list:
+    """One line per timing at the bar's shape: its ratio to the three bare GEMMs of the same run and its memory
+    fraction of naive's, against the bar, so the default to pick can be read off."""
+    shape = "x".join(map(str, bar_shape))
+    lines = [f"\nissue-3 bar at {shape} (fwd+bwd <= {BAR_RATIO}x the 3 GEMMs, extra memory <= "
+             f"{BAR_MEMORY_FRACTION:.0%} of naive's){':' if DEVICE == 'cuda' else ', a dry run: no measurement:'}"]
+    for r in (r for r in timings if r["shape"] == shape):
+        fraction = r.get("memory_fraction_of_naive")  # absent: naive not run (--no-naive) or out of memory
+        if r["ratio_fwd_bwd_over_gemms"] > BAR_RATIO or (fraction or 0.0) > BAR_MEMORY_FRACTION:
+            verdict = "misses"
+        else:
+            verdict = "MEETS" if fraction is not None else "time meets, memory not measured"
+        memory = "not measured" if fraction is None else f"{100 * fraction:.2f} %"
+        lines.append(f"  {r['logits']:20} {r['ratio_fwd_bwd_over_gemms']:5.2f}x  memory {memory:>12}  {verdict}")
+    return lines if len(lines) > 1 else lines + ["  (no timing at this shape)"]
+
+
 def timing_shapes(quick: bool) -> list:
     """(N, D, V) of the timings, the issue's bar (N=16384) first."""
     shapes = [(4096, 4096, 151936)] if quick else [(16384, 4096, 151936), (4096, 4096, 151936)]
@@ -592,6 +612,7 @@ def main():
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
               f"{r['ours_beyond_grads_mb']:8.0f} {r.get('naive_beyond_grads_mb', float('nan')):13.0f} "
               f"{100 * r.get('memory_fraction_of_naive', float('nan')):7.2f}")
+    print(*bar_verdicts(timings, bar_shape=timing_shapes(False)[0]), sep="\n")
     for r in timings:
         if "kernels" in r:
             print(f"\nkernels of one fwd+bwd, {r['logits']} {r['shape']} (ms, calls):")

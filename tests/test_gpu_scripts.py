@@ -9,6 +9,7 @@ interpreted; its checks compare against the references as on the GPU, its timing
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,11 @@ def test_the_recommended_gpu_session_runs_through(tmp_path):
         assert {row["logits"] for row in result["timings"]} == runs, name
         for timing in result["timings"]:
             assert TIMING_KEYS <= timing.keys(), (name, TIMING_KEYS - timing.keys())
+        log = (tmp_path / name.replace(".json", ".txt")).read_text()
+        assert "issue-3 bar at" in log, name
+        for run in runs:  # the summary's verdict on the bar, a line per run
+            assert re.search(rf"^  {re.escape(run)} +[0-9.]+x  memory .+  (MEETS|misses|time meets, memory not measured)$",
+                             log, re.MULTILINE), (name, run)
     if pipelined:
         config = json.loads((tmp_path / "gpu_kernel_check_pipelined.json").read_text())["info"]["config"]
         assert config == {"PIPELINE_TILES": True}
