@@ -558,6 +558,29 @@ def test_a_bad_batch_is_refused_before_the_backbone_runs():
     assert backbone.count == 0
 
 
+def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_changes():
+    """A DistributedDataParallel or DataParallel wrapper: the trainer's functions would run its module's backbone
+    and head past the wrapper's forward and gradient synchronisation. Each refuses it by name (it said 'a bare
+    backbone' before) before the backbone runs, and the trainer before it zeroes the model's dropout."""
+    model = make_model("llama", tied=False)
+    attention = model.model.layers[0].self_attn
+    model.config.attention_dropout = attention.attention_dropout = 0.1  # what the trainer would zero
+    wrapped = nn.DataParallel(model)  # on a CPU-only host: the module, unreplicated
+    ids, am, lm = padded_batch()
+    adv = torch.zeros(ids.shape[0], dtype=torch.float64)
+    with CountBackboneRuns(model) as backbone:
+        for call in (lambda: RLPlusTrainer(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1)),
+                     lambda: RLPlusTrainer(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                                           verify_model_head=False),
+                     lambda: rlplus_model_loss(wrapped, ids, am, lm, adv),
+                     lambda: score_logprobs(wrapped, ids, am),
+                     lambda: get_backbone(wrapped)):
+            with pytest.raises(ValueError, match="DataParallel: a wrapper around LlamaForCausalLM; .* in one process"):
+                call()
+    assert backbone.count == 0
+    assert model.config.attention_dropout == attention.attention_dropout == 0.1
+
+
 def test_rlplus_model_loss_passes_vocab_parallel_group_on_and_the_trainer_names_itself():
     """rlplus_model_loss hands every keyword it does not take to rlplus_loss, vocab_parallel_group included;
     RLPlusTrainer (single-process) refuses that one, and its messages name RLPlusTrainer."""

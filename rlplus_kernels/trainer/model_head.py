@@ -92,8 +92,22 @@ def check_plain_linear_head(model: nn.Module) -> None:
     get_lm_head(model)  # the head itself must be a linear layer
 
 
+def _refuse_wrapper(model: nn.Module) -> None:
+    """A DistributedDataParallel or DataParallel wrapper (no ``get_output_embeddings``; the model is its
+    ``.module``) is refused by name: running its module's backbone and head directly would bypass the wrapper's
+    forward and its gradient synchronisation."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, nn.Module) and not hasattr(model, "get_output_embeddings"):
+        raise ValueError(
+            f"{type(model).__name__}: a wrapper around {type(inner).__name__}; the trainer's functions run the "
+            f"causal LM itself in one process (its backbone and head directly, past the wrapper's forward and "
+            f"gradient hooks). Pass the unwrapped model in a single process; across processes call "
+            f"rlplus_loss in your own data-parallel step (docs/distributed.md).")
+
+
 def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the LM head's ``(weight [V, D], bias [V] | None)``; tied heads share the embedding."""
+    _refuse_wrapper(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(
@@ -110,6 +124,7 @@ def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def get_backbone(model: nn.Module) -> nn.Module:
     """The decoder stack that returns the final normed hidden states (``model.model`` for Llama)."""
+    _refuse_wrapper(model)
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
     if backbone is None and hasattr(model, "get_decoder"):

@@ -97,12 +97,11 @@ class RLPlusTrainer:
         self.hyper.update(hyper)
         # single-process: no vocab_parallel_group (its skip decision and normalizer are this process's own)
         check_hyper_parameters(self.hyper, caller="RLPlusTrainer", passed_on=("normalizer",))
+        check_plain_linear_head(model)  # a refused model (or a wrapper) is refused before anything of it changes
         if disable_dropout:
             _disable_dropout(model)
         if verify_model_head:
             verify_head(model)
-        else:
-            check_plain_linear_head(model)
         self.num_steps = 0
         self.num_skipped_steps = 0
 
