@@ -844,3 +844,30 @@ def test_import_does_not_need_transformers():
     code = ("import sys, rlplus_kernels, rlplus_kernels.trainer; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_example_runs_end_to_end(tmp_path):
+    """examples/train_rlplus_tiny.py, issue 5's end-to-end example (its full run, ~3 min, and its figures are in
+    the README), cut to two RL steps of each method on one seed: it still runs, samples each step's rollouts
+    and writes the summary it prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "train_rlplus_tiny.py")
+    small = ["--steps", "2", "--warmup-steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+             "--eval-every", "1", "--eval-samples", "2", "--k", "2", "--seeds", "0", "--max-operand", "3",
+             "--hidden", "16", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, example, *small], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "train_rlplus_tiny.json").read_text())
+    for method, name in (("rlplus", "RL-PLUS"), ("grpo", "GRPO")):
+        history = result["runs"]["0"][method]
+        # rollouts sampled so far: 2 prompts x a group of 2 per step, where RL-PLUS's group holds 1 demonstration
+        per_step = 2 * (1 if method == "rlplus" else 2)
+        assert [(h["step"], h["samples"]) for h in history] == [(0, 0), (1, per_step), (2, 2 * per_step)], history
+        assert all(0.0 <= h["rollout_reward"] <= 1.0 for h in history[1:]), history
+        assert set(result["summary"][method]) == {"start", "final"}
+        assert f"{name:8s} step    2" in proc.stdout, proc.stdout[-2000:]
