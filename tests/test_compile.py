@@ -169,3 +169,27 @@ def test_custom_ops_pass_opcheck(backend, with_entropy, dtype):
     if backend == "triton":
         leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
         torch.library.opcheck(torch.ops.rlplus.linear_logprobs.default, (*leaves, targets, 0.8, -100, with_entropy))
+
+
+def test_a_step_compiled_by_torch_before_2_6_reads_the_environment_as_last_seen(monkeypatch):
+    """torch < 2.6's dynamo cannot read an unset environment variable (RLPLUS_SCHEDULE, TRITON_INTERPRET, ...) in a
+    compiled step: every compiled step failed there. `environment_variable` then hands the step what the last eager
+    read saw. Checked here by forcing that path under this torch: the step takes the remembered value though the
+    variable is unset by then, and is traced again after an eager read sees the change."""
+    from rlplus_kernels import _environment
+
+    monkeypatch.setattr(_environment, "_COMPILED_STEPS_READ_ENVIRON", False)
+    monkeypatch.setattr(_environment, "_LAST_SEEN", dict.fromkeys(_environment.NAMES))
+
+    def step(x):
+        return x + (1.0 if _environment.environment_variable("RLPLUS_SCHEDULE", "two-pass") == "single-pass" else 2.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    monkeypatch.setenv("RLPLUS_SCHEDULE", "single-pass")
+    assert step(torch.zeros(())).item() == 1.0  # an eager read: remembered
+    monkeypatch.delenv("RLPLUS_SCHEDULE")
+    assert compiled(torch.zeros(())).item() == 1.0  # what the eager read saw, not os.environ
+    assert step(torch.zeros(())).item() == 2.0  # the next eager read sees it unset
+    assert compiled(torch.zeros(())).item() == 2.0
+    torch._dynamo.reset()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .._environment import environment_variable
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class LogprobsOptions:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment_variable("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # looked up once, at import: torch 2.6's dynamo cannot trace importlib's find_spec in a compiled step
@@ -56,7 +57,7 @@ SINGLE_PASS_DTYPES = (torch.float32, torch.bfloat16)  # float16's scaled dl woul
 def schedule() -> str:
     """How the Triton backend orders the loss's work (env ``RLPLUS_SCHEDULE``): "two-pass" (default: the
     forward's log-sum-exp, then the backward's recompute) or "single-pass" (kernels/single_pass.py)."""
-    value = os.environ.get("RLPLUS_SCHEDULE", "two-pass")
+    value = environment_variable("RLPLUS_SCHEDULE", "two-pass")
     if value not in SCHEDULES:
         raise ValueError(f"RLPLUS_SCHEDULE (schedule) must be one of {SCHEDULES}, got {value!r}")
     return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -18,11 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._environment import environment_variable
 from ..backends import triton_interpreting as interpreting  # noqa: F401  (re-exported to the launchers)
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("RLPLUS_AUTOTUNE", "0") not in ("", "0")
+    return environment_variable("RLPLUS_AUTOTUNE", "0") not in ("", "0")
 
 
 # Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels),
@@ -35,7 +35,7 @@ LOGITS_SOURCES = ("fused", "tma", "cublas")
 
 
 def logits_source(choice: Optional[str] = None) -> str:
-    source = choice or os.environ.get("RLPLUS_LOGITS", "fused")
+    source = choice or environment_variable("RLPLUS_LOGITS", "fused")
     if source not in LOGITS_SOURCES:
         raise ValueError(f"RLPLUS_LOGITS (logits source) must be one of {LOGITS_SOURCES}, got {source!r}")
     return source
@@ -48,7 +48,7 @@ def chunk_budget(chunk_elems: Optional[int] = None) -> int:
     """The chunk bound in elements: `chunk_elems`, else env RLPLUS_CHUNK_ELEMS, else DEFAULT_CHUNK_ELEMS."""
     if chunk_elems:
         return chunk_elems
-    raw = os.environ.get("RLPLUS_CHUNK_ELEMS")
+    raw = environment_variable("RLPLUS_CHUNK_ELEMS", None)
     if raw is None:
         return DEFAULT_CHUNK_ELEMS
     value = int(raw) if raw.strip().isdigit() else 0

@@ -1,0 +1,28 @@
+"""The library's environment variables, read the same way in eager mode and in a compiled step."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+NAMES = ("TRITON_INTERPRET", "RLPLUS_SCHEDULE", "RLPLUS_LOGITS", "RLPLUS_AUTOTUNE", "RLPLUS_CHUNK_ELEMS")
+
+# torch < 2.6's dynamo cannot read an unset variable in a compiled step: it folds os.environ.get into the
+# lookup's KeyError ("constant fold exception"). There a compiled step reads what the last eager read (or the
+# import) saw, and is traced again when that changes. Newer dynamo reads os.environ itself (a later change
+# traces the step again on 2.6; on 2.11 and 2.13 the step keeps the value it was traced with).
+_COMPILED_STEPS_READ_ENVIRON = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
+_LAST_SEEN = {name: os.environ.get(name) for name in NAMES}
+
+
+def environment_variable(name: str, default: Optional[str]) -> Optional[str]:
+    """os.environ.get(name, default), also inside a step compiled by torch < 2.6 (`name` one of NAMES)."""
+    if _COMPILED_STEPS_READ_ENVIRON:
+        value = os.environ.get(name)
+    elif torch.compiler.is_compiling():
+        value = _LAST_SEEN[name]
+    else:
+        value = _LAST_SEEN[name] = os.environ.get(name)
+    return default if value is None else value
