@@ -553,6 +553,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["subgroup"] = _run_subgroup(rank, world, device)
     results["fsdp2"] = _run_fsdp2(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # every rank here before any tears down: one rank hung in destroy_process_group after the others had left
+    # (torch 2.6 once, 2.4 before), and a barrier first is pytorch/pytorch#75097's advice
+    dist.barrier()
     dist.destroy_process_group()
 
 
