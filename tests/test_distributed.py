@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from datetime import timedelta
 from typing import NamedTuple, Optional
 
@@ -553,10 +554,12 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["subgroup"] = _run_subgroup(rank, world, device)
     results["fsdp2"] = _run_fsdp2(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    # every rank here before any tears down: one rank hung in destroy_process_group after the others had left
-    # (torch 2.6 once, 2.4 before), and a barrier first is pytorch/pytorch#75097's advice
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's results are on disk
+    # and the process leaves without tearing gloo down: under torch 2.6 one rank hung in destroy_process_group
+    # after the others had left (once in a whole-suite run, once in 6 runs of this file; 2.4 hung alike before)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(size: int, tmp, backend: str = "gloo", device: str = "cpu"):
