@@ -1,4 +1,5 @@
-"""The library's environment variables, read the same way in eager mode and in a compiled step."""
+"""What the library reads of its environment: the torch version, and its environment variables, read the same way
+in eager mode and in a compiled step."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from typing import Optional
 
 import torch
 
+
+def major_minor(version: str) -> tuple:
+    """(major, minor) of a version string: "2.11.0+cu130" -> (2, 11)."""
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
 NAMES = ("TRITON_INTERPRET", "RLPLUS_SCHEDULE", "RLPLUS_LOGITS", "RLPLUS_AUTOTUNE", "RLPLUS_CHUNK_ELEMS")
 
 # torch < 2.6's dynamo cannot read an unset variable in a compiled step: it folds os.environ.get into the
 # lookup's KeyError ("constant fold exception"). There a compiled step reads what the last eager read (or the
 # import) saw, and is traced again when that changes. Newer dynamo reads os.environ itself (a later change
 # traces the step again on 2.6; on 2.11 and 2.13 the step keeps the value it was traced with).
-_COMPILED_STEPS_READ_ENVIRON = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
+_COMPILED_STEPS_READ_ENVIRON = major_minor(torch.__version__) >= (2, 6)
 _LAST_SEEN = {name: os.environ.get(name) for name in NAMES}
 
 

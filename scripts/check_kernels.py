@@ -299,7 +299,9 @@ MIN_TRITON = {100: (3, 3)}
 def triton_version() -> tuple:
     import triton
 
-    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+    from rlplus_kernels._environment import major_minor
+
+    return major_minor(triton.__version__)
 
 
 def supported_targets(targets) -> tuple[list, list]:

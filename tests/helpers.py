@@ -6,18 +6,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from rlplus_kernels._environment import major_minor
 from rlplus_kernels.backends import triton_installed, triton_interpreting
 
 # backend="triton" on CPU tensors runs under Triton's interpreter only (conftest.py turns it on
 # unless TRITON_INTERPRET=0 was set, as on a GPU run of the compiled kernels)
 TRITON_ON_CPU = triton_installed() and triton_interpreting()
-
-
-def major_minor(version: str) -> tuple:
-    """(major, minor) of a version string: "2.11.0+cu130" -> (2, 11)."""
-    return tuple(int(x) for x in version.split(".")[:2])
-
-
 TORCH_VERSION = major_minor(torch.__version__)
 CPU_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_ON_CPU, reason="triton on CPU tensors needs triton installed and TRITON_INTERPRET=1"))]
