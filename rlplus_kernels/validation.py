@@ -52,7 +52,8 @@ def _dtensor_placements(x: torch.Tensor):
 
 def require_tensor(name: str, x) -> torch.Tensor:
     """A torch.Tensor, not a DTensor (whose ops would reach the kernels with plain tensors mixed in: torch's
-    error names neither the argument nor the remedy). The DTensor check is skipped inside torch.compile."""
+    error names neither the argument nor the remedy), with a storage that covers it (FSDP1 frees the storage of
+    a unit's gathered parameters and leaves their views). Both checks are skipped inside torch.compile."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     placements = None if torch.compiler.is_compiling() else _dtensor_placements(x)
@@ -63,7 +64,25 @@ def require_tensor(name: str, x) -> torch.Tensor:
                   if name in ("weight", "bias") else "")
         raise TypeError(f"{name} is a DTensor (placements {placements}); the loss takes plain tensors.{remedy} "
                         "See docs/distributed.md, 'FSDP2 and DTensor'")
+    if not torch.compiler.is_compiling() and _storage_falls_short(x):
+        remedy = (" FSDP1 (FullyShardedDataParallel) frees a unit's gathered parameters outside that unit's forward: "
+                  "keep the LM head in the root unit, or compute the loss inside the forward of the unit that holds "
+                  "it (docs/distributed.md, 'FSDP1')." if name in ("weight", "bias") else "")
+        raise ValueError(f"{name}'s storage holds {x.untyped_storage().nbytes()} bytes, fewer than its shape "
+                         f"{shape_text(x.shape)} and strides {list(x.stride())} reach: its memory was freed.{remedy}")
     return x
+
+
+def _storage_falls_short(x: torch.Tensor) -> bool:
+    """Whether x's storage ends before x does (a kernel would read freed or foreign memory)."""
+    if x.layout != torch.strided or x.numel() == 0:
+        return False
+    try:
+        nbytes = x.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # wrapper subclasses without a storage of their own
+        return False
+    last = x.storage_offset() + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return (last + 1) * x.element_size() > nbytes
 
 
 def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
@@ -73,7 +92,11 @@ def check_head_tensors(hidden, weight, bias, *, backend: str) -> None:
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be 2-D [N, D] or 3-D [B, T, D], got shape {shape_text(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, D], got shape {shape_text(weight.shape)}")
+        flattened = (". A 1-D weight is what FSDP1 (FullyShardedDataParallel) with use_orig_params=True leaves in a "
+                     "parameter outside its unit's forward (this rank's flattened shard): compute the loss inside "
+                     "the forward of the unit that holds the LM head (docs/distributed.md, 'FSDP1')"
+                     if weight.dim() == 1 else "")
+        raise ValueError(f"weight must be 2-D [V, D], got shape {shape_text(weight.shape)}{flattened}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden's last dimension ({hidden.shape[-1]}) must equal weight.shape[1] ({weight.shape[1]})"

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 from datetime import timedelta
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import pytest
 import torch
@@ -415,6 +415,50 @@ FSDP2_LAYOUTS = ("head in the root unit", "head in its own unit, unshard() first
 DTENSOR_LAYOUTS = (*FSDP2_LAYOUTS, "tensor-parallel to_local()")
 
 
+class _ShardedBatch(NamedTuple):
+    """The model, batch and float64 reference of the FSDP scenarios: 2P sequences, 2 on each rank."""
+    copy_of_base: Callable[[], _TinyLM]
+    reference: _TinyLM  # its gradients: the whole batch's in one process
+    reference_loss: torch.Tensor
+    ids: torch.Tensor
+    targets: torch.Tensor
+    advantages: torch.Tensor
+    mine: slice  # this rank's sequences
+    normalizer: torch.Tensor  # the global token count / P (FSDP averages gradients over ranks)
+    kwargs: dict
+
+
+def _sharded_batch(rank: int, world: int, device: str) -> _ShardedBatch:
+    vocab = 4 * world + 1  # uneven shards
+    torch.manual_seed(11)  # the same model and batch on every rank
+    base = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (2 * world, 5), device=device)
+    targets = torch.randint(0, vocab, (2 * world, 5), device=device)
+    targets[:, -2:][torch.rand(2 * world, 2, device=device) < 0.5] = -100
+    advantages = torch.randn(2 * world, device=device, dtype=torch.float64)
+    objective = dict(loss_agg="token-mean", entropy_coef=0.01)
+
+    def copy_of_base():
+        model = _TinyLM(vocab).to(device=device, dtype=torch.float64)
+        model.load_state_dict(base.state_dict())
+        return model
+
+    reference = copy_of_base()
+    ref = rlplus_loss_reference(reference(ids), reference.lm_head.weight, targets, advantages,
+                                bias=reference.lm_head.bias, **objective)
+    ref.loss.backward()
+    mine = slice(2 * rank, 2 * rank + 2)
+    normalizer = global_normalizer("token-mean", targets[mine] != -100) / world
+    return _ShardedBatch(copy_of_base, reference, ref.loss.detach(), ids, targets, advantages, mine, normalizer,
+                         dict(objective, backend="torch"))
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> torch.Tensor:
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / world
+
+
 def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
     """FSDP2 (fully_shard, which averages gradients over ranks) around a model whose LM head the loss reads:
     each rank holds 2 of the 2P sequences and divides by the global token count / P. Per layout: the error of
@@ -431,31 +475,12 @@ def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
         return ("FSDP2 on CPU tensors: torch 2.6's fully_shard fails in its own stream handling ('Stream' object has "
                 "no attribute 'record_event', a bare two-layer model as well); checked with gloo on torch 2.11 and "
                 f"2.13, this is {torch.__version__}")
-    vocab = 4 * world + 1  # uneven shards
-    torch.manual_seed(11)  # the same model and batch on every rank
-    base = _TinyLM(vocab).to(device=device, dtype=torch.float64)
-    ids = torch.randint(0, vocab, (2 * world, 5), device=device)
-    targets = torch.randint(0, vocab, (2 * world, 5), device=device)
-    targets[:, -2:][torch.rand(2 * world, 2, device=device) < 0.5] = -100
-    advantages = torch.randn(2 * world, device=device, dtype=torch.float64)
-    objective = dict(loss_agg="token-mean", entropy_coef=0.01)
-    kwargs = dict(objective, backend="torch")
-
-    def copy_of_base():
-        model = _TinyLM(vocab).to(device=device, dtype=torch.float64)
-        model.load_state_dict(base.state_dict())
-        return model
-
-    reference = copy_of_base()
-    ref = rlplus_loss_reference(reference(ids), reference.lm_head.weight, targets, advantages,
-                                bias=reference.lm_head.bias, **objective)
-    ref.loss.backward()
-
-    mine = slice(2 * rank, 2 * rank + 2)
-    normalizer = global_normalizer("token-mean", targets[mine] != -100) / world
+    batch = _sharded_batch(rank, world, device)
+    ids, targets, advantages, mine, kwargs = batch.ids, batch.targets, batch.advantages, batch.mine, batch.kwargs
+    reference = batch.reference
 
     def sharded_model(head_unit: bool):
-        model = copy_of_base()
+        model = batch.copy_of_base()
         fully_shard(model.layer)
         if head_unit:
             fully_shard(model.lm_head)
@@ -469,11 +494,9 @@ def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
         if head_unit:
             model.lm_head.unshard()
         out = rlplus_loss(hidden, model.lm_head.weight, targets[mine], advantages[mine], bias=model.lm_head.bias,
-                          normalizer=normalizer, **kwargs)
+                          normalizer=batch.normalizer, **kwargs)
         out.loss.backward()
-        mean_loss = out.loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        errors = {"loss": _error(mean_loss / world, ref.loss.detach())}
+        errors = {"loss": _error(_mean_over_ranks(out.loss, world), batch.reference_loss)}
         reference_grads = dict(reference.named_parameters())
         for name, parameter in model.named_parameters():
             errors[name] = _error(parameter.grad.full_tensor(), reference_grads[name].grad)
@@ -498,9 +521,73 @@ def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
                       vocab_parallel_group=mesh.get_group(), **kwargs)
     out.loss.backward()
     results[DTENSOR_LAYOUTS[-1]] = {
-        "loss": _error(out.loss.detach(), ref.loss.detach()),
+        "loss": _error(out.loss.detach(), batch.reference_loss),
         "lm_head.weight": _error(leaves[0].grad.full_tensor(), reference.lm_head.weight.grad),
         "lm_head.bias": _error(leaves[1].grad.full_tensor(), reference.lm_head.bias.grad)}
+    return results
+
+
+class _LossInTheForward(torch.nn.Module):
+    """The pattern docs/distributed.md gives for FSDP1: the loss computed inside the wrapped module's forward,
+    where FSDP1 has gathered the unit's parameters."""
+
+    def __init__(self, model: _TinyLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, targets, advantages, **kwargs):
+        head = self.model.lm_head
+        return rlplus_loss(self.model(ids), head.weight, targets, advantages, bias=head.bias, **kwargs).loss
+
+
+FSDP1_LAYOUTS = ("use_orig_params=False, the loss after the forward", "use_orig_params=False, the loss in the forward",
+                 "use_orig_params=True, the loss in the forward")
+
+
+def _run_fsdp1(rank: int, world: int, device: str) -> dict:
+    """FSDP1 (FullyShardedDataParallel, the layer in a unit of its own, the LM head in the root unit) as in
+    _run_fsdp2: per layout the error of the loss and of every parameter's gradient (read back as the SGD step
+    it makes, lr = 1: FSDP1 gathers gradients only with use_orig_params=True); and the refusals of a head that
+    FSDP1 leaves as a flattened shard (use_orig_params=True, after the forward) or freed (in a unit of its own)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    batch = _sharded_batch(rank, world, device)
+    ids, targets, advantages = batch.ids[batch.mine], batch.targets[batch.mine], batch.advantages[batch.mine]
+    loss_kwargs = dict(normalizer=batch.normalizer, **batch.kwargs)
+    stepped = {name: (p - p.grad).detach() for name, p in batch.reference.named_parameters()}
+
+    def wrap(module, use_orig_params: bool):
+        return FullyShardedDataParallel(module, device_id=torch.device(device), use_orig_params=use_orig_params)
+
+    def sharded_model(use_orig_params: bool, loss_in_the_forward: bool, head_unit: bool = False):
+        model = batch.copy_of_base()
+        model.layer = wrap(model.layer, use_orig_params)
+        if head_unit:
+            model.lm_head = wrap(model.lm_head, use_orig_params)
+        return wrap(_LossInTheForward(model) if loss_in_the_forward else model, use_orig_params)
+
+    def loss_after_the_forward(root):
+        head = root.module.lm_head
+        return rlplus_loss(root(ids), head.weight, targets, advantages, bias=head.bias, **loss_kwargs).loss
+
+    results = {}
+    for layout in FSDP1_LAYOUTS:
+        root = sharded_model(use_orig_params=layout.startswith("use_orig_params=True"),
+                             loss_in_the_forward=layout.endswith("in the forward"))
+        loss = root(ids, targets, advantages, **loss_kwargs) if isinstance(root.module, _LossInTheForward) \
+            else loss_after_the_forward(root)
+        loss.backward()
+        errors = {"loss": _error(_mean_over_ranks(loss, world), batch.reference_loss)}
+        torch.optim.SGD(root.parameters(), lr=1.0).step()
+        with FullyShardedDataParallel.summon_full_params(root):
+            for name, parameter in root.named_parameters():
+                name = name.replace("_fsdp_wrapped_module.", "").removeprefix("model.")
+                errors[name] = _error(parameter.detach(), stepped[name])
+        results[layout] = errors
+    results["flattened head"] = _message(
+        lambda: loss_after_the_forward(sharded_model(use_orig_params=True, loss_in_the_forward=False)))
+    results["freed head"] = _message(
+        lambda: loss_after_the_forward(sharded_model(use_orig_params=False, loss_in_the_forward=False, head_unit=True)))
     return results
 
 
@@ -553,6 +640,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["target_at_vocabulary_size"] = _run_target_at_the_vocabulary_size(rank, world, device)
     results["subgroup"] = _run_subgroup(rank, world, device)
     results["fsdp2"] = _run_fsdp2(rank, world, device)
+    results["fsdp1"] = _run_fsdp1(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # every rank's results are on disk
     # and the process leaves without tearing gloo down: under torch 2.6 one rank hung in destroy_process_group
@@ -693,6 +781,30 @@ def test_a_head_left_sharded_by_fsdp2_is_refused_naming_the_remedy(world):
         message = per_rank["replicated advantages"]
         assert message.startswith("advantages is a DTensor (placements (Replicate(),)); the loss takes plain "
                                   "tensors. See docs/distributed.md"), (rank, message)
+
+
+@pytest.mark.parametrize("layout", FSDP1_LAYOUTS)
+def test_fsdp1_layouts_match_the_big_batch(world, layout):
+    """The layouts docs/distributed.md gives for FSDP1: loss and every parameter's gradient."""
+    size, results = world
+    for rank, per_rank in enumerate(results):
+        errors = per_rank["fsdp1"][layout]
+        assert set(errors) == {"loss", "embed.weight", "layer.weight", "layer.bias", "lm_head.weight", "lm_head.bias"}
+        for quantity, error in errors.items():
+            assert error <= TOL[torch.float64], (rank, quantity, error)
+
+
+def test_a_head_that_fsdp1_left_sharded_is_refused_naming_the_remedy(world):
+    """Before, a flattened shard was refused as "weight must be 2-D" with no remedy, and a freed one raised
+    torch's "view ... modified inplace" from inside autograd, naming neither (a kernel would read freed memory)."""
+    size, results = world
+    for rank, per_rank in enumerate(results):
+        message = per_rank["fsdp1"]["flattened head"]
+        assert message.startswith("weight must be 2-D [V, D], got shape ["), (rank, message)
+        assert "use_orig_params=True" in message and "inside the forward" in message, (rank, message)
+        message = per_rank["fsdp1"]["freed head"]
+        assert message.startswith("weight's storage holds 0 bytes, fewer than its shape [") \
+            and "keep the LM head in the root unit" in message, (rank, message)
 
 
 # ---------------------------------------------------------------------------- single process

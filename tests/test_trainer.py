@@ -6,6 +6,7 @@ those logits; the wrapper instead runs the backbone and streams the head.
 """
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -558,14 +559,52 @@ def test_a_bad_batch_is_refused_before_the_backbone_runs():
     assert backbone.count == 0
 
 
-def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_changes():
-    """A DistributedDataParallel or DataParallel wrapper: the trainer's functions would run its module's backbone
-    and head past the wrapper's forward and gradient synchronisation. Each refuses it by name (it said 'a bare
-    backbone' before) before the backbone runs, and the trainer before it zeroes the model's dropout."""
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone, which FSDP needs to wrap a model."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+def _fsdp2(model):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard(model)
+
+
+WRAPPERS = {  # the wrapper, and how the refusal names it
+    "DataParallel": (nn.DataParallel, "DataParallel: a wrapper around LlamaForCausalLM"),  # CPU: unreplicated
+    "FSDP1": (_fsdp1, "FullyShardedDataParallel: a wrapper around LlamaForCausalLM"),
+    "FSDP2": (_fsdp2, "FSDPLlamaForCausalLM: a model sharded by FSDP2's fully_shard"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # one process: nothing to shard
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_changes(wrapper, one_process_group):
+    """DistributedDataParallel, DataParallel, FSDP1 or FSDP2: the trainer's functions would run the model's
+    backbone and head past the wrapper's forward (where FSDP gathers the parameters) and its gradient
+    synchronisation. Each refuses it by name (it said 'a bare backbone' before for DDP; FSDP1 and FSDP2 ran the
+    backbone on sharded parameters) before the backbone runs, and the trainer before it zeroes the model's
+    dropout."""
+    wrap, name = WRAPPERS[wrapper]
     model = make_model("llama", tied=False)
     attention = model.model.layers[0].self_attn
     model.config.attention_dropout = attention.attention_dropout = 0.1  # what the trainer would zero
-    wrapped = nn.DataParallel(model)  # on a CPU-only host: the module, unreplicated
+    wrapped = wrap(model)
     ids, am, lm = padded_batch()
     adv = torch.zeros(ids.shape[0], dtype=torch.float64)
     with CountBackboneRuns(model) as backbone:
@@ -575,7 +614,7 @@ def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_chan
                      lambda: rlplus_model_loss(wrapped, ids, am, lm, adv),
                      lambda: score_logprobs(wrapped, ids, am),
                      lambda: get_backbone(wrapped)):
-            with pytest.raises(ValueError, match="DataParallel: a wrapper around LlamaForCausalLM; .* in one process"):
+            with pytest.raises(ValueError, match=re.escape(name) + "; .* in one process"):
                 call()
     assert backbone.count == 0
     assert model.config.attention_dropout == attention.attention_dropout == 0.1

@@ -21,6 +21,12 @@ def good(**overrides):
     return kwargs
 
 
+def freed(x: torch.Tensor, nbytes: int = 0) -> torch.Tensor:
+    """x with its storage cut to nbytes, as FSDP1 leaves a gathered parameter outside its unit's forward."""
+    x.untyped_storage().resize_(nbytes)
+    return x
+
+
 def batched(**overrides):
     return good(**{**dict(hidden=torch.randn(2, 3, D), targets=torch.randint(0, V, (2, 3)),
                           advantages=torch.randn(2, 3)), **overrides})
@@ -32,7 +38,18 @@ CASES = [
     ("hidden 4-D", good(hidden=torch.randn(1, 2, 3, D), targets=torch.zeros(1, 2, 3, dtype=torch.long),
                         advantages=torch.randn(1, 2, 3)), ValueError, "hidden must be 2-D [N, D] or 3-D [B, T, D]"),
     ("hidden not a tensor", good(hidden=[[0.0] * D] * N), TypeError, "hidden"),
-    ("weight 1-D", good(weight=torch.randn(V)), ValueError, "weight"),
+    ("weight 1-D", good(weight=torch.randn(V)), ValueError,
+     "weight must be 2-D [V, D], got shape [11]. A 1-D weight is what FSDP1 (FullyShardedDataParallel) with "
+     "use_orig_params=True leaves"),
+    ("weight 3-D", good(weight=torch.randn(V, D, 1)), ValueError, "weight must be 2-D [V, D], got shape [11, 4, 1]"),
+    ("weight freed", good(weight=freed(torch.randn(V, D))), ValueError,
+     "weight's storage holds 0 bytes, fewer than its shape [11, 4] and strides [4, 1] reach: its memory was freed. "
+     "FSDP1 (FullyShardedDataParallel) frees a unit's gathered parameters"),
+    ("bias one element short", good(bias=freed(torch.randn(V), nbytes=(V - 1) * 4)), ValueError,
+     "bias's storage holds 40 bytes, fewer than its shape [11] and strides [1] reach: its memory was freed. FSDP1"),
+    ("hidden freed", good(hidden=freed(torch.randn(N, D))), ValueError,
+     "hidden's storage holds 0 bytes, fewer than its shape [6, 4] and strides [4, 1] reach: its memory was freed"),
+    ("advantages freed", good(advantages=freed(torch.randn(N))), ValueError, "advantages's storage holds 0 bytes"),
     ("hidden size mismatch", good(weight=torch.randn(V, D + 1)), ValueError, "weight.shape[1]"),
     ("bias wrong shape", good(bias=torch.randn(V + 1)), ValueError, "bias"),
     ("float targets", good(targets=torch.zeros(N)), TypeError, "targets"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -92,17 +93,34 @@ def check_plain_linear_head(model: nn.Module) -> None:
     get_lm_head(model)  # the head itself must be a linear layer
 
 
+def _fsdp_class(model: nn.Module, name: str) -> bool:
+    """Whether model is an instance of torch's FSDP class `name`; nothing is imported: an FSDP model exists only
+    where its module has been imported already."""
+    for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):  # FSDPModule: torch < 2.6
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(model, cls):
+            return True
+    return False
+
+
 def _refuse_wrapper(model: nn.Module) -> None:
-    """A DistributedDataParallel or DataParallel wrapper (no ``get_output_embeddings``; the model is its
-    ``.module``) is refused by name: running its module's backbone and head directly would bypass the wrapper's
-    forward and its gradient synchronisation."""
+    """A data-parallel wrapper is refused by name: DistributedDataParallel or DataParallel (no
+    ``get_output_embeddings``; the model is its ``.module``), FSDP1's FullyShardedDataParallel (which hands its
+    module's attributes on) or a model that FSDP2's fully_shard has sharded. Running the model's backbone and
+    head directly would bypass the wrapper's forward (where FSDP gathers the parameters) and its gradient
+    synchronisation."""
     inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and not hasattr(model, "get_output_embeddings"):
-        raise ValueError(
-            f"{type(model).__name__}: a wrapper around {type(inner).__name__}; the trainer's functions run the "
-            f"causal LM itself in one process (its backbone and head directly, past the wrapper's forward and "
-            f"gradient hooks). Pass the unwrapped model in a single process; across processes call "
-            f"rlplus_loss in your own data-parallel step (docs/distributed.md).")
+    if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
+                                         or _fsdp_class(model, "FullyShardedDataParallel")):
+        what = f"a wrapper around {type(inner).__name__}"
+    elif _fsdp_class(model, "FSDPModule"):
+        what = "a model sharded by FSDP2's fully_shard"
+    else:
+        return
+    raise ValueError(
+        f"{type(model).__name__}: {what}; the trainer's functions run the causal LM itself in one process (its "
+        f"backbone and head directly, past the wrapper's forward and gradient hooks). Pass the unwrapped model in "
+        f"a single process; across processes call rlplus_loss in your own data-parallel step (docs/distributed.md).")
 
 
 def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
