@@ -620,6 +620,32 @@ def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_chan
     assert model.config.attention_dropout == attention.attention_dropout == 0.1
 
 
+def test_a_compiled_model_is_refused_and_its_backbone_compiled_in_place_runs():
+    """torch.compile(model) hands the model's attributes on, so the trainer's functions ran its backbone and
+    head uncompiled, silently. Each refuses it before the backbone runs, naming the remedy; the remedy (the
+    backbone compiled in place) runs compiled and gives the same loss."""
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    adv = torch.linspace(-1, 1, ids.shape[0], dtype=torch.float64)
+    eager = rlplus_model_loss(model, ids, am, lm, adv).loss
+    compiled = torch.compile(model, backend="eager")
+    with CountBackboneRuns(model) as backbone:
+        for call in (lambda: RLPlusTrainer(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1)),
+                     lambda: rlplus_model_loss(compiled, ids, am, lm, adv),
+                     lambda: score_logprobs(compiled, ids, am),
+                     lambda: get_backbone(compiled)):
+            with pytest.raises(ValueError, match=re.escape(
+                    "OptimizedModule: torch.compile of LlamaForCausalLM; the trainer's functions run its backbone "
+                    "and head, not its forward") + ".* compile the backbone in place: model.model.compile()"):
+                call()
+    assert backbone.count == 0
+    torch._dynamo.reset()
+    model.model.compile(backend="eager")
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    assert torch.equal(rlplus_model_loss(model, ids, am, lm, adv).loss, eager)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames, "the backbone did not run compiled"
+
+
 def test_rlplus_model_loss_passes_vocab_parallel_group_on_and_the_trainer_names_itself():
     """rlplus_model_loss hands every keyword it does not take to rlplus_loss, vocab_parallel_group included;
     RLPlusTrainer (single-process) refuses that one, and its messages name RLPlusTrainer."""

@@ -108,7 +108,14 @@ def _refuse_wrapper(model: nn.Module) -> None:
     ``get_output_embeddings``; the model is its ``.module``), FSDP1's FullyShardedDataParallel (which hands its
     module's attributes on) or a model that FSDP2's fully_shard has sharded. Running the model's backbone and
     head directly would bypass the wrapper's forward (where FSDP gathers the parameters) and its gradient
-    synchronisation."""
+    synchronisation. So is torch.compile(model), whose compiled forward would never run."""
+    compiled = getattr(model, "_orig_mod", None)  # torch.compile(model) hands the model's attributes on
+    if isinstance(compiled, nn.Module):
+        backbone = getattr(compiled, "base_model_prefix", "") or "<backbone>"
+        raise ValueError(
+            f"{type(model).__name__}: torch.compile of {type(compiled).__name__}; the trainer's functions run its "
+            f"backbone and head, not its forward, so the compiled forward would never run. Pass the model itself "
+            f"(._orig_mod) and compile the backbone in place: model.{backbone}.compile()")
     inner = getattr(model, "module", None)
     if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
                                          or _fsdp_class(model, "FullyShardedDataParallel")):
