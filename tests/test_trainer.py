@@ -19,6 +19,7 @@ if not transformers.is_torch_available():  # transformers 5 turns its models off
     pytest.skip(f"transformers {transformers.__version__} has its models off with torch {torch.__version__}",
                 allow_module_level=True)
 
+from helpers import major_minor  # noqa: E402
 from reference import linear_logprobs_reference, rlplus_loss_reference  # noqa: E402
 
 from rlplus_kernels import OFFICIAL_RECIPE  # noqa: E402
@@ -620,14 +621,12 @@ def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_chan
     assert model.config.attention_dropout == attention.attention_dropout == 0.1
 
 
-def test_a_compiled_model_is_refused_and_its_backbone_compiled_in_place_runs():
+def test_a_compiled_model_is_refused_naming_the_remedy():
     """torch.compile(model) hands the model's attributes on, so the trainer's functions ran its backbone and
-    head uncompiled, silently. Each refuses it before the backbone runs, naming the remedy; the remedy (the
-    backbone compiled in place) runs compiled and gives the same loss."""
+    head uncompiled, silently. Each refuses it before the backbone runs, naming the remedy."""
     model = make_model("llama", tied=False)
     ids, am, lm = padded_batch()
-    adv = torch.linspace(-1, 1, ids.shape[0], dtype=torch.float64)
-    eager = rlplus_model_loss(model, ids, am, lm, adv).loss
+    adv = torch.zeros(ids.shape[0], dtype=torch.float64)
     compiled = torch.compile(model, backend="eager")
     with CountBackboneRuns(model) as backbone:
         for call in (lambda: RLPlusTrainer(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1)),
@@ -639,6 +638,17 @@ def test_a_compiled_model_is_refused_and_its_backbone_compiled_in_place_runs():
                     "and head, not its forward") + ".* compile the backbone in place: model.model.compile()"):
                 call()
     assert backbone.count == 0
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting") and major_minor(transformers.__version__) >= (5, 0),
+                    reason=f"transformers {transformers.__version__}'s models call torch.compiler.is_exporting in a "
+                           f"compiled forward, which torch {torch.__version__} lacks (dynamo fails there)")
+def test_the_remedy_for_a_compiled_model_runs_the_backbone_compiled():
+    """The remedy that the refusal names: the backbone compiled in place runs compiled, with the same loss."""
+    model = make_model("llama", tied=False)
+    ids, am, lm = padded_batch()
+    adv = torch.linspace(-1, 1, ids.shape[0], dtype=torch.float64)
+    eager = rlplus_model_loss(model, ids, am, lm, adv).loss
     torch._dynamo.reset()
     model.model.compile(backend="eager")
     frames = torch._dynamo.utils.counters["frames"]["ok"]
