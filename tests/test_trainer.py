@@ -656,6 +656,77 @@ def test_the_remedy_for_a_compiled_model_runs_the_backbone_compiled():
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames, "the backbone did not run compiled"
 
 
+def peft_model(model, **config):
+    """model with LoRA adapters of rank 2 on q_proj and v_proj, initialised at random (PEFT's default lora_B = 0
+    would leave the adapters out of the logits) in the model's dtype."""
+    peft = pytest.importorskip("peft")
+    config = dict(dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), **config)
+    return peft.get_peft_model(model, peft.LoraConfig(**config)).to(torch.float64)
+
+
+@pytest.mark.parametrize("head", ["frozen", "modules_to_save"])
+def test_a_peft_model_trains_its_adapters_as_its_own_logits_say(head):
+    """A PeftModel: the backbone of its base model runs with the adapters in place, and the head is the frozen
+    lm_head or the trainable copy of modules_to_save. Loss, log-probs and every trainable gradient equal the
+    reference on the PeftModel's own logits; RLPlusTrainer's numerical check of the head passes. Before, the
+    trainer took the whole causal LM for the backbone and refused with hidden's last dimension = V."""
+    model = peft_model(make_model("llama", tied=False),
+                       modules_to_save=["lm_head"] if head == "modules_to_save" else None)
+    input_ids, attention_mask, loss_mask = padded_batch()
+    advantages = torch.linspace(-1, 1, input_ids.shape[0], dtype=torch.float64)
+    hyper = dict(OFFICIAL_RECIPE, temperature=0.9, entropy_coef=0.01)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name for name in trainable)
+    assert any("modules_to_save" in name for name in trainable) == (head == "modules_to_save")
+
+    model.zero_grad()
+    out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages, **hyper)
+    out.loss.backward()
+    got = {name: g for name, g in param_grads(model).items() if name in trainable}
+    model.zero_grad()
+    ref = reference_from_logits(model, input_ids, attention_mask, loss_mask, advantages, None, **hyper)
+    ref.loss.backward()
+    want = {name: g for name, g in param_grads(model).items() if name in trainable}
+
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.logprobs[:, 1:], ref.logprobs, rtol=1e-9, atol=1e-10)
+    assert_close_grads(got, want)
+    assert all(got[name].abs().sum() > 0 for name in trainable), "a trainable parameter got no gradient"
+    RLPlusTrainer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+
+
+def test_a_peft_model_with_its_adapters_disabled_scores_as_its_base_model():
+    """PEFT's disable_adapter(): the reference policy without a second copy of the model. The trained copy of
+    the head (modules_to_save) is left out as well, as in the PeftModel's own forward."""
+    base = make_model("llama", tied=False)
+    model = peft_model(make_model("llama", tied=False), modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(0.1)  # the trained copy, now unlike the base model's head
+    input_ids, attention_mask, _ = padded_batch()
+    adapted = score_logprobs(model, input_ids, attention_mask)
+    with model.disable_adapter():
+        disabled = score_logprobs(model, input_ids, attention_mask)
+    torch.testing.assert_close(disabled, score_logprobs(base, input_ids, attention_mask), rtol=1e-12, atol=1e-12)
+    assert (adapted - disabled).abs().max() > 1e-3
+
+
+def test_a_peft_adapter_on_the_lm_head_is_refused_naming_the_remedy():
+    """LoRA on lm_head adds B A h to W h: not a linear map of lm_head.weight. Refused before the backbone runs
+    (at PEFT's default lora_B = 0 the numerical check of the head would pass and the adapter never train)."""
+    model = peft_model(make_model("llama", tied=False), target_modules=["q_proj", "lm_head"], init_lora_weights=True)
+    input_ids, attention_mask, loss_mask = padded_batch()
+    advantages = torch.zeros(input_ids.shape[0], dtype=torch.float64)
+    with CountBackboneRuns(model) as backbone:
+        for call in (lambda: RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+                     lambda: rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages),
+                     lambda: score_logprobs(model, input_ids, attention_mask)):
+            with pytest.raises(ValueError, match=re.escape(
+                    "LlamaForCausalLM: the LM head carries a PEFT adapter (peft.tuners.lora.layer.Linear)") +
+                    r".* Leave lm_head out of target_modules: train it whole with modules_to_save=\['lm_head'\]"):
+                call()
+    assert backbone.count == 0
+
+
 def test_rlplus_model_loss_passes_vocab_parallel_group_on_and_the_trainer_names_itself():
     """rlplus_model_loss hands every keyword it does not take to rlplus_loss, vocab_parallel_group included;
     RLPlusTrainer (single-process) refuses that one, and its messages name RLPlusTrainer."""

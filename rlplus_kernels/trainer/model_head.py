@@ -93,14 +93,17 @@ def check_plain_linear_head(model: nn.Module) -> None:
     get_lm_head(model)  # the head itself must be a linear layer
 
 
-def _fsdp_class(model: nn.Module, name: str) -> bool:
-    """Whether model is an instance of torch's FSDP class `name`; nothing is imported: an FSDP model exists only
-    where its module has been imported already."""
-    for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):  # FSDPModule: torch < 2.6
+def _instance_of(obj, name: str, modules: tuple) -> bool:
+    """Whether obj is an instance of the class `name` of one of `modules`; nothing is imported: such an object
+    exists only where its module has been imported already."""
+    for module in modules:
         cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(model, cls):
+        if cls is not None and isinstance(obj, cls):
             return True
     return False
+
+
+_FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # FSDPModule: torch < 2.6
 
 
 def _refuse_wrapper(model: nn.Module) -> None:
@@ -118,9 +121,9 @@ def _refuse_wrapper(model: nn.Module) -> None:
             f"(._orig_mod) and compile the backbone in place: model.{backbone}.compile()")
     inner = getattr(model, "module", None)
     if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
-                                         or _fsdp_class(model, "FullyShardedDataParallel")):
+                                         or _instance_of(model, "FullyShardedDataParallel", _FSDP_MODULES)):
         what = f"a wrapper around {type(inner).__name__}"
-    elif _fsdp_class(model, "FSDPModule"):
+    elif _instance_of(model, "FSDPModule", _FSDP_MODULES):
         what = "a model sharded by FSDP2's fully_shard"
     else:
         return
@@ -130,14 +133,29 @@ def _refuse_wrapper(model: nn.Module) -> None:
         f"a single process; across processes call rlplus_loss in your own data-parallel step (docs/distributed.md).")
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM whose backbone and head the trainer's functions run: a wrapper is refused
+    (`_refuse_wrapper`); PEFT's PeftModel is its base model, whose modules carry the adapters in place."""
+    _refuse_wrapper(model)
+    if _instance_of(model, "PeftModel", ("peft", "peft.peft_model")):
+        return model.get_base_model()
+    return model
+
+
 def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return the LM head's ``(weight [V, D], bias [V] | None)``; tied heads share the embedding."""
-    _refuse_wrapper(model)
+    model = _causal_lm(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(
             f"{type(model).__name__}: get_output_embeddings() returned None; a causal LM with a "
             f"linear LM head (e.g. AutoModelForCausalLM) is needed, not a bare backbone.")
+    if _instance_of(head, "BaseTunerLayer", ("peft.tuners.tuners_utils",)):
+        raise ValueError(
+            f"{type(model).__name__}: the LM head carries a PEFT adapter ({type(head).__module__}."
+            f"{type(head).__name__}); its logits add the adapter's term to those of lm_head.weight, so they are not "
+            f"a linear map of that weight. Leave lm_head out of target_modules: train it whole with "
+            f"modules_to_save=['lm_head'], or keep it frozen.")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
@@ -149,7 +167,7 @@ def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def get_backbone(model: nn.Module) -> nn.Module:
     """The decoder stack that returns the final normed hidden states (``model.model`` for Llama)."""
-    _refuse_wrapper(model)
+    model = _causal_lm(model)
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
     if backbone is None and hasattr(model, "get_decoder"):
