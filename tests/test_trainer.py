@@ -656,6 +656,32 @@ def test_the_remedy_for_a_compiled_model_runs_the_backbone_compiled():
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames, "the backbone did not run compiled"
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_step(use_reentrant):
+    """transformers' activation checkpointing (each layer run again in the backward) around the backbone that
+    the trainer runs: the same loss and the same gradients of every parameter, in train mode."""
+    model = make_model("llama", tied=False).train()
+    input_ids, attention_mask, loss_mask = padded_batch()
+    advantages = torch.linspace(-1, 1, input_ids.shape[0], dtype=torch.float64)
+    layer_runs = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: layer_runs.append(1))
+    losses, grads, runs = [], [], []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.zero_grad()
+        layer_runs.clear()
+        out = rlplus_model_loss(model, input_ids, attention_mask, loss_mask, advantages)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(param_grads(model))
+        runs.append(len(layer_runs))
+    assert runs == [1, 2], f"runs of the first attention (forward, and backward's recompute): {runs}"
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    assert_close_grads(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+    assert all(g.abs().sum() > 0 for g in grads[1].values())
+
+
 def peft_model(model, **config):
     """model with LoRA adapters of rank 2 on q_proj and v_proj, initialised at random (PEFT's default lora_B = 0
     would leave the adapters out of the logits) in the model's dtype."""
