@@ -260,6 +260,8 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
     "a shard without rows": (dict(weight=(0, HIDDEN)), "weight must have at least one row"),
     "weight of another hidden size": (dict(weight=(3, HIDDEN + 1)), "hidden's last dimension"),
     "1-D weight": (dict(weight=(3,)), "weight must be 2-D"),
+    # what FSDP1 leaves of a unit's gathered parameter outside that unit's forward
+    "a freed weight": (dict(weight_freed=True), "weight's storage holds 0 bytes"),
     "advantages of another shape": (dict(advantages=(3,)), "advantages must have shape"),
     "decreasing cu_seqlens": (dict(cu_seqlens=[0, 3, 1, 4]), "cu_seqlens must start at 0"),
     "temperature 0": (dict(temperature=0.0), "temperature must be > 0"),
@@ -290,15 +292,18 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
     messages = {}
     for name, (bad, _) in REFUSALS.items():
         spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4,
-                    temperature=1.0, hidden_device=device, targets=[0, 2, 1, 1], hidden_requires_grad=True)
+                    temperature=1.0, hidden_device=device, targets=[0, 2, 1, 1], hidden_requires_grad=True,
+                    weight_freed=False)
         if rank == world - 1:
             spec.update(bad)
         n = spec["tokens"]
         cu_seqlens = spec["cu_seqlens"] if spec["cu_seqlens"][-1] == n else [0, n]
         hidden = torch.randn(n, HIDDEN, dtype=spec["dtype"], device=spec["hidden_device"])
+        weight = torch.randn(*spec["weight"], dtype=spec["dtype"], device=device)
+        if spec["weight_freed"]:
+            weight.untyped_storage().resize_(0)
         messages[name] = _message(lambda: rlplus_loss(
-            hidden.requires_grad_(spec["hidden_requires_grad"]),
-            torch.randn(*spec["weight"], dtype=spec["dtype"], device=device),
+            hidden.requires_grad_(spec["hidden_requires_grad"]), weight,
             torch.tensor(spec["targets"][:n], dtype=torch.int64, device=device),
             torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
             cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
