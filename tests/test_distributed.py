@@ -596,6 +596,96 @@ def _run_fsdp1(rank: int, world: int, device: str) -> dict:
     return results
 
 
+class _ModelLossInTheForward(torch.nn.Module):
+    """The pattern docs/distributed.md gives for the trainer's functions across processes: rlplus_model_loss on
+    the causal LM inside the forward of the module that DDP or FSDP1 wraps."""
+
+    def __init__(self, causal_lm):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, *args, **kwargs):
+        from rlplus_kernels.trainer import rlplus_model_loss
+
+        return rlplus_model_loss(self.causal_lm, *args, **kwargs).loss
+
+
+TRAINER_WRAPPERS = ("DDP", "FSDP1 use_orig_params=False", "FSDP1 use_orig_params=True")
+
+
+def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | str:
+    """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP or FSDP1 wraps (FSDP1:
+    each decoder layer a unit of its own, embeddings and head in the root), each rank 2 of the 2P padded
+    sequences: per wrapper the error of the loss (mean over ranks) and of every parameter's gradient (as in
+    _run_fsdp1) against the whole batch's, accumulated over the ranks' batches in one process. Where
+    transformers is missing or has its models off, the reason (a str) instead."""
+    try:
+        import transformers
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    except ImportError as error:
+        return f"transformers: {error}"
+    if not transformers.is_torch_available():
+        return f"transformers {transformers.__version__} has its models off with torch {torch.__version__}"
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from rlplus_kernels.trainer import rlplus_model_loss, target_mask
+
+    torch.manual_seed(5)  # the same model and batch on every rank
+    config = transformers.LlamaConfig(vocab_size=4 * world + 3, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=16, initializer_range=0.2, pad_token_id=0,
+                                      tie_word_embeddings=False)
+    base = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float64)
+    input_ids = torch.randint(1, config.vocab_size, (2 * world, 6), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1::2, 4:] = 0  # right padding on every other sequence
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    loss_mask[:, :2] = False  # the prompt
+    advantages = torch.randn(2 * world, device=device, dtype=torch.float64)
+    hyper = dict(entropy_coef=0.01, backend="torch")
+
+    # The reference accumulates the ranks' batches in one process, each divided by the ranks' normalizer, and
+    # averages the gradients after the backward, as FSDP1 does: Llama's RMSNorm runs in float32 even in a
+    # float64 model, so its backward rounds otherwise when the loss is scaled by a factor other than a power of
+    # two (the count instead of count / 3: 3e-7 of the gradients on 3 ranks).
+    reference = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float64)
+    reference.load_state_dict(base.state_dict())
+    normalizer = target_mask(input_ids, attention_mask, loss_mask).sum() / world
+    total = sum(rlplus_model_loss(reference, input_ids[r], attention_mask[r], loss_mask[r], advantages[r],
+                                  normalizer=normalizer, **hyper).loss
+                for r in (slice(2 * r, 2 * r + 2) for r in range(world)))
+    total.backward()
+    whole = total.detach() / world
+    stepped = {name: (p - p.grad / world).detach() for name, p in reference.named_parameters()}
+
+    mine = slice(2 * rank, 2 * rank + 2)
+    batch = (input_ids[mine], attention_mask[mine], loss_mask[mine], advantages[mine])
+    normalizer_of_this_rank = global_normalizer("token-mean", target_mask(*batch[:3])) / world
+    assert normalizer_of_this_rank == normalizer
+    results = {}
+    for wrapper in TRAINER_WRAPPERS:
+        model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float64)
+        model.load_state_dict(base.state_dict())
+        if wrapper == "DDP":
+            root = torch.nn.parallel.DistributedDataParallel(_ModelLossInTheForward(model))
+        else:
+            root = FullyShardedDataParallel(_ModelLossInTheForward(model), device_id=torch.device(device),
+                                            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                            use_orig_params=wrapper.endswith("True"))
+        loss = root(*batch, normalizer=normalizer_of_this_rank, **hyper)
+        loss.backward()
+        errors = {"loss": _error(_mean_over_ranks(loss, world), whole)}
+        torch.optim.SGD(root.parameters(), lr=1.0).step()
+        with contextlib.nullcontext() if wrapper == "DDP" else FullyShardedDataParallel.summon_full_params(root):
+            for name, parameter in root.named_parameters():
+                name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix("causal_lm.")
+                errors[name] = _error(parameter.detach(), stepped[name])
+        results[wrapper] = errors
+    return results
+
+
 @contextlib.contextmanager
 def _communication_log():
     """Records the shape and bytes of every all_reduce; any other collective is an error."""
@@ -646,6 +736,7 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["subgroup"] = _run_subgroup(rank, world, device)
     results["fsdp2"] = _run_fsdp2(rank, world, device)
     results["fsdp1"] = _run_fsdp1(rank, world, device)
+    results["trainer in the forward"] = _run_trainer_in_the_forward(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # every rank's results are on disk
     # and the process leaves without tearing gloo down: under torch 2.6 one rank hung in destroy_process_group
@@ -795,6 +886,20 @@ def test_fsdp1_layouts_match_the_big_batch(world, layout):
     for rank, per_rank in enumerate(results):
         errors = per_rank["fsdp1"][layout]
         assert set(errors) == {"loss", "embed.weight", "layer.weight", "layer.bias", "lm_head.weight", "lm_head.bias"}
+        for quantity, error in errors.items():
+            assert error <= TOL[torch.float64], (rank, quantity, error)
+
+
+@pytest.mark.parametrize("wrapper", TRAINER_WRAPPERS)
+def test_the_trainers_loss_in_the_wrapped_forward_matches_the_big_batch(world, wrapper):
+    """rlplus_model_loss inside the forward of the module that DDP or FSDP1 wraps (docs/distributed.md): the loss
+    and every parameter's gradient of a transformers Llama."""
+    size, results = world
+    if isinstance(results[0]["trainer in the forward"], str):
+        pytest.skip(results[0]["trainer in the forward"])
+    for rank, per_rank in enumerate(results):
+        errors = per_rank["trainer in the forward"][wrapper]
+        assert len(errors) == 1 + 2 + 9 * 2 + 1, (rank, sorted(errors))  # loss, embeddings and head, layers, norm
         for quantity, error in errors.items():
             assert error <= TOL[torch.float64], (rank, quantity, error)
 

@@ -130,7 +130,8 @@ def _refuse_wrapper(model: nn.Module) -> None:
     raise ValueError(
         f"{type(model).__name__}: {what}; the trainer's functions run the causal LM itself in one process (its "
         f"backbone and head directly, past the wrapper's forward and gradient hooks). Pass the unwrapped model in "
-        f"a single process; across processes call rlplus_loss in your own data-parallel step (docs/distributed.md).")
+        f"a single process; across processes call rlplus_model_loss on the causal LM inside the forward of the "
+        f"module that the wrapper wraps (docs/distributed.md, 'The trainer's functions across processes').")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
