@@ -719,6 +719,8 @@ def test_a_peft_model_trains_its_adapters_as_its_own_logits_say(head):
     assert_close_grads(got, want)
     assert all(got[name].abs().sum() > 0 for name in trainable), "a trainable parameter got no gradient"
     RLPlusTrainer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    with pytest.raises(ValueError, match=re.escape("compile the backbone in place: model.get_base_model().model.compile()")):
+        score_logprobs(torch.compile(model), input_ids, attention_mask)
 
 
 def test_a_peft_model_with_its_adapters_disabled_scores_as_its_base_model():

@@ -114,11 +114,12 @@ def _refuse_wrapper(model: nn.Module) -> None:
     synchronisation. So is torch.compile(model), whose compiled forward would never run."""
     compiled = getattr(model, "_orig_mod", None)  # torch.compile(model) hands the model's attributes on
     if isinstance(compiled, nn.Module):
+        causal_lm = "model.get_base_model()" if _is_peft_model(compiled) else "model"
         backbone = getattr(compiled, "base_model_prefix", "") or "<backbone>"
         raise ValueError(
             f"{type(model).__name__}: torch.compile of {type(compiled).__name__}; the trainer's functions run its "
             f"backbone and head, not its forward, so the compiled forward would never run. Pass the model itself "
-            f"(._orig_mod) and compile the backbone in place: model.{backbone}.compile()")
+            f"(._orig_mod) and compile the backbone in place: {causal_lm}.{backbone}.compile()")
     inner = getattr(model, "module", None)
     if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
                                          or _instance_of(model, "FullyShardedDataParallel", _FSDP_MODULES)):
@@ -138,9 +139,11 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     """The causal LM whose backbone and head the trainer's functions run: a wrapper is refused
     (`_refuse_wrapper`); PEFT's PeftModel is its base model, whose modules carry the adapters in place."""
     _refuse_wrapper(model)
-    if _instance_of(model, "PeftModel", ("peft", "peft.peft_model")):
-        return model.get_base_model()
-    return model
+    return model.get_base_model() if _is_peft_model(model) else model
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return _instance_of(model, "PeftModel", ("peft", "peft.peft_model"))
 
 
 def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
