@@ -470,16 +470,13 @@ def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
     the loss (mean over ranks) and of every parameter's gradient (gathered) against the float64 reference of
     the whole batch in one process; the refusal of a head left sharded; and a tensor-parallel DTensor shard
     passed as `.to_local()`. Where FSDP2 cannot run here, the reason (a str) instead."""
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    except ImportError:
-        return f"FSDP2's public fully_shard needs torch >= 2.6, this is {torch.__version__}"
-    if device == "cpu" and TORCH_VERSION < (2, 11):
-        return ("FSDP2 on CPU tensors: torch 2.6's fully_shard fails in its own stream handling ('Stream' object has "
-                "no attribute 'record_event', a bare two-layer model as well); checked with gloo on torch 2.11 and "
-                f"2.13, this is {torch.__version__}")
+    unavailable = _fsdp2_unavailable(device)
+    if unavailable:
+        return unavailable
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
     batch = _sharded_batch(rank, world, device)
     ids, targets, advantages, mine, kwargs = batch.ids, batch.targets, batch.advantages, batch.mine, batch.kwargs
     reference = batch.reference
@@ -598,7 +595,7 @@ def _run_fsdp1(rank: int, world: int, device: str) -> dict:
 
 class _ModelLossInTheForward(torch.nn.Module):
     """The pattern docs/distributed.md gives for the trainer's functions across processes: rlplus_model_loss on
-    the causal LM inside the forward of the module that DDP or FSDP1 wraps."""
+    the causal LM inside the forward of the module that DDP or FSDP wraps."""
 
     def __init__(self, causal_lm):
         super().__init__()
@@ -610,12 +607,25 @@ class _ModelLossInTheForward(torch.nn.Module):
         return rlplus_model_loss(self.causal_lm, *args, **kwargs).loss
 
 
-TRAINER_WRAPPERS = ("DDP", "FSDP1 use_orig_params=False", "FSDP1 use_orig_params=True")
+TRAINER_WRAPPERS = ("DDP", "FSDP1 use_orig_params=False", "FSDP1 use_orig_params=True", "FSDP2")
+
+
+def _fsdp2_unavailable(device: str) -> Optional[str]:
+    """Why FSDP2 cannot run here, or None."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"FSDP2's public fully_shard needs torch >= 2.6, this is {torch.__version__}"
+    if device == "cpu" and TORCH_VERSION < (2, 11):
+        return ("FSDP2 on CPU tensors: torch 2.6's fully_shard fails in its own stream handling ('Stream' object has "
+                "no attribute 'record_event', a bare two-layer model as well); checked with gloo on torch 2.11 and "
+                f"2.13, this is {torch.__version__}")
+    return None
 
 
 def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | str:
-    """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP or FSDP1 wraps (FSDP1:
-    each decoder layer a unit of its own, embeddings and head in the root), each rank 2 of the 2P padded
+    """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP, FSDP1 or FSDP2 wraps
+    (FSDP: each decoder layer a unit of its own, embeddings and head in the root), each rank 2 of the 2P padded
     sequences: per wrapper the error of the loss (mean over ranks) and of every parameter's gradient (as in
     _run_fsdp1) against the whole batch's, accumulated over the ranks' batches in one process. Where
     transformers is missing or has its models off, the reason (a str) instead."""
@@ -666,10 +676,19 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
     assert normalizer_of_this_rank == normalizer
     results = {}
     for wrapper in TRAINER_WRAPPERS:
+        if wrapper == "FSDP2" and _fsdp2_unavailable(device):
+            results[wrapper] = _fsdp2_unavailable(device)
+            continue
         model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float64)
         model.load_state_dict(base.state_dict())
         if wrapper == "DDP":
             root = torch.nn.parallel.DistributedDataParallel(_ModelLossInTheForward(model))
+        elif wrapper == "FSDP2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            root = fully_shard(_ModelLossInTheForward(model))
         else:
             root = FullyShardedDataParallel(_ModelLossInTheForward(model), device_id=torch.device(device),
                                             auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
@@ -678,10 +697,12 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
         loss.backward()
         errors = {"loss": _error(_mean_over_ranks(loss, world), whole)}
         torch.optim.SGD(root.parameters(), lr=1.0).step()
-        with contextlib.nullcontext() if wrapper == "DDP" else FullyShardedDataParallel.summon_full_params(root):
+        with FullyShardedDataParallel.summon_full_params(root) if wrapper.startswith("FSDP1") \
+                else contextlib.nullcontext():
             for name, parameter in root.named_parameters():
                 name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix("causal_lm.")
-                errors[name] = _error(parameter.detach(), stepped[name])
+                value = parameter.full_tensor() if wrapper == "FSDP2" else parameter
+                errors[name] = _error(value.detach(), stepped[name])
         results[wrapper] = errors
     return results
 
@@ -892,11 +913,13 @@ def test_fsdp1_layouts_match_the_big_batch(world, layout):
 
 @pytest.mark.parametrize("wrapper", TRAINER_WRAPPERS)
 def test_the_trainers_loss_in_the_wrapped_forward_matches_the_big_batch(world, wrapper):
-    """rlplus_model_loss inside the forward of the module that DDP or FSDP1 wraps (docs/distributed.md): the loss
-    and every parameter's gradient of a transformers Llama."""
+    """rlplus_model_loss inside the forward of the module that DDP, FSDP1 or FSDP2 wraps (docs/distributed.md):
+    the loss and every parameter's gradient of a transformers Llama."""
     size, results = world
     if isinstance(results[0]["trainer in the forward"], str):
         pytest.skip(results[0]["trainer in the forward"])
+    if isinstance(results[0]["trainer in the forward"][wrapper], str):
+        pytest.skip(results[0]["trainer in the forward"][wrapper])
     for rank, per_rank in enumerate(results):
         errors = per_rank["trainer in the forward"][wrapper]
         assert len(errors) == 1 + 2 + 9 * 2 + 1, (rank, sorted(errors))  # loss, embeddings and head, layers, norm
