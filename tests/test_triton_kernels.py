@@ -12,6 +12,8 @@ once, fp32 accumulation (`helpers.dot_product_allowance`, `helpers.dz_rounding`)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -990,7 +992,7 @@ def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
     """RLPLUS_AUTOTUNE=1: rollout batches change size every step, and triton's autotuner keys on the token count
     itself, so each new size timed every candidate again. The choice is now kept per N rounded up to a power of
     two (and V, D, entropy, bias, dtype, device): 100 tokens tune, 120 launch the kept candidate, 300 tune again,
-    400 launch the candidate kept at 300."""
+    400 launch the candidate kept at 300. While a CUDA graph is captured, a new range is refused, naming why."""
     from rlplus_kernels.kernels import _config
     from rlplus_kernels.kernels import linear_logprobs_fwd as fwd
 
@@ -1028,3 +1030,21 @@ def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
             check(f"{name} N={n}", got, ref, FWD_TOL[torch.float16])
     assert tuned_at == [100, 300]
     assert launches == [(100, 32), (120, 32), (300, 32), (400, 32)]  # the kept candidate, not the table's
+
+    # while a CUDA graph is captured: a range tuned before launches its candidate; a new range, whose timing
+    # would synchronise with the host, is refused before anything is timed or launched
+    monkeypatch.setattr(fwd, "graph_capturing", lambda device: True)
+    for n in (110, 600):
+        h, w, _, t = make_inputs(n, 64, 300, torch.float16, bias=False)
+        forward = lambda: linear_logprobs_forward(h, w, None, t, temperature=0.9,  # noqa: E731
+                                                  ignore_index=IGN, with_entropy=True)
+        if n == 110:
+            check("lse N=110 under capture", forward()[0], ref_forward(h, w, None, t, temperature=0.9)[0],
+                  FWD_TOL[torch.float16])
+        else:
+            with pytest.raises(RuntimeError, match=re.escape(
+                    "RLPLUS_AUTOTUNE=1: this first call with 600 tokens (the range up to 1024) would time the "
+                    "forward's candidates, which synchronises with the host and cannot happen while a CUDA graph "
+                    "is captured. Make one call of each token range before the capture")):
+                forward()
+    assert tuned_at == [100, 300] and launches[4:] == [(110, 32)]

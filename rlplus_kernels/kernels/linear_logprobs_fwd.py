@@ -35,6 +35,7 @@ from ._config import (
     AUTOTUNE_CANDIDATES,
     autotune_applies,
     check_interpreter,
+    graph_capturing,
     dot_precision,
     kernel_operand,
     logits_source,
@@ -287,6 +288,12 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
     if autotune:
         key = (triton.next_power_of_2(n_tokens), w.shape[0], dim, with_entropy, b is not None, h.dtype, h.device)
         if key not in _TUNED:  # the autotuner times the candidates on this call and launches the fastest
+            if graph_capturing(h.device):
+                raise RuntimeError(
+                    f"RLPLUS_AUTOTUNE=1: this first call with {n_tokens} tokens (the range up to {key[0]}) would "
+                    "time the forward's candidates, which synchronises with the host and cannot happen while a "
+                    "CUDA graph is captured. Make one call of each token range before the capture, or unset "
+                    "RLPLUS_AUTOTUNE.")
             tuner, candidates = _autotuned_kernel()
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
             tuner[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
