@@ -45,11 +45,17 @@ def test_the_recommended_gpu_session_runs_through(tmp_path):
         assert result["info"]["dry_run"] and result["info"]["git_commit"] == "dry-run", name
         assert result["ok"] and not result["errors"], (name, result["errors"])
         assert {row["logits"] for row in result["checks"]} == runs, name
+        if name == "gpu_loss_check.json":  # each output also against a second run of the step, bit for bit
+            reruns = {(row["logits"], row["out"]) for row in result["checks"] if row["tol"] == 0}
+            assert reruns == {(run, f"{out} rerun") for run in runs
+                              for out in ("loss", "logprobs", "entropy", "grad_hidden", "grad_weight")}, reruns
         assert {row["logits"] for row in result["timings"]} == runs, name
         for timing in result["timings"]:
             assert TIMING_KEYS <= timing.keys(), (name, TIMING_KEYS - timing.keys())
         log = (tmp_path / name.replace(".json", ".txt")).read_text()
         assert "issue-3 bar at" in log, name
+        if name == "gpu_loss_check.json":
+            assert "a second run of each loss step gave the same bits in every output" in log
         for run in runs:  # the summary's verdict on the bar, a line per run
             assert re.search(rf"^  {re.escape(run)} +[0-9.]+x  memory .+  (MEETS|misses|time meets, memory not measured)$",
                              log, re.MULTILINE), (name, run)
