@@ -53,7 +53,8 @@ def _dtensor_placements(x: torch.Tensor):
 def require_tensor(name: str, x) -> torch.Tensor:
     """A torch.Tensor, not a DTensor (whose ops would reach the kernels with plain tensors mixed in: torch's
     error names neither the argument nor the remedy), with a storage that covers it (FSDP1 frees the storage of
-    a unit's gathered parameters and leaves their views). Both checks are skipped inside torch.compile."""
+    a unit's gathered parameters and leaves their views), and not a parameter that DeepSpeed ZeRO-3 has left
+    partitioned. These checks are skipped inside torch.compile."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     placements = None if torch.compiler.is_compiling() else _dtensor_placements(x)
@@ -64,6 +65,13 @@ def require_tensor(name: str, x) -> torch.Tensor:
                   if name in ("weight", "bias") else "")
         raise TypeError(f"{name} is a DTensor (placements {placements}); the loss takes plain tensors.{remedy} "
                         "See docs/distributed.md, 'FSDP2 and DTensor'")
+    partitioned_shape = None if torch.compiler.is_compiling() else getattr(x, "ds_shape", None)
+    if partitioned_shape is not None and tuple(x.shape) != tuple(partitioned_shape):
+        raise ValueError(
+            f"{name} is a parameter that DeepSpeed ZeRO-3 has partitioned (shape {shape_text(partitioned_shape)}, "
+            f"this rank holds {shape_text(x.shape)}): ZeRO-3 gathers a parameter where it is read during the forward "
+            "of the engine's module, and leaves it partitioned outside. Compute the loss inside the forward of the "
+            "module that the engine wraps (docs/distributed.md, 'DeepSpeed ZeRO-3').")
     if not torch.compiler.is_compiling() and _storage_falls_short(x):
         remedy = (" FSDP1 (FullyShardedDataParallel) frees a unit's gathered parameters outside that unit's forward: "
                   "keep the LM head in the root unit, or compute the loss inside the forward of the unit that holds "

@@ -27,6 +27,13 @@ def freed(x: torch.Tensor, nbytes: int = 0) -> torch.Tensor:
     return x
 
 
+def partitioned(shape) -> torch.Tensor:
+    """What DeepSpeed ZeRO-3 leaves of a parameter outside the forward that reads it: empty, with its ds_shape."""
+    x = torch.empty(0)
+    x.ds_shape = torch.Size(shape)
+    return x
+
+
 def batched(**overrides):
     return good(**{**dict(hidden=torch.randn(2, 3, D), targets=torch.randint(0, V, (2, 3)),
                           advantages=torch.randn(2, 3)), **overrides})
@@ -47,6 +54,9 @@ CASES = [
      "FSDP1 (FullyShardedDataParallel) frees a unit's gathered parameters"),
     ("bias one element short", good(bias=freed(torch.randn(V), nbytes=(V - 1) * 4)), ValueError,
      "bias's storage holds 40 bytes, fewer than its shape [11] and strides [1] reach: its memory was freed. FSDP1"),
+    ("weight partitioned by ZeRO-3", good(weight=partitioned((V, D))), ValueError,
+     "weight is a parameter that DeepSpeed ZeRO-3 has partitioned (shape [11, 4], this rank holds [0]): ZeRO-3 "
+     "gathers a parameter where it is read during the forward of the engine's module"),
     ("hidden freed", good(hidden=freed(torch.randn(N, D))), ValueError,
      "hidden's storage holds 0 bytes, fewer than its shape [6, 4] and strides [4, 1] reach: its memory was freed"),
     ("advantages freed", good(advantages=freed(torch.randn(N))), ValueError, "advantages's storage holds 0 bytes"),
