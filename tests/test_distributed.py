@@ -593,35 +593,53 @@ def _run_fsdp1(rank: int, world: int, device: str) -> dict:
     return results
 
 
+def _deepspeed_unavailable(device: str) -> Optional[str]:
+    """Why DeepSpeed cannot run here, or None."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "DeepSpeed is not installed (it is in the [test] extra)"
+    return None
+
+
+def _zero3_engine(module, rank: int, world: int):
+    """`module` under DeepSpeed ZeRO-3 with plain SGD, in this process group."""
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what its launcher would set
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    return deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
+                                config=config)[0]
+
+
+def _zero3_errors(engine, loss, reference_loss, reference_grads, world: int, prefix: str) -> dict:
+    """The error of the loss (mean over ranks) and of every parameter's gathered gradient."""
+    from deepspeed.utils import safe_get_full_grad
+
+    errors = {"loss": _error(_mean_over_ranks(loss, world), reference_loss)}
+    for name, parameter in engine.module.named_parameters():
+        name = name.removeprefix(prefix)
+        errors[name] = _error(safe_get_full_grad(parameter), reference_grads[name])
+    return errors
+
+
 def _run_zero3(rank: int, world: int, device: str) -> dict | str:
     """DeepSpeed ZeRO-3 around a module whose forward computes the loss from the LM head it reads (ZeRO-3
     gathers a parameter read during the engine's forward): the error of the loss (mean over ranks) and of every
     parameter's gradient (gathered) against the float64 reference of the whole batch, and the refusal of the
     head that ZeRO-3 leaves partitioned after the forward. Where DeepSpeed is missing, the reason (a str)."""
-    try:
-        import deepspeed
-        from deepspeed.utils import safe_get_full_grad
-    except ImportError:
-        return "DeepSpeed is not installed (it is in the [test] extra)"
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what its launcher would set
+    unavailable = _deepspeed_unavailable(device)
+    if unavailable:
+        return unavailable
     batch = _sharded_batch(rank, world, device)
     ids, targets, advantages = batch.ids[batch.mine], batch.targets[batch.mine], batch.advantages[batch.mine]
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-              "zero_allow_untested_optimizer": True}
-
-    def engine_of(module):
-        return deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
-                                    config=config)[0]
-
-    engine = engine_of(_LossInTheForward(batch.copy_of_base()))
+    engine = _zero3_engine(_LossInTheForward(batch.copy_of_base()), rank, world)
     loss = engine(ids, targets, advantages, normalizer=batch.normalizer, **batch.kwargs)
     engine.backward(loss)
-    errors = {"loss": _error(_mean_over_ranks(loss, world), batch.reference_loss)}
-    reference_grads = dict(batch.reference.named_parameters())
-    for name, parameter in engine.module.named_parameters():
-        errors[name.removeprefix("model.")] = _error(safe_get_full_grad(parameter),
-                                                     reference_grads[name.removeprefix("model.")].grad)
-    engine = engine_of(batch.copy_of_base())
+    reference_grads = {name: p.grad for name, p in batch.reference.named_parameters()}
+    errors = _zero3_errors(engine, loss, batch.reference_loss, reference_grads, world, prefix="model.")
+    engine = _zero3_engine(batch.copy_of_base(), rank, world)
     hidden = engine(ids)
     head = engine.module.lm_head
     return {"loss in the forward": errors, "partitioned head": _message(
@@ -642,7 +660,7 @@ class _ModelLossInTheForward(torch.nn.Module):
         return rlplus_model_loss(self.causal_lm, *args, **kwargs).loss
 
 
-TRAINER_WRAPPERS = ("DDP", "FSDP1 use_orig_params=False", "FSDP1 use_orig_params=True", "FSDP2")
+TRAINER_WRAPPERS = ("DDP", "FSDP1 use_orig_params=False", "FSDP1 use_orig_params=True", "FSDP2", "DeepSpeed ZeRO-3")
 
 
 def _fsdp2_unavailable(device: str) -> Optional[str]:
@@ -659,11 +677,11 @@ def _fsdp2_unavailable(device: str) -> Optional[str]:
 
 
 def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | str:
-    """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP, FSDP1 or FSDP2 wraps
-    (FSDP: each decoder layer a unit of its own, embeddings and head in the root), each rank 2 of the 2P padded
-    sequences: per wrapper the error of the loss (mean over ranks) and of every parameter's gradient (as in
-    _run_fsdp1) against the whole batch's, accumulated over the ranks' batches in one process. Where
-    transformers is missing or has its models off, the reason (a str) instead."""
+    """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP, FSDP1, FSDP2 or
+    DeepSpeed ZeRO-3 wraps (FSDP: each decoder layer a unit of its own, embeddings and head in the root), each
+    rank 2 of the 2P padded sequences: per wrapper the error of the loss (mean over ranks) and of every
+    parameter's gradient (as in _run_fsdp1; ZeRO-3: gathered) against the whole batch's, accumulated over the
+    ranks' batches in one process. Where transformers is missing or has its models off, the reason (a str)."""
     try:
         import transformers
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -703,7 +721,8 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
                 for r in (slice(2 * r, 2 * r + 2) for r in range(world)))
     total.backward()
     whole = total.detach() / world
-    stepped = {name: (p - p.grad / world).detach() for name, p in reference.named_parameters()}
+    reference_grads = {name: p.grad / world for name, p in reference.named_parameters()}
+    stepped = {name: (p - reference_grads[name]).detach() for name, p in reference.named_parameters()}
 
     mine = slice(2 * rank, 2 * rank + 2)
     batch = (input_ids[mine], attention_mask[mine], loss_mask[mine], advantages[mine])
@@ -711,11 +730,18 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
     assert normalizer_of_this_rank == normalizer
     results = {}
     for wrapper in TRAINER_WRAPPERS:
-        if wrapper == "FSDP2" and _fsdp2_unavailable(device):
-            results[wrapper] = _fsdp2_unavailable(device)
+        unavailable = {"FSDP2": _fsdp2_unavailable, "DeepSpeed ZeRO-3": _deepspeed_unavailable}.get(wrapper)
+        if unavailable and unavailable(device):
+            results[wrapper] = unavailable(device)
             continue
         model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float64)
         model.load_state_dict(base.state_dict())
+        if wrapper == "DeepSpeed ZeRO-3":
+            engine = _zero3_engine(_ModelLossInTheForward(model), rank, world)
+            loss = engine(*batch, normalizer=normalizer_of_this_rank, **hyper)
+            engine.backward(loss)
+            results[wrapper] = _zero3_errors(engine, loss, whole, reference_grads, world, prefix="causal_lm.")
+            continue
         if wrapper == "DDP":
             root = torch.nn.parallel.DistributedDataParallel(_ModelLossInTheForward(model))
         elif wrapper == "FSDP2":
@@ -792,8 +818,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str =
     results["subgroup"] = _run_subgroup(rank, world, device)
     results["fsdp2"] = _run_fsdp2(rank, world, device)
     results["fsdp1"] = _run_fsdp1(rank, world, device)
+    # the two last, as DeepSpeed (the trainer scenario's last wrapper) sets up its own state in the process
     results["trainer in the forward"] = _run_trainer_in_the_forward(rank, world, device)
-    results["zero3"] = _run_zero3(rank, world, device)  # last: DeepSpeed sets up its own state in the process
+    results["zero3"] = _run_zero3(rank, world, device)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # every rank's results are on disk
     # and the process leaves without tearing gloo down: under torch 2.6 one rank hung in destroy_process_group
@@ -949,8 +976,8 @@ def test_fsdp1_layouts_match_the_big_batch(world, layout):
 
 @pytest.mark.parametrize("wrapper", TRAINER_WRAPPERS)
 def test_the_trainers_loss_in_the_wrapped_forward_matches_the_big_batch(world, wrapper):
-    """rlplus_model_loss inside the forward of the module that DDP, FSDP1 or FSDP2 wraps (docs/distributed.md):
-    the loss and every parameter's gradient of a transformers Llama."""
+    """rlplus_model_loss inside the forward of the module that DDP, FSDP1, FSDP2 or DeepSpeed ZeRO-3 wraps
+    (docs/distributed.md): the loss and every parameter's gradient of a transformers Llama."""
     size, results = world
     if isinstance(results[0]["trainer in the forward"], str):
         pytest.skip(results[0]["trainer in the forward"])
@@ -960,7 +987,13 @@ def test_the_trainers_loss_in_the_wrapped_forward_matches_the_big_batch(world, w
         errors = per_rank["trainer in the forward"][wrapper]
         assert len(errors) == 1 + 2 + 9 * 2 + 1, (rank, sorted(errors))  # loss, embeddings and head, layers, norm
         for quantity, error in errors.items():
-            assert error <= TOL[torch.float64], (rank, quantity, error)
+            assert error <= _gradient_tolerance(wrapper, quantity), (rank, quantity, error)
+
+
+def _gradient_tolerance(wrapper: str, quantity: str) -> float:
+    """float64's, but float32's for ZeRO-3's gradients: it keeps its gradient partitions in float32 whatever the
+    model's dtype (3e-8 here)."""
+    return TOL[torch.float32 if wrapper == "DeepSpeed ZeRO-3" and quantity != "loss" else torch.float64]
 
 
 def test_deepspeed_zero3_with_the_loss_in_the_forward_matches_the_big_batch(world):
@@ -973,8 +1006,7 @@ def test_deepspeed_zero3_with_the_loss_in_the_forward_matches_the_big_batch(worl
         errors = per_rank["zero3"]["loss in the forward"]
         assert set(errors) == {"loss", "embed.weight", "layer.weight", "layer.bias", "lm_head.weight", "lm_head.bias"}
         for quantity, error in errors.items():
-            # ZeRO-3 keeps its gradient partitions in float32 whatever the model's dtype (3e-8 here)
-            assert error <= TOL[torch.float64 if quantity == "loss" else torch.float32], (rank, quantity, error)
+            assert error <= _gradient_tolerance("DeepSpeed ZeRO-3", quantity), (rank, quantity, error)
         message = per_rank["zero3"]["partitioned head"]
         assert message.startswith("weight is a parameter that DeepSpeed ZeRO-3 has partitioned (shape ["), message
         assert "Compute the loss inside the forward of the module that the engine wraps" in message, message

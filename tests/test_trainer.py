@@ -586,22 +586,31 @@ def _fsdp2(model):
     return fully_shard(model)
 
 
+def _deepspeed(model):
+    deepspeed = pytest.importorskip("deepspeed")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True}
+    return deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)[0]
+
+
 WRAPPERS = {  # the wrapper, and how the refusal names it
     "DataParallel": (nn.DataParallel, "DataParallel: a wrapper around LlamaForCausalLM"),  # CPU: unreplicated
     "FSDP1": (_fsdp1, "FullyShardedDataParallel: a wrapper around LlamaForCausalLM"),
     "FSDP2": (_fsdp2, "FSDPLlamaForCausalLM: a model sharded by FSDP2's fully_shard"),
+    "DeepSpeed": (_deepspeed, "DeepSpeedEngine: a wrapper around LlamaForCausalLM"),
 }
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # one process: nothing to shard
 @pytest.mark.parametrize("wrapper", WRAPPERS)
-def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_changes(wrapper, one_process_group):
-    """DistributedDataParallel, DataParallel, FSDP1 or FSDP2: the trainer's functions would run the model's
-    backbone and head past the wrapper's forward (where FSDP gathers the parameters) and its gradient
-    synchronisation. Each refuses it by name (it said 'a bare backbone' before for DDP; FSDP1 and FSDP2 ran the
-    backbone on sharded parameters) before the backbone runs, and the trainer before it zeroes the model's
-    dropout."""
+def test_a_data_parallel_wrapper_is_refused_by_name_before_anything_runs_or_changes(wrapper, one_process_group,
+                                                                                    monkeypatch):
+    """DistributedDataParallel, DataParallel, FSDP1, FSDP2 or DeepSpeed: the trainer's functions would run the
+    model's backbone and head past the wrapper's forward (where FSDP and ZeRO-3 gather the parameters) and its
+    gradient synchronisation. Each refuses it by name (it said 'a bare backbone' before for DDP; FSDP1, FSDP2 and
+    DeepSpeed ran the backbone on sharded parameters) before the backbone runs, and the trainer before it zeroes
+    the model's dropout."""
     wrap, name = WRAPPERS[wrapper]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what DeepSpeed's launcher would set
     model = make_model("llama", tied=False)
     attention = model.model.layers[0].self_attn
     model.config.attention_dropout = attention.attention_dropout = 0.1  # what the trainer would zero
@@ -719,7 +728,7 @@ def test_a_peft_model_trains_its_adapters_as_its_own_logits_say(head):
     assert_close_grads(got, want)
     assert all(got[name].abs().sum() > 0 for name in trainable), "a trainable parameter got no gradient"
     RLPlusTrainer(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
-    with pytest.raises(ValueError, match=re.escape("compile the backbone in place: model.get_base_model().model.compile()")):
+    with pytest.raises(ValueError, match=re.escape("in place: model.get_base_model().model.compile()")):
         score_logprobs(torch.compile(model), input_ids, attention_mask)
 
 

@@ -108,10 +108,11 @@ _FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
 
 def _refuse_wrapper(model: nn.Module) -> None:
     """A data-parallel wrapper is refused by name: DistributedDataParallel or DataParallel (no
-    ``get_output_embeddings``; the model is its ``.module``), FSDP1's FullyShardedDataParallel (which hands its
-    module's attributes on) or a model that FSDP2's fully_shard has sharded. Running the model's backbone and
-    head directly would bypass the wrapper's forward (where FSDP gathers the parameters) and its gradient
-    synchronisation. So is torch.compile(model), whose compiled forward would never run."""
+    ``get_output_embeddings``; the model is its ``.module``), FSDP1's FullyShardedDataParallel or DeepSpeed's
+    engine (which hand their module's attributes on), or a model that FSDP2's fully_shard has sharded. Running
+    the model's backbone and head directly would bypass the wrapper's forward (where FSDP and ZeRO-3 gather the
+    parameters) and its gradient synchronisation. So is torch.compile(model), whose compiled forward would
+    never run."""
     compiled = getattr(model, "_orig_mod", None)  # torch.compile(model) hands the model's attributes on
     if isinstance(compiled, nn.Module):
         causal_lm = "model.get_base_model()" if _is_peft_model(compiled) else "model"
@@ -122,7 +123,8 @@ def _refuse_wrapper(model: nn.Module) -> None:
             f"(._orig_mod) and compile the backbone in place: {causal_lm}.{backbone}.compile()")
     inner = getattr(model, "module", None)
     if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
-                                         or _instance_of(model, "FullyShardedDataParallel", _FSDP_MODULES)):
+                                         or _instance_of(model, "FullyShardedDataParallel", _FSDP_MODULES)
+                                         or _instance_of(model, "DeepSpeedEngine", ("deepspeed.runtime.engine",))):
         what = f"a wrapper around {type(inner).__name__}"
     elif _instance_of(model, "FSDPModule", _FSDP_MODULES):
         what = "a model sharded by FSDP2's fully_shard"
