@@ -603,14 +603,19 @@ def _deepspeed_unavailable(device: str) -> Optional[str]:
 
 
 def _zero3_engine(module, rank: int, world: int):
-    """`module` under DeepSpeed ZeRO-3 with plain SGD, in this process group."""
+    """`module` under DeepSpeed ZeRO-3 with plain SGD, in this process group; or, where DeepSpeed cannot start
+    (its CPU accelerator builds a communication op with the machine's C++ compiler, on every rank alike before
+    any collective), why (a str)."""
     import deepspeed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what its launcher would set
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
               "zero_allow_untested_optimizer": True}
-    return deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
-                                config=config)[0]
+    try:
+        return deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0),
+                                    config=config)[0]
+    except Exception as error:  # noqa: BLE001  DeepSpeed's own start-up, before the loss runs
+        return f"DeepSpeed {deepspeed.__version__} cannot start here: {error!r}"
 
 
 def _zero3_errors(engine, loss, reference_loss, reference_grads, world: int, prefix: str) -> dict:
@@ -635,6 +640,8 @@ def _run_zero3(rank: int, world: int, device: str) -> dict | str:
     batch = _sharded_batch(rank, world, device)
     ids, targets, advantages = batch.ids[batch.mine], batch.targets[batch.mine], batch.advantages[batch.mine]
     engine = _zero3_engine(_LossInTheForward(batch.copy_of_base()), rank, world)
+    if isinstance(engine, str):
+        return engine
     loss = engine(ids, targets, advantages, normalizer=batch.normalizer, **batch.kwargs)
     engine.backward(loss)
     reference_grads = {name: p.grad for name, p in batch.reference.named_parameters()}
@@ -738,6 +745,9 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
         model.load_state_dict(base.state_dict())
         if wrapper == "DeepSpeed ZeRO-3":
             engine = _zero3_engine(_ModelLossInTheForward(model), rank, world)
+            if isinstance(engine, str):
+                results[wrapper] = engine
+                continue
             loss = engine(*batch, normalizer=normalizer_of_this_rank, **hyper)
             engine.backward(loss)
             results[wrapper] = _zero3_errors(engine, loss, whole, reference_grads, world, prefix="causal_lm.")
