@@ -40,14 +40,14 @@ def refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[
         raise ValueError(eager_message())
 
 
-def _dtensor_placements(x: torch.Tensor):
-    """x's DTensor placements, or None for any other tensor. Nothing is imported (torch.distributed.tensor
-    takes ~1 s): a DTensor exists only where its module has been imported already."""
-    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, 2.4
-        dtensor = getattr(sys.modules.get(module), "DTensor", None)
-        if dtensor is not None and isinstance(x, dtensor):
-            return tuple(x.placements)
-    return None
+def instance_of_loaded(obj, name: str, modules: tuple) -> bool:
+    """Whether obj is an instance of the class `name` of one of `modules`. Nothing is imported (a DTensor's
+    module takes ~1 s, DeepSpeed's and PEFT's more): such an object exists only where its module is loaded."""
+    for module in modules:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(obj, cls):
+            return True
+    return False
 
 
 def require_tensor(name: str, x) -> torch.Tensor:
@@ -57,22 +57,23 @@ def require_tensor(name: str, x) -> torch.Tensor:
     partitioned. These checks are skipped inside torch.compile."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    placements = None if torch.compiler.is_compiling() else _dtensor_placements(x)
-    if placements is not None:
+    if torch.compiler.is_compiling():
+        return x
+    if instance_of_loaded(x, "DTensor", ("torch.distributed.tensor", "torch.distributed._tensor")):  # >= 2.5, 2.4
         remedy = (" FSDP2 (fully_shard) keeps a parameter sharded outside the forward of its unit: call the loss "
                   "after the forward of the unit that holds the LM head, or call lm_head.unshard() first; a "
                   f"tensor-parallel vocabulary shard is {name}.to_local() with vocab_parallel_group."
                   if name in ("weight", "bias") else "")
-        raise TypeError(f"{name} is a DTensor (placements {placements}); the loss takes plain tensors.{remedy} "
+        raise TypeError(f"{name} is a DTensor (placements {tuple(x.placements)}); the loss takes plain tensors.{remedy} "
                         "See docs/distributed.md, 'FSDP2 and DTensor'")
-    partitioned_shape = None if torch.compiler.is_compiling() else getattr(x, "ds_shape", None)
+    partitioned_shape = getattr(x, "ds_shape", None)
     if partitioned_shape is not None and tuple(x.shape) != tuple(partitioned_shape):
         raise ValueError(
             f"{name} is a parameter that DeepSpeed ZeRO-3 has partitioned (shape {shape_text(partitioned_shape)}, "
             f"this rank holds {shape_text(x.shape)}): ZeRO-3 gathers a parameter where it is read during the forward "
             "of the engine's module, and leaves it partitioned outside. Compute the loss inside the forward of the "
             "module that the engine wraps (docs/distributed.md, 'DeepSpeed ZeRO-3').")
-    if not torch.compiler.is_compiling() and _storage_falls_short(x):
+    if _storage_falls_short(x):
         remedy = (" FSDP1 (FullyShardedDataParallel) frees a unit's gathered parameters outside that unit's forward: "
                   "keep the LM head in the root unit, or compute the loss inside the forward of the unit that holds "
                   "it (docs/distributed.md, 'FSDP1')." if name in ("weight", "bias") else "")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from ..validation import instance_of_loaded
 
 __all__ = ["check_plain_linear_head", "get_lm_head", "get_backbone", "final_hidden_states",
            "position_ids_from_mask", "verify_head", "eval_mode", "disable_dropout"]
@@ -93,16 +94,6 @@ def check_plain_linear_head(model: nn.Module) -> None:
     get_lm_head(model)  # the head itself must be a linear layer
 
 
-def _instance_of(obj, name: str, modules: tuple) -> bool:
-    """Whether obj is an instance of the class `name` of one of `modules`; nothing is imported: such an object
-    exists only where its module has been imported already."""
-    for module in modules:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(obj, cls):
-            return True
-    return False
-
-
 _FSDP_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")  # FSDPModule: torch < 2.6
 
 
@@ -123,10 +114,10 @@ def _refuse_wrapper(model: nn.Module) -> None:
             f"(._orig_mod) and compile the backbone in place: {causal_lm}.{backbone}.compile()")
     inner = getattr(model, "module", None)
     if isinstance(inner, nn.Module) and (not hasattr(model, "get_output_embeddings")
-                                         or _instance_of(model, "FullyShardedDataParallel", _FSDP_MODULES)
-                                         or _instance_of(model, "DeepSpeedEngine", ("deepspeed.runtime.engine",))):
+                                         or instance_of_loaded(model, "FullyShardedDataParallel", _FSDP_MODULES)
+                                         or instance_of_loaded(model, "DeepSpeedEngine", ("deepspeed.runtime.engine",))):
         what = f"a wrapper around {type(inner).__name__}"
-    elif _instance_of(model, "FSDPModule", _FSDP_MODULES):
+    elif instance_of_loaded(model, "FSDPModule", _FSDP_MODULES):
         what = "a model sharded by FSDP2's fully_shard"
     else:
         return
@@ -145,7 +136,7 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def _is_peft_model(model: nn.Module) -> bool:
-    return _instance_of(model, "PeftModel", ("peft", "peft.peft_model"))
+    return instance_of_loaded(model, "PeftModel", ("peft", "peft.peft_model"))
 
 
 def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,7 +147,7 @@ def get_lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ValueError(
             f"{type(model).__name__}: get_output_embeddings() returned None; a causal LM with a "
             f"linear LM head (e.g. AutoModelForCausalLM) is needed, not a bare backbone.")
-    if _instance_of(head, "BaseTunerLayer", ("peft.tuners.tuners_utils",)):
+    if instance_of_loaded(head, "BaseTunerLayer", ("peft.tuners.tuners_utils",)):
         raise ValueError(
             f"{type(model).__name__}: the LM head carries a PEFT adapter ({type(head).__module__}."
             f"{type(head).__name__}); its logits add the adapter's term to those of lm_head.weight, so they are not "
