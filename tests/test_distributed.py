@@ -529,6 +529,24 @@ def _run_fsdp2(rank: int, world: int, device: str) -> dict | str:
     return results
 
 
+def _stepped_errors(root, stepped: dict, prefix: str) -> dict:
+    """Every parameter's error after an lr=1 SGD step, against `stepped` (the reference's parameter minus its
+    gradient): gradients read back as the step they make, since FSDP1 gathers them only with use_orig_params=True.
+    Parameters are read whole: FSDP1's under summon_full_params, FSDP2's DTensors by full_tensor(); names lose
+    the wrappers' prefixes and `prefix`, the attribute that holds the model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.optim.SGD(root.parameters(), lr=1.0).step()
+    errors = {}
+    with FullyShardedDataParallel.summon_full_params(root) if isinstance(root, FullyShardedDataParallel) \
+            else contextlib.nullcontext():
+        for name, parameter in root.named_parameters():
+            name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix(prefix)
+            value = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+            errors[name] = _error(value.detach(), stepped[name])
+    return errors
+
+
 class _LossInTheForward(torch.nn.Module):
     """The pattern docs/distributed.md gives for FSDP1: the loss computed inside the wrapped module's forward,
     where FSDP1 has gathered the unit's parameters."""
@@ -548,9 +566,9 @@ FSDP1_LAYOUTS = ("use_orig_params=False, the loss after the forward", "use_orig_
 
 def _run_fsdp1(rank: int, world: int, device: str) -> dict:
     """FSDP1 (FullyShardedDataParallel, the layer in a unit of its own, the LM head in the root unit) as in
-    _run_fsdp2: per layout the error of the loss and of every parameter's gradient (read back as the SGD step
-    it makes, lr = 1: FSDP1 gathers gradients only with use_orig_params=True); and the refusals of a head that
-    FSDP1 leaves as a flattened shard (use_orig_params=True, after the forward) or freed (in a unit of its own)."""
+    _run_fsdp2: per layout the error of the loss and of every parameter's gradient (`_stepped_errors`); and the
+    refusals of a head that FSDP1 leaves as a flattened shard (use_orig_params=True, after the forward) or freed
+    (in a unit of its own)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     batch = _sharded_batch(rank, world, device)
@@ -579,13 +597,8 @@ def _run_fsdp1(rank: int, world: int, device: str) -> dict:
         loss = root(ids, targets, advantages, **loss_kwargs) if isinstance(root.module, _LossInTheForward) \
             else loss_after_the_forward(root)
         loss.backward()
-        errors = {"loss": _error(_mean_over_ranks(loss, world), batch.reference_loss)}
-        torch.optim.SGD(root.parameters(), lr=1.0).step()
-        with FullyShardedDataParallel.summon_full_params(root):
-            for name, parameter in root.named_parameters():
-                name = name.replace("_fsdp_wrapped_module.", "").removeprefix("model.")
-                errors[name] = _error(parameter.detach(), stepped[name])
-        results[layout] = errors
+        results[layout] = {"loss": _error(_mean_over_ranks(loss, world), batch.reference_loss),
+                           **_stepped_errors(root, stepped, prefix="model.")}
     results["flattened head"] = _message(
         lambda: loss_after_the_forward(sharded_model(use_orig_params=True, loss_in_the_forward=False)))
     results["freed head"] = _message(
@@ -687,7 +700,7 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
     """rlplus_model_loss on a transformers Llama inside the forward of the module that DDP, FSDP1, FSDP2 or
     DeepSpeed ZeRO-3 wraps (FSDP: each decoder layer a unit of its own, embeddings and head in the root), each
     rank 2 of the 2P padded sequences: per wrapper the error of the loss (mean over ranks) and of every
-    parameter's gradient (as in _run_fsdp1; ZeRO-3: gathered) against the whole batch's, accumulated over the
+    parameter's gradient (`_stepped_errors`; ZeRO-3: gathered) against the whole batch's, accumulated over the
     ranks' batches in one process. Where transformers is missing or has its models off, the reason (a str)."""
     try:
         import transformers
@@ -766,15 +779,8 @@ def _run_trainer_in_the_forward(rank: int, world: int, device: str) -> dict | st
                                             use_orig_params=wrapper.endswith("True"))
         loss = root(*batch, normalizer=normalizer_of_this_rank, **hyper)
         loss.backward()
-        errors = {"loss": _error(_mean_over_ranks(loss, world), whole)}
-        torch.optim.SGD(root.parameters(), lr=1.0).step()
-        with FullyShardedDataParallel.summon_full_params(root) if wrapper.startswith("FSDP1") \
-                else contextlib.nullcontext():
-            for name, parameter in root.named_parameters():
-                name = name.replace("_fsdp_wrapped_module.", "").removeprefix("module.").removeprefix("causal_lm.")
-                value = parameter.full_tensor() if wrapper == "FSDP2" else parameter
-                errors[name] = _error(value.detach(), stepped[name])
-        results[wrapper] = errors
+        results[wrapper] = {"loss": _error(_mean_over_ranks(loss, world), whole),
+                            **_stepped_errors(root, stepped, prefix="causal_lm.")}
     return results
 
 
