@@ -163,8 +163,9 @@ def compute_rlplus_loss(config: RLPlusConfig, hidden, weight, targets, advantage
         loss, metrics = rlplus_head(logp, entropy, batch, config, normalizer, backend=backend)
     return RLPlusOutput(
         loss=loss,
-        logprobs=logp.detach().view(targets.shape),
-        entropy=None if entropy is None else entropy.detach().view(targets.shape),
+        # copies: the op saved these for the backward, which an in-place edit of an output would break
+        logprobs=logp.detach().clone().view(targets.shape),
+        entropy=None if entropy is None else entropy.detach().clone().view(targets.shape),
         metrics=metrics,
     )
 

@@ -173,12 +173,13 @@ def head_metrics(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: Tok
     external = batch.external
     on_policy = valid if external is None else valid & ~external
     off_policy = torch.zeros_like(valid) if external is None else valid & external
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    # one tensor per metric: a trainer may all-reduce each in place
+    zero = lambda: torch.zeros((), dtype=logp.dtype, device=logp.device)  # noqa: E731
     metrics = {
         "clip_frac": _masked_mean(terms.clipped.to(logp.dtype), on_policy),
         "ratio_mean": _masked_mean(terms.ratio.detach(), on_policy),
-        "mis_ratio_mean": zero if external is None else _masked_mean(terms.mis_weight.detach(), off_policy),
-        "explore_coef_mean": zero if external is None else _masked_mean(terms.explore, off_policy),
+        "mis_ratio_mean": zero() if external is None else _masked_mean(terms.mis_weight.detach(), off_policy),
+        "explore_coef_mean": zero() if external is None else _masked_mean(terms.explore, off_policy),
         "logprob_mean": _masked_mean(logp.detach(), valid),
         "num_tokens": valid.sum(),
         "num_external_tokens": off_policy.sum(),

@@ -345,6 +345,32 @@ def test_gradients_flow_into_the_head_only(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("external", [False, True], ids=["on-policy", "external"])
+def test_the_outputs_are_the_callers_to_edit(backend, external):
+    """Each metric is a tensor of its own (a trainer all-reduces them in place, one by one: two metrics that
+    were one tensor, 0 without external tokens, were reduced twice), and editing the returned log-probs or
+    entropies in place leaves the loss's backward as it was (they were views of what the op saved for it)."""
+    hidden, weight = leaf(2, 5, 4), leaf(30, 4)
+    inputs = (torch.randint(0, 30, (2, 5)), torch.randn(2), -torch.rand(2, 5))
+    kwargs = dict(external_mask=torch.tensor([False, external]), entropy_coef=0.01, backend=backend)
+    out = rlplus_loss(hidden, weight, *inputs, **kwargs)
+    values = [out.logprobs, out.entropy, *out.metrics.values()]
+    assert len({x.untyped_storage().data_ptr() for x in values}) == len(values)
+    before = {name: value.clone() for name, value in out.metrics.items()}
+    for value in out.metrics.values():
+        value.add_(1)
+    for name, value in out.metrics.items():
+        assert torch.equal(value, before[name] + 1), name
+    out.logprobs.zero_()
+    out.entropy.zero_()
+    out.loss.backward()
+    grads = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    rlplus_loss(hidden, weight, *inputs, **kwargs).loss.backward()
+    assert torch.equal(grads[0], hidden.grad) and torch.equal(grads[1], weight.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_second_derivative_is_refused_with_a_reason(backend):
     """The first backward with create_graph=True is right (a gradient penalty's first step); differentiating
     it again raises an error that says the head has first derivatives only (it was an mm(out=) error
