@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends.common import compute_dtype
-from .config import check_number
+from .validation import check_number
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = False,

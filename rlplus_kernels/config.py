@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from .validation import plain_number
+from .validation import check_number, plain_number
 
 LOSS_AGG_MODES = ("token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum")
 SEQ_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum")
@@ -27,20 +26,6 @@ OFFICIAL_RECIPE = dict(
     loss_agg="sum",
     normalizer=8192,
 )
-
-
-def check_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
-    """A finite real number as a Python float (numpy scalars from a config file included)."""
-    if value is None and allow_none:
-        return None
-    value = plain_number(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    # comparisons, not math.isfinite: under torch.compile a float argument that changed between
-    # calls is a symbolic float, which compares (a guard) but has no isfinite (NaN fails both)
-    if not -math.inf < value < math.inf:
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 def _integer(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from typing import Callable, Optional
@@ -22,6 +23,24 @@ def plain_number(value):
             and hasattr(value, "item"):
         return value.item()
     return value
+
+
+def check_number(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    """A finite real number as a Python float (numpy scalars from a config file included)."""
+    if value is None and allow_none:
+        return None
+    value = plain_number(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    # comparisons, not math.isfinite: under torch.compile a float argument that changed between
+    # calls is a symbolic float, which compares (a guard) but has no isfinite (NaN fails both)
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"{name} must be finite, got {value}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range passes the comparisons above
+        raise ValueError(f"{name} must be finite, got an integer of {value.bit_length()} bits, past float's range") \
+            from None
 
 
 def shape_text(shape) -> str:
@@ -57,6 +76,8 @@ def require_tensor(name: str, x) -> torch.Tensor:
     partitioned. These checks are skipped inside torch.compile."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout} (call {name}.to_dense())")
     if torch.compiler.is_compiling():
         return x
     if instance_of_loaded(x, "DTensor", ("torch.distributed.tensor", "torch.distributed._tensor")):  # >= 2.5, 2.4
@@ -137,6 +158,9 @@ def check_targets(targets, hidden) -> torch.Tensor:
     require_tensor("targets", targets)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dtype == getattr(torch, "uint64", None):  # >= 2.3
+        # its values from 2^63 on would turn negative in int64, some into ignore_index: a token silently dropped
+        raise TypeError("targets must be an integer tensor that int64 holds, got torch.uint64")
     targets = targets.to(torch.int64)
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {shape_text(hidden.shape[:-1])}, "
@@ -218,7 +242,7 @@ def check_normalizer(normalizer, device: Optional[torch.device]):
     normalizer = plain_number(normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a positive number or a 0-dim tensor, got {type(normalizer).__name__}")
-    if not normalizer > 0 or normalizer == float("inf"):
+    if not check_number("normalizer", normalizer) > 0:
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
     return float(normalizer)
 

@@ -134,6 +134,14 @@ CASES = [
       for name in ("old_logprobs", "behavior_logprobs", "external_mask", "loss_mask")],
     ("ref_logprobs on meta", good(kl_coef=0.1, ref_logprobs=torch.zeros(N, device="meta")), ValueError,
      "ref_logprobs is on meta but targets is on cpu"),
+    *[(f"{name} sparse", good(**{name: good()[name].to_sparse()}), TypeError,
+       f"{name} must be a dense tensor, got layout torch.sparse_coo (call {name}.to_dense())")
+      for name in ("hidden", "weight", "advantages")],
+    ("targets uint64", good(targets=torch.randint(0, V, (N,)).to(getattr(torch, "uint64", torch.int64))), TypeError,
+     "targets must be an integer tensor that int64 holds, got torch.uint64"),
+    *[(f"{name} past float's range", good(**{name: 10**400}), ValueError,
+       f"{name} must be finite, got an integer of 1329 bits, past float's range")
+      for name in ("gamma", "temperature", "normalizer", "mis_clip_max")],
     *[(f"{value} {name}", good(**{name: float(value)}), ValueError, name)
       for name in ("kl_coef", "gamma", "entropy_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max")
       for value in ("nan", "inf", "-inf")],
