@@ -327,9 +327,14 @@ class _StubModel(nn.Module):
     (SimpleNamespace(decoder=SimpleNamespace(logit_scale=2.0)), True),  # an encoder-decoder's decoder config
     (SimpleNamespace(final_logit_softcapping=False), False),  # a flag that is off
     (SimpleNamespace(final_logit_softcapping=1.0), True),  # a cap of 1 still caps, unlike a scale of 1
+    (SimpleNamespace(logits_mup_width_multiplier=24.0), True),  # Inkling divides the hidden state by it
+    (SimpleNamespace(logits_mup_width_multiplier=1.0), False),
+    (SimpleNamespace(unpadded_vocab_size=60, vocab_size=64), True),  # Inkling keeps the first 60 logits
+    (SimpleNamespace(text_config={"unpadded_vocab_size": 64, "vocab_size": 64}), False),  # a cut of nothing
+    (SimpleNamespace(unpadded_vocab_size=60), True),  # against an unknown vocabulary size
     (None, False),  # no config at all: verify_head is the check
 ], ids=["text_config", "text_config-dict", "dict-unset", "scales-of-1", "scale-2", "decoder", "cap-off", "cap-1",
-        "no-config"])
+        "mup-24", "mup-1", "vocab-cut", "vocab-cut-of-nothing", "vocab-cut-unknown-size", "no-config"])
 def test_logit_post_processing_is_found_in_the_text_config_too(config, refused):
     model = _StubModel(config)
     if refused:
@@ -362,6 +367,42 @@ def test_dropout_rates_in_a_text_config_dict_are_zeroed():
     model = _StubModel(SimpleNamespace(attention_dropout=0.1, text_config={"attention_dropout": 0.1, "hidden": 8}))
     RLPlusTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), verify_model_head=False)
     assert model.config.attention_dropout == 0.0 and model.config.text_config["attention_dropout"] == 0.0
+
+
+_TRAIN_NOISE_MODELS = {
+    "opt-layerdrop": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=4, num_attention_heads=2,
+        word_embed_proj_dim=16, layerdrop=0.5)),
+    "mixtral-router-jitter": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_TRAIN_NOISE_MODELS))
+def test_train_mode_noise_that_a_rate_turns_off_is_off(arch):
+    """OPT's layerdrop (a layer skipped at random) and a MoE router's jitter were left on by disable_dropout:
+    at unchanged parameters, train-mode forwards differed (ratio_mean 1.0098, 0.9939 at lr=0 for OPT)."""
+    torch.manual_seed(0)
+    model = _TRAIN_NOISE_MODELS[arch]().train()  # float32: Mixtral's experts take no float64
+    ids = torch.randint(3, VOCAB, (2, 8))
+
+    def twice_equal():
+        with torch.no_grad():
+            return all(torch.equal(model(ids).logits, model(ids).logits) for _ in range(4))
+
+    assert not twice_equal(), "the noise this test turns off is not there"
+    assert disable_dropout(model) >= 1
+    assert twice_equal()
+
+
+def test_a_routing_threshold_named_jitter_is_kept():
+    """PhiMoE's router reads `router_jitter_noise` as a threshold in eval mode too: it is not noise to zero,
+    while its `input_jitter_noise` (train mode only) is."""
+    router = nn.Module()
+    router.router_jitter_noise, router.input_jitter_noise = 0.01, 0.01
+    assert disable_dropout(router) == 1
+    assert (router.router_jitter_noise, router.input_jitter_noise) == (0.01, 0.0)
 
 
 def test_verify_head_catches_undeclared_postprocessing():
@@ -471,6 +512,9 @@ def test_bad_inputs_are_named_before_any_work():
          ValueError, "position_ids"),
         (lambda: rlplus_model_loss(model, ids, am, lm, adv, ignore_index=0), TypeError, "ignore_index"),
         (lambda: score_logprobs(model, ids.float()), TypeError, "input_ids"),
+        *[(lambda dtype=dtype: rlplus_model_loss(model, ids.to(dtype), am, lm, adv), TypeError,
+           rf"input_ids must be an integer tensor of token ids, int64 or int32, got {dtype}")
+          for dtype in (torch.uint8, torch.int16)],  # what the embedding refuses, deep inside the model
         (lambda: rlplus_model_loss(model, ids, None, None, None), TypeError, "advantages must be a torch.Tensor"),
         (lambda: target_mask(ids, attention_mask=[[1, 1]]), TypeError, "attention_mask must be a torch.Tensor"),
         (lambda: target_mask([[1, 2]], None), TypeError, "input_ids must be a torch.Tensor"),

@@ -52,8 +52,8 @@ def check_input_ids(input_ids) -> None:
     """An integer ``[B, T]`` tensor with ``T >= 2``; checked before the tensors aligned with it."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
+    if input_ids.dtype not in (torch.int64, torch.int32):  # what an embedding lookup takes
+        raise TypeError(f"input_ids must be an integer tensor of token ids, int64 or int32, got {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < 2:

@@ -56,7 +56,18 @@ _LOGIT_POSTPROCESSING = {
     "lm_head_multiplier": (
         "multiplies its logits by a constant (e.g. Falcon-H1)",
         "a logit-scale option; rlplus_loss has none"),
+    "logits_mup_width_multiplier": (
+        "divides its last hidden state by a constant before the head (e.g. Inkling)",
+        "a logit-scale option; rlplus_loss has none"),
+    "unpadded_vocab_size": (
+        "keeps only its first unpadded_vocab_size logits (e.g. Inkling): its softmax leaves out the head's "
+        "last rows",
+        "the head cut to those rows (lm_head.weight[:unpadded_vocab_size]), which the wrapper does not do "
+        "silently"),
 }
+# harmless values of the attributes above beyond None and False: a scale of 1, a vocabulary cut that cuts nothing
+_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier", "logits_mup_width_multiplier")
+_VOCABULARY_CUTS = ("unpadded_vocab_size",)
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -75,16 +86,19 @@ def check_plain_linear_head(model: nn.Module) -> None:
     """Raise ``ValueError`` unless ``model``'s logits are ``lm_head(last_hidden_state)``.
 
     Looks at the config attributes through which ``transformers`` models post-process their
-    logits; a value that is None (or 1 for a scale) is harmless. :func:`verify_head` is the
-    numerical check for everything that a config does not declare.
+    logits; a value that is None (or 1 for a scale, or the vocabulary size for a cut) is harmless.
+    :func:`verify_head` is the numerical check for everything that a config does not declare.
     """
     for config in _configs(model):
         for attr, (what, needed) in _LOGIT_POSTPROCESSING.items():
-            value = config.get(attr) if isinstance(config, dict) else getattr(config, attr, None)
+            value, vocab_size = (config.get(attr), config.get("vocab_size")) if isinstance(config, dict) else \
+                (getattr(config, attr, None), getattr(config, "vocab_size", None))
             if value is None or value is False:
                 continue
-            is_scale = "cap" not in attr  # a soft-cap is harmless only when unset, a scale also at 1
-            if is_scale and isinstance(value, (int, float)) and float(value) == 1.0:
+            if attr in _SCALES and isinstance(value, (int, float)) and float(value) == 1.0:
+                continue  # (a soft-cap of 1 still caps)
+            if attr in _VOCABULARY_CUTS and isinstance(value, int) and isinstance(vocab_size, int) \
+                    and value >= vocab_size:
                 continue
             arch = type(model).__name__
             raise ValueError(
@@ -189,13 +203,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def disable_dropout(model: nn.Module) -> int:
-    """Set every dropout probability of ``model`` to 0; returns how many were non-zero.
+# float rates of train-mode noise that transformers models read as module attributes, beyond "dropout" and
+# "layerdrop" in a name: MoE routers' multiplicative jitter (Mixtral, Qwen-MoE, PhiMoE's input, DBRX). Not
+# PhiMoE's `router_jitter_noise`, a routing threshold in eval mode too.
+_TRAIN_NOISE = ("jitter_noise", "input_jitter_noise", "moe_jitter_eps")
 
-    Covers ``nn.Dropout`` modules and the float rates that ``transformers`` attention and MLP
-    modules apply functionally in train mode: every float attribute whose name holds "dropout"
-    (``attention_dropout``, ``dropout``, ``activation_dropout``, ...), on the modules and on the
-    model's config, which some attention implementations read at every forward (e.g. Persimmon's).
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability of ``model`` to 0, and its other train-mode noise that a rate turns
+    off; returns how many were non-zero.
+
+    Covers ``nn.Dropout`` modules and the float rates that ``transformers`` modules apply in train
+    mode: every float attribute whose name holds "dropout" (``attention_dropout``, ``dropout``,
+    ``activation_dropout``, ...) or "layerdrop" (layers skipped at random), and MoE routers' jitter
+    (``_TRAIN_NOISE``), on the modules and on the model's config, which some attention implementations
+    read at every forward (e.g. Persimmon's). Train-mode randomness without such a rate remains (PhiMoE
+    samples its experts in train mode).
     """
     changed = 0
     for owner in [*model.modules(), *_configs(model)]:
@@ -204,7 +227,8 @@ def disable_dropout(model: nn.Module) -> int:
             owner.p = 0.0
         is_dict = isinstance(owner, dict)  # a sub-config kept as a dict (`_configs`)
         for name, value in list((owner if is_dict else vars(owner)).items()):
-            if "dropout" in name and isinstance(value, float) and value != 0.0:
+            noise = "dropout" in name or "layerdrop" in name or name in _TRAIN_NOISE
+            if noise and isinstance(value, float) and value != 0.0:
                 if is_dict:
                     owner[name] = 0.0
                 else:
