@@ -352,15 +352,15 @@ def test_in_place_bfloat16_products_at_a_large_lse(top):
     check_grads(out, h, w, None, t, lse, ent, gl, ge, temperature=1.0, logits="cublas")
 
 
-@pytest.mark.parametrize("dtype,bias,in_dl", [(torch.bfloat16, False, True), (torch.float32, True, True),
+@pytest.mark.parametrize("dtype,bias,in_dl", [(torch.bfloat16, False, True), (torch.float32, True, False),
                                               (torch.bfloat16, True, False), (torch.float16, False, False)], ids=str)
 def test_cublas_backward_rounds_the_product_into_dl_only_where_that_costs_no_precision(monkeypatch, dtype, bias, in_dl):
     """The cuBLAS source's recompute writes T * logp (shifted per token by T * lse rounded to dl's
-    dtype) straight into the dl chunk for bfloat16 without a bias and for float32; float16 (range)
-    and bfloat16 with a bias (added after the rounding) read fp32 products. In half precision every
-    logit is offset by +64: the product rounded to bfloat16 without the shift would be off by up to
-    64 * 2^-9, p by ~12 %, far beyond the tolerance. (float32 rounds to no narrower type; there the
-    offset would only test fp32 cancellation, which exceeds its tolerance at +64 on every source.)"""
+    dtype) straight into the dl chunk for bfloat16 without a bias only; float16 (range), bfloat16 with a
+    bias (added after the rounding) and float32 (whose dl rounding would no longer hide the shift's:
+    test_float32_gradients_from_the_forwards_own_lse_at_logits_in_the_thousands) read fp32 products. In
+    half precision every logit is offset by +64: the product rounded to bfloat16 without the shift would be
+    off by up to 64 * 2^-9, p by ~12 %, far beyond the tolerance."""
     from rlplus_kernels.kernels import linear_logprobs_bwd
 
     calls = {"addmm_rounded_once": 0, "mm_fp32": 0}
@@ -388,6 +388,26 @@ def test_cublas_backward_rounds_the_product_into_dl_only_where_that_costs_no_pre
                                        chunk_elems=chunk_elems, logits="cublas")
         check_grads(out, h, w, b, t, lse, ent, gl, ge, temperature=0.7, logits="cublas")
     assert (calls["addmm_rounded_once"] > 0, calls["mm_fp32"] > 0) == (in_dl, not in_dl), calls
+
+
+@pytest.mark.parametrize("logits", LOGITS)
+def test_float32_gradients_from_the_forwards_own_lse_at_logits_in_the_thousands(logits):
+    """The backward reads the forward's float32 lse, rounded at the size of the logits (ulp 2^-11 at 4000),
+    and must form the same z as the forward did so that the two roundings cancel in p = exp(z - lse). The
+    cuBLAS source once shifted a float32 product by T lse in the GEMM, a rounding the forward never made:
+    gradients 40x less accurate (4e-4 of the largest against 8e-6 fused) at logits up to ~8000, T = 0.6,
+    with a bias. The tests above hand the backward the exact float64 lse, which hides that."""
+    n, d, v = 33, 48, 300
+    h, w, b, t = make_inputs(n, d, v, torch.float32, scale=1000.0)
+    r_lse, _, r_ent = ref_forward(h, w, b, t, temperature=0.6)
+    assert r_lse.abs().max() > 2000
+    options = source_options(logits, n)
+    lse, _, ent = linear_logprobs_forward(h, w, b, t, temperature=0.6, ignore_index=IGN, with_entropy=True, **options)
+    gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.6, ignore_index=IGN, **options)
+    for name, got, ref in zip(("hidden", "weight", "bias"), out,
+                              ref_backward(h, w, b, t, r_lse, r_ent, gl, ge, temperature=0.6)):
+        check(f"grad_{name}", got, ref, BWD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("logits", LOGITS)
@@ -691,7 +711,7 @@ def test_raw_op_pair_matches_launchers():
 
 
 @pytest.mark.parametrize("source,entries", [
-    ("cublas", dict(linear_logprobs_fwd="mm_fp32", linear_logprobs_bwd="addmm_rounded_once")),
+    ("cublas", dict(linear_logprobs_fwd="mm_fp32", linear_logprobs_bwd="mm_fp32")),
     ("tma", dict(linear_logprobs_fwd="operand_descriptors", linear_logprobs_bwd="operand_descriptors")),
 ], ids=["cublas", "tma"])
 def test_rlplus_logits_env_selects_the_source_end_to_end(monkeypatch, source, entries):

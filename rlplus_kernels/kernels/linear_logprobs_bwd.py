@@ -21,7 +21,7 @@ buffer, and two cuBLAS GEMMs consume it::
 With the cuBLAS logits source (``RLPLUS_LOGITS=cublas``) the kernel reads z from a product cuBLAS
 wrote instead of recomputing it with tl.dot (``FROM_PRODUCT``):
 
-- bfloat16 without a bias, and float32: into the dl chunk itself. One cuBLAS call per chunk writes
+- bfloat16 without a bias: into the dl chunk itself. One cuBLAS call per chunk writes
   ``h[n] @ W[v]^T - S`` in dl's dtype, ``S = round(T * lse)`` per token (subtracted exactly in its
   fp32 epilogue: the chunk is laid out [V, N], so S is the GEMM's bias vector), and the kernel turns
   each element into dl in place, subtracting what is left, ``lse - S / T``. The value rounded is then
@@ -30,8 +30,10 @@ wrote instead of recomputing it with tl.dot (``FROM_PRODUCT``):
   of 14-37, 2.6x at 1000, where the rounding of S itself weighs; rounding z itself, as large as the
   logits, 5-40x more: ``benchmarks/sim_product_rounding.py``). Six bytes of traffic per element, no
   fp32 product.
-- float16 (``T * log p`` may leave its range) and bfloat16 with a bias (added after the rounding):
-  fp32 products ``h[n] @ W[s]^T`` of column slices s of the chunk (ten bytes per element).
+- float16 (``T * log p`` may leave its range), bfloat16 with a bias (added after the rounding) and
+  float32: fp32 products ``h[n] @ W[s]^T`` of column slices s of the chunk (ten bytes per element). In
+  float32 the shift's rounding, at the size of T * lse, is not hidden by dl's own as in bfloat16, and the
+  forward's lse was rounded from the unshifted z: at logits of ~8000 the gradients erred 40x more.
 
 The chunk shape is chosen so that the gradient that needs no cross-chunk sum is written straight
 by cuBLAS (single rounding); a gradient summed over several chunks goes through an fp32 buffer.
@@ -336,7 +338,7 @@ def linear_logprobs_backward(
     ``config`` overrides the launch table; ``chunk_elems`` bounds the dl chunk (default 2^26
     elements, env ``RLPLUS_CHUNK_ELEMS``); ``logits`` picks the logits source ("fused", "tma" or "cublas",
     default env ``RLPLUS_LOGITS`` or fused). With cuBLAS each dl chunk takes its product in place
-    (bfloat16 without a bias, float32), or is filled in column slices of 1/PRODUCT_SLICES of it, each
+    (bfloat16 without a bias), or is filled in column slices of 1/PRODUCT_SLICES of it, each
     from an fp32 product of that slice (a quarter of the dl chunk's bytes in half precision), so the
     extra memory grows by that much only.
     """
@@ -366,8 +368,9 @@ def linear_logprobs_backward(
     source = logits_source(logits)
     from_product = source == "cublas"
     # where rounding T * logp to dl's dtype costs nothing the dl rounding does not (module docstring):
-    # not float16 (its range), nor bfloat16 with a bias, which would be added after the rounding
-    product_in_dl = from_product and (dtype == torch.float32 or (dtype == torch.bfloat16 and bias is None))
+    # not float16 (its range), nor bfloat16 with a bias, which would be added after the rounding, nor float32,
+    # whose dl rounding is too fine to hide that of the shift (module docstring)
+    product_in_dl = from_product and dtype == torch.bfloat16 and bias is None
     descriptors = uses_descriptors(source, device, h_k, w_k)
     cfg = (product_config(device, config) if from_product
            else pick_config(device, dtype, config, aligned=rows_aligned(h_k, w_k), dim=dim, kernel="bwd",
