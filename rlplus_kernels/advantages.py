@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .backends.common import compute_dtype
 from .validation import check_number
 
 
@@ -28,8 +27,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
         raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
     _, group = torch.unique(group_ids, return_inverse=True)
     num_groups = int(group.max()) + 1 if group.numel() else 0
-    # counts and sums in float32 (float64 for float64), returned in the rewards' dtype: bfloat16 stops counting at 256
-    values = rewards.to(compute_dtype(rewards.dtype))
+    # counts, sums and squares in float64 (float32 where the device has no float64, as MPS), returned in the
+    # rewards' dtype: bfloat16 stops counting at 256, and float32 rewards of 2e19 have squares past its range
+    values = rewards.to(torch.float32 if rewards.device.type == "mps" else torch.float64)
     count = torch.zeros(num_groups, dtype=values.dtype, device=rewards.device).index_add_(
         0, group, torch.ones_like(values))
     mean = torch.zeros_like(count).index_add_(0, group, values) / count

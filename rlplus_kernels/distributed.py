@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from .config import LOSS_AGG_MODES
 from .head import segment_sum, sequence_layout
 from .validation import check_cu_seqlens, refuse_if
 
@@ -164,7 +165,7 @@ def _as_list(x) -> list:
 
 def _masks(valid) -> list:
     """`valid` as a non-empty list of tensors (one per micro-batch)."""
-    masks = _as_list(valid)
+    masks = _as_list(valid) if isinstance(valid, (torch.Tensor, list, tuple)) else []
     if not masks or not all(isinstance(m, torch.Tensor) for m in masks):
         raise ValueError("valid must be a mask tensor or a non-empty list of them, one per micro-batch")
     return masks
@@ -207,7 +208,7 @@ def global_sequence_count(valid: MaskOrMasks, *, cu_seqlens=None, nonempty_only:
         raise ValueError(f"cu_seqlens must be None or give one tensor per mask, got {len(cus)} for {len(masks)}")
     count = torch.zeros((), dtype=torch.int64, device=masks[0].device)
     for mask, cu in zip(masks, cus):
-        check_cu_seqlens(cu, mask)
+        check_cu_seqlens(cu, mask, "valid")
         sequence_ids, num_sequences = sequence_layout(mask, cu)
         if sequence_ids is None:
             raise ValueError(f"valid must be [B, T] (or [N] with cu_seqlens), got shape {tuple(mask.shape)}")
@@ -231,5 +232,7 @@ def global_normalizer(loss_agg: str, valid: MaskOrMasks, *, cu_seqlens=None, gro
     if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return global_sequence_count(valid, cu_seqlens=cu_seqlens, group=group,
                                      nonempty_only=loss_agg == "seq-mean-token-mean")
-    raise ValueError(f"loss_agg={loss_agg!r} has no global count: 'sum' divides by a constant normalizer "
-                     "(or none), which is the same on every rank and needs no communication")
+    if loss_agg == "sum":
+        raise ValueError("loss_agg='sum' has no global count: it divides by a constant normalizer (or none), which "
+                         "is the same on every rank and needs no communication")
+    raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")

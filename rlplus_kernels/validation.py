@@ -180,20 +180,21 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
               lambda: f"{rule.format(vocab_size)}={ignore_index}, found {targets[out_of_range][0].item()}")
 
 
-def check_cu_seqlens(cu_seqlens, targets) -> None:
-    """Packed sequences of [N] targets: int [S + 1], from 0 to N, non-decreasing (one host sync)."""
+def check_cu_seqlens(cu_seqlens, targets, name: str = "targets") -> None:
+    """Packed sequences of [N] targets (the tensor `name` of the caller): int [S + 1], from 0 to N,
+    non-decreasing (one host sync)."""
     if cu_seqlens is None:
         return
     require_tensor("cu_seqlens", cu_seqlens)
     if targets.dim() != 1:
-        raise ValueError(f"cu_seqlens describes packed [N] inputs, got targets of shape {shape_text(targets.shape)} "
+        raise ValueError(f"cu_seqlens describes packed [N] inputs, got {name} of shape {shape_text(targets.shape)} "
                          "([B, T] inputs are one sequence per row already)")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:  # [0]: no sequence, a rank with nothing to score
         raise ValueError(f"cu_seqlens must be 1-D [S + 1] with S >= 0, got shape {shape_text(cu_seqlens.shape)}")
     if cu_seqlens.device != targets.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but targets is on {targets.device}")
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {targets.device}")
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != targets.shape[0]) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
     refuse_if(bad, "cu_seqlens must start at 0, end at N and never decrease",
                lambda: f"cu_seqlens must start at 0, end at N = {targets.shape[0]} and never decrease, "

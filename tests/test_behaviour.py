@@ -424,6 +424,11 @@ def test_group_advantages():
         got = group_advantages(large.to(dtype), torch.zeros(600, dtype=torch.long))
         assert got.dtype == dtype
         torch.testing.assert_close(got, torch.where(large, 0.5, -0.5).to(dtype), rtol=0, atol=0)
+    # float32 rewards whose group sum (6e38) or squares (1e40) pass float32's range: -inf and 0 advantages once
+    huge = group_advantages(torch.tensor([3e38, 3e38, 0.0]), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(huge, torch.tensor([1e38, 1e38, -2e38]))
+    spread = group_advantages(torch.tensor([1e20, -1e20]), torch.zeros(2, dtype=torch.long), normalize_std=True)
+    torch.testing.assert_close(spread, torch.tensor([0.5**0.5, -0.5**0.5]))
     with pytest.raises(TypeError, match="group_ids"):
         group_advantages(rewards, torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="rewards"):

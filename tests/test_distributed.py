@@ -1088,6 +1088,12 @@ def test_global_counts_without_process_group():
         global_sequence_count(packed)
     with pytest.raises(ValueError, match="non-empty list"):
         global_token_count([])
+    with pytest.raises(ValueError, match="valid must be a mask tensor or a non-empty list"):  # was list(5)'s error
+        global_token_count(5)
+    with pytest.raises(ValueError, match=r"loss_agg must be one of \('token-mean', .*got 'mean'"):
+        global_normalizer("mean", valid)
+    with pytest.raises(ValueError, match=r"got valid of shape \[3, 3\]"):
+        global_sequence_count(valid, cu_seqlens=cu_seqlens)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at N = 3"):  # one cu_seqlens, two sizes
         global_sequence_count([packed, packed[:3]], cu_seqlens=cu_seqlens)
 
