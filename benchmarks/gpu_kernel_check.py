@@ -17,7 +17,8 @@ Self-contained (torch >= 2.4, triton >= 3.0, Python >= 3.10); run from a checkou
 "tma" the same fed by TMA descriptors on sm_90, "cublas" fp32 cuBLAS products read by the same
 kernels), each against GEMMs timed in the same run. --profile adds (d) the device time of each
 kernel in one fwd+bwd (torch.profiler): where the time beyond the bare GEMMs goes. --config
-overrides the launch table (kernels/_config.py KernelConfig fields) for every check and timing.
+overrides the launch table (kernels/_config.py KernelConfig fields) for every check and timing (in --loss mode
+the table rlplus_loss reads, `override_launch_table`).
 --dry-run runs the same code on the CPU (tests/test_gpu_scripts.py): see `dry_run_stand_ins`.
 """
 
@@ -111,6 +112,12 @@ def reference(h, w, b, t, gl, ge, temperature, ref_dtype, chunk=1024, with_grads
     return dict(lse=lse, target_logit=tl, entropy=ent, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
 
 
+def run_label(schedule, logits, config) -> str:
+    """What names a run in the checks, timings, errors and verdicts: [schedule/]logits source [config]."""
+    label = logits if schedule is None else f"{schedule}/{logits}"
+    return label + "".join(f" {key}={value}" for key, value in (config or {}).items())
+
+
 def rel_err(got, ref):
     got, ref = got.double(), ref.double()
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item(), (got - ref).abs().max().item()
@@ -160,7 +167,7 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
         kind = "fwd" if k in ("lse", "target_logit", "entropy") else "bwd"
         ok = bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind]
         rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias, upstream=upstream,
-                         logits=logits, out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
+                         logits=run_label(None, logits, config), out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
     del ref, out, gh, gw
     torch.cuda.empty_cache()
     return rows
@@ -309,6 +316,25 @@ def with_schedule(schedule, logits):
     os.environ["RLPLUS_LOGITS"] = logits
 
 
+def override_launch_table(config):
+    """--config in --loss mode: rlplus_loss takes no launch config, so the table it reads has `config` laid over
+    every entry (kernels/_config.py table_config), as the launchers' `config` argument does in the other mode."""
+    from rlplus_kernels.kernels import _config
+
+    original = _config.table_config
+    _config.table_config = lambda *args, **kwargs: _config._with_override(original(*args, **kwargs), config)
+
+
+def require_single_pass(schedule, h):
+    """A single-pass run that silently took the two-pass schedule (no fp32 cuBLAS products: torch < 2.8)
+    would be timed under the wrong label: refused instead."""
+    from rlplus_kernels.backends import single_pass_applies
+
+    if schedule == "single-pass" and not single_pass_applies("triton", None, h, (True, True, False)):
+        raise RuntimeError(f"RLPLUS_SCHEDULE=single-pass does not apply to {h.dtype} here (torch {torch.__version__}); "
+                           "rlplus_loss would run the two-pass schedule")
+
+
 def loss_reference(n, d, v, dtype):
     """The reference of `check_loss`'s batch: log-probs and entropies (float32, TF32 off, or float64), old
     log-probs 0.3 nats from them (ratios on both sides of the clip), the loss and d loss / d (log p, H) from
@@ -340,7 +366,7 @@ def loss_reference(n, d, v, dtype):
                 grad_hidden=grads["grad_hidden"], grad_weight=grads["grad_weight"])
 
 
-def check_loss(n, d, v, dtype, schedule, logits, references):
+def check_loss(n, d, v, dtype, schedule, logits, references, config=None):
     """rlplus_loss's loss, log-probs, entropies and gradients against `loss_reference` (kept in `references`
     per shape: every schedule is checked against the same one), and against a second run of the same step,
     which must give the same bits (no atomics; cuBLAS is deterministic on one stream). Off-policy and external
@@ -351,6 +377,7 @@ def check_loss(n, d, v, dtype, schedule, logits, references):
         references[key] = loss_reference(n, d, v, dtype)
     ref = references[key]
     h, w, t, adv, external = loss_inputs(n, d, v, dtype, seed=1)
+    require_single_pass(schedule, h)
 
     def outputs():
         hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -363,7 +390,7 @@ def check_loss(n, d, v, dtype, schedule, logits, references):
     again = outputs()
     rows = []
     row = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=False, upstream=1.0,
-               logits=f"{schedule}/{logits}", ref=str(ref["ref_dtype"]).replace("torch.", ""))
+               logits=run_label(schedule, logits, config), ref=str(ref["ref_dtype"]).replace("torch.", ""))
     for k, got in first.items():
         kind = "bwd" if k.startswith("grad") else "fwd"
         expected = ref[k][None] if k == "loss" else ref[k]
@@ -385,11 +412,12 @@ def severity(row) -> float:
     return row["rel_err"] / row["tol"]
 
 
-def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
+def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False, config=None):
     """rlplus_loss forward+backward (the user's step) vs the three bare GEMMs, and its peak extra memory
     beyond the inputs and the two gradients it returns, against the naive forward+backward's."""
     with_schedule(schedule, logits)
     h, w, t, adv, external = loss_inputs(n, d, v, dtype)
+    require_single_pass(schedule, h)
     old = -torch.rand(n, device=DEVICE) * 5
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
 
@@ -397,8 +425,8 @@ def time_loss(n, d, v, dtype, schedule, logits, rep, profile=False):
         hr.grad = wr.grad = None
         loss_step(hr, wr, t, adv, old, external)
 
-    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=f"{schedule}/{logits}",
-               schedule=schedule, loss=True)
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=run_label(schedule, logits, config),
+               schedule=schedule, loss=True, config=config)
     fwd_bwd_against_gemms(step, h, w, rep, profile, res)
     hr.grad = wr.grad = None
     peak = peak_extra_mb(step)
@@ -429,7 +457,8 @@ def time_and_memory(n, d, v, dtype, do_naive, rep, logits="fused", profile=False
     w = (torch.randn(v, d, device=DEVICE) / d**0.25).to(dtype)
     t = torch.randint(0, v, (n,), device=DEVICE)
     gl, ge = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=logits, config=config)
+    res = dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), logits=run_label(None, logits, config),
+               config=config)
 
     def fwd():
         return linear_logprobs_forward(h, w, None, t, temperature=1.0, ignore_index=IGN, with_entropy=True,
@@ -475,20 +504,26 @@ def autotuned_candidates() -> list:
 BAR_RATIO, BAR_MEMORY_FRACTION = 1.5, 0.01  # issue 3: fwd+bwd within 1.5x the three bare GEMMs, 1% of naive's memory
 
 
-def bar_verdicts(timings, bar_shape) -> list:
+def bar_verdicts(timings, bar_shape, checks, errors) -> list:
     """One line per timing at the bar's shape: its ratio to the three bare GEMMs of the same run and its memory
-    fraction of naive's, against the bar, so the default to pick can be read off."""
+    fraction of naive's, against the bar, so the default to pick can be read off. A run meets the bar only
+    where its own checks ran and passed (a fast variant with wrong gradients, or none checked, is no default)."""
     shape = "x".join(map(str, bar_shape))
     lines = [f"\nissue-3 bar at {shape} (fwd+bwd <= {BAR_RATIO}x the 3 GEMMs, extra memory <= "
-             f"{BAR_MEMORY_FRACTION:.0%} of naive's){':' if DEVICE == 'cuda' else ', a dry run: no measurement:'}"]
+             f"{BAR_MEMORY_FRACTION:.0%} of naive's, its checks pass)"
+             f"{':' if DEVICE == 'cuda' else ', a dry run: no measurement:'}"]
     for r in (r for r in timings if r["shape"] == shape):
         fraction = r.get("memory_fraction_of_naive")  # absent: naive not run (--no-naive) or out of memory
+        own = [c for c in checks if c["logits"] == r["logits"]]
+        failed = any(not c["ok"] for c in own) or any(e.get("label") == r["logits"] for e in errors)
         if r["ratio_fwd_bwd_over_gemms"] > BAR_RATIO or (fraction or 0.0) > BAR_MEMORY_FRACTION:
             verdict = "misses"
+        elif failed or not own:
+            verdict = "misses: its checks fail" if failed else "time and memory meet, but its checks did not run"
         else:
             verdict = "MEETS" if fraction is not None else "time meets, memory not measured"
         memory = "not measured" if fraction is None else f"{100 * fraction:.2f} %"
-        lines.append(f"  {r['logits']:20} {r['ratio_fwd_bwd_over_gemms']:5.2f}x  memory {memory:>12}  {verdict}")
+        lines.append(f"  {r['logits']:36} {r['ratio_fwd_bwd_over_gemms']:5.2f}x  memory {memory:>12}  {verdict}")
     return lines if len(lines) > 1 else lines + ["  (no timing at this shape)"]
 
 
@@ -540,6 +575,7 @@ def main():
     if config:
         info["config"] = config
     checks, timings, errors = [], [], []
+    bar_shape = timing_shapes(False)[0]
 
     def save():  # after every case: a run cut short by the device's time limit keeps what it measured
         if args.json:  # written aside, then renamed: a kill mid-write leaves the previous file whole
@@ -549,13 +585,13 @@ def main():
                                ok=bool(checks) and not errors and all(r["ok"] for r in checks)), f, indent=1)
             os.replace(args.json + ".tmp", args.json)
 
-    def attempt(what, fn):
-        """fn(), or None with the error recorded: one logits source that fails (TMA has never run on a
-        GPU yet) must not cost the others' results."""
+    def attempt(what, label, fn):
+        """fn(), or None with the error recorded under the run's label: one logits source that fails (TMA has
+        never run on a GPU yet) must not cost the others' results."""
         try:
             return fn()
         except Exception as e:  # noqa: BLE001  recorded, printed, and the run fails at the end
-            errors.append(dict(what=what, error=repr(e)))
+            errors.append(dict(what=what, label=label, error=repr(e)))
             print(f"ERROR {what}: {e!r}", flush=True)
             torch.cuda.empty_cache()
             return None
@@ -565,6 +601,8 @@ def main():
     if args.loss:  # (schedule, logits source) pairs: the single pass reads cuBLAS products whatever the source
         runs = [(schedule, logits) for schedule in args.loss.split(",")
                 for logits in (sources if schedule == "two-pass" else ["cublas"])]
+        if config:
+            override_launch_table(config)
         loss_checks = [(257, 1000, 5003, torch.float32), (2048, 4096, 151936, torch.bfloat16)]
         if not args.quick:
             loss_checks.append((16384, 4096, 151936, torch.bfloat16))
@@ -572,16 +610,18 @@ def main():
         check_cases = []  # the launchers' checks and timings are the other mode's
         # the bar's shape first, and timings before checks: a step cut by the time limit loses the least
         for (n, d, v), (schedule, logits) in ((shape, run) for shape in timing_shapes(args.quick) for run in runs):
-            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}",
-                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile))
+            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}", run_label(schedule, logits, config),
+                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile,
+                                               config))
             if timing is not None:
                 timings.append(timing)
                 print(json.dumps(timing), flush=True)
+                print(*bar_verdicts([timing], bar_shape, [], [])[1:], "(before its checks)", flush=True)
                 save()
         references = {}  # per shape, shared by the runs
         for (n, d, v, dtype), (schedule, logits) in ((case, run) for case in loss_checks for run in runs):
-            rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}",
-                           lambda: check_loss(n, d, v, dtype, schedule, logits, references))
+            rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}", run_label(schedule, logits, config),
+                           lambda: check_loss(n, d, v, dtype, schedule, logits, references, config))
             if rows is not None:
                 checks += rows
                 worst = max(rows, key=severity)
@@ -594,16 +634,18 @@ def main():
         sources = []
 
     for (n, d, v), logits in ((shape, logits) for shape in timing_shapes(args.quick) for logits in sources):
-        timing = attempt(f"timing {logits} {(n, d, v)}", lambda: time_and_memory(
+        timing = attempt(f"timing {logits} {(n, d, v)}", run_label(None, logits, config), lambda: time_and_memory(
             n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile, config))
         if timing is not None:
             timings.append(timing)
             print(json.dumps(timing), flush=True)
+            print(*bar_verdicts([timing], bar_shape, [], [])[1:], "(before its checks)", flush=True)
             save()
 
     for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()
-        rows = attempt(f"check {logits} {case[:4]}", lambda: check_shape(*case, logits=logits, config=config))
+        rows = attempt(f"check {logits} {case[:4]}", run_label(None, logits, config),
+                       lambda: check_shape(*case, logits=logits, config=config))
         if rows is None:
             continue
         checks += rows
@@ -635,7 +677,7 @@ def main():
               f"{r['tflops_fwd_bwd']:8.1f} {nv['p50'] if nv else float('nan'):8.2f} {r['ours_peak_extra_mb']:9.0f} "
               f"{r['ours_beyond_grads_mb']:8.0f} {r.get('naive_beyond_grads_mb', float('nan')):13.0f} "
               f"{100 * r.get('memory_fraction_of_naive', float('nan')):7.2f}")
-    print(*bar_verdicts(timings, bar_shape=timing_shapes(False)[0]), sep="\n")
+    print(*bar_verdicts(timings, bar_shape, checks, errors), sep="\n")
     for r in timings:
         if "kernels" in r:
             print(f"\nkernels of one fwd+bwd, {r['logits']} {r['shape']} (ms, calls):")
