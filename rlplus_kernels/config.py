@@ -8,6 +8,7 @@ from typing import Optional
 
 from .validation import check_number, plain_number
 
+FLOAT32_MAX = 3.4028234663852886e38
 LOSS_AGG_MODES = ("token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum")
 SEQ_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum")
 BACKENDS = ("auto", "triton", "torch")
@@ -65,6 +66,9 @@ class RLPlusConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        for name in ("kl_coef", "entropy_coef"):  # the kernels read them in float32
+            if not -FLOAT32_MAX <= getattr(self, name) <= FLOAT32_MAX:
+                raise ValueError(f"{name} must lie within float32's range (+-{FLOAT32_MAX:.4g}), got {getattr(self, name)}")
         for name in ("clip_eps_low", "clip_eps_high"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -103,11 +103,11 @@ def _cases(targets, dtypes, quick):
                     yield ("fwd", target, dtype, dict(HAS_BIAS=b, WITH_ENTROPY=e, EVEN_D=True, ALIGNED=True,
                                                       AUTOTUNE=index, DOT_PRECISION="ieee"))
         # the cuBLAS logits source (RLPLUS_LOGITS=cublas): the same kernels read an fp32 product, no tl.dot;
-        # the backward's bf16 without a bias and fp32 read it from the dl chunk itself ([V, N] layout)
+        # the backward's bf16 without a bias reads it from the dl chunk itself ([V, N] layout)
         fwd = [dict(HAS_BIAS=b, WITH_ENTROPY=e) for b, e in itertools.product([True, False], [True, False])]
         bwd = [dict(HAS_BIAS=b, HAS_GRAD_LOGP=gl, HAS_GRAD_ENT=ge, PRODUCT_IN_DL=in_dl)
                for b, gl, ge, in_dl in itertools.product([True, False], [True, False], [True, False], [True, False])
-               if (gl or ge) and (not in_dl or dtype == "fp32" or (dtype == "bf16" and not b))]
+               if (gl or ge) and (not in_dl or (dtype == "bf16" and not b))]
         if quick:  # the first of each product layout
             fwd = fwd[:1]
             bwd = [next(f for f in bwd if f["PRODUCT_IN_DL"] == in_dl) for in_dl in (False, True)
@@ -148,13 +148,13 @@ def _signature(kernel, dtype, flags, cfg):
         optional = dict(entropy_ptr="HAS_ENTROPY", old_ptr="HAS_OLD", external_ptr="HAS_EXTERNAL",
                         behavior_ptr="HAS_BEHAVIOR", ref_ptr="HAS_KL")
         for name in ("logp_ptr", "entropy_ptr", "advantages_ptr", "old_ptr", "external_ptr", "behavior_ptr",
-                     "ref_ptr", "agg_weight_ptr", "weighted_loss_ptr", "dloss_dlogp_ptr", "stats_ptr"):
+                     "ref_ptr", "agg_weight_ptr", "coef_ptr", "weighted_loss_ptr", "dloss_dlogp_ptr", "stats_ptr"):
             if name in optional and not flags[optional[name]]:
                 c(name, None)
             else:
                 p(name, "*i1" if name == "external_ptr" else "*fp32")
         i("N")
-        for name in ("ratio_low", "ratio_high", "dual_clip", "gamma", "mis_clip_max", "kl_coef", "entropy_coef"):
+        for name in ("ratio_low", "ratio_high", "dual_clip", "gamma", "mis_clip_max"):
             sig[name] = "fp32"
         for name in HEAD_FLAGS:
             c(name, flags[name])

@@ -82,6 +82,42 @@ def test_hyper_parameters_that_change_between_compiled_calls(backend):
         torch.testing.assert_close(compiled(hidden, *values), step(hidden, *values), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(TORCH_VERSION < (2, 6), reason="torch < 2.6 makes every float argument of a compiled function a "
+                                                  "constant of its graph: each new value recompiles (2.4: checked)")
+@pytest.mark.parametrize("backend,schedule", [("torch", None), *[
+    pytest.param("triton", s, marks=CPU_BACKENDS[1].marks) for s in ("two-pass", "single-pass")]])
+@pytest.mark.parametrize("coefficient", ["entropy_coef", "kl_coef"])
+def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, schedule, coefficient, monkeypatch):
+    """An adaptive KL controller or an entropy schedule sets a new coefficient every step. The Triton head took
+    them as float arguments of its custom ops, constants of the compiled graph: every value recompiled, and
+    the ninth raised torch's recompile limit under fullgraph. Now the first value compiles a static graph,
+    the second a dynamic one, for all ten (loss and gradient as in eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if schedule is not None:
+        monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # traces the backward too
+    N, D, V = 8, 16, 40
+    weight = torch.randn(V, D)
+    targets, advantages, ref = torch.randint(0, V, (N,)), torch.randn(N), -torch.rand(N)
+    hidden = torch.randn(N, D)
+
+    def step(hidden, value):
+        hyper = {"entropy_coef": 0.01, "kl_coef": 0.05, coefficient: value}
+        return rlplus_loss(hidden, weight, targets, advantages, ref_logprobs=ref, backend=backend, **hyper).loss
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for value in [0.01 * (k + 1) for k in range(10)]:
+        eager_leaf, compiled_leaf = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        want, got = step(eager_leaf, value), compiled(compiled_leaf, value)
+        want.backward()
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 10 values of {coefficient}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_packed_sequences(backend):
     """Packed [N] inputs with cu_seqlens (a seq mode, per-sequence advantages) under fullgraph: the

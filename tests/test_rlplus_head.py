@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from helpers import NOT_HEAD, assert_close
 from reference import rlplus_loss_from_logprobs_reference
 from rlplus_kernels.backends import triton_installed
+from rlplus_kernels.backends.triton_head import head_coefficients
 from rlplus_kernels.config import RLPlusConfig
 from rlplus_kernels.head import TokenBatch, per_token_terms, rlplus_head, sequence_layout
 from rlplus_kernels.kernels.rlplus_head import STAT_NAMES, rlplus_head_forward
@@ -232,9 +233,9 @@ def _kl_and_derivative(head, logp, ref, kl_coef):
     """(k3 term [N], d loss / d logp [N]) of each head with only the KL on: advantages 0, aggregation weights 1."""
     zeros, ones = torch.zeros_like(logp), torch.ones_like(logp)
     if head == "triton":
-        _, dloss_dlogp, stats = rlplus_head_forward(logp, None, zeros, None, None, None, ref, ones, clip_low=0.2,
-                                                    clip_high=0.2, dual_clip=None, gamma=1.0, mis_clip_max=None,
-                                                    kl_coef=kl_coef, entropy_coef=0.0)
+        _, dloss_dlogp, stats = rlplus_head_forward(logp, None, zeros, None, None, None, ref, ones,
+                                                    head_coefficients(logp, kl_coef, 0.0), clip_low=0.2,
+                                                    clip_high=0.2, dual_clip=None, gamma=1.0, mis_clip_max=None)
         return stats[STAT_NAMES.index("kl")], dloss_dlogp
     logp = logp.clone().requires_grad_()
     terms = per_token_terms(logp, TokenBatch(valid=ones.bool(), advantages=zeros, ref_logprobs=ref),

@@ -123,8 +123,8 @@ def test_the_launcher_refuses_float16_by_name():
     hidden, weight, targets, _ = inputs(torch.float16)
     with pytest.raises(TypeError, match="^hidden: the single-pass schedule takes float32 or bfloat16, not "
                                         "torch.float16"):
-        rlplus_loss_single_pass(hidden, weight, None, targets, *[None] * 6, temperature=1.0, ignore_index=-100,
-                                with_entropy=False, head={})
+        rlplus_loss_single_pass(hidden, weight, None, targets, *[None] * 7, temperature=1.0, ignore_index=-100,
+                                with_entropy=False, entropy_term=False, head={})
 
 
 def test_two_pass_for_bfloat16_where_cublas_cannot_return_fp32_products(monkeypatch, single_pass_calls):
@@ -245,8 +245,8 @@ def test_op_passes_opcheck():
     n = hidden.shape[0]
     for w in (weight, weight.t().contiguous().t()):
         args = (hidden.clone().requires_grad_(), w.clone().requires_grad_(), None, targets, head["advantages"],
-                None, None, None, None, torch.full((n,), 1.0 / n), 0.2, 0.2, None, 0.5, None, 0.0, 0.01, 1.0,
-                -100, False, True, True, False)
+                None, None, None, None, torch.full((n,), 1.0 / n), 0.2, 0.2, None, 0.5, None,
+                torch.tensor([0.0, 0.01]), 1.0, -100, False, True, True, True, False)
         torch.library.opcheck(torch.ops.rlplus.rlplus_loss_single_pass.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -139,6 +139,8 @@ CASES = [
       for name in ("hidden", "weight", "advantages")],
     ("targets uint64", good(targets=torch.randint(0, V, (N,)).to(getattr(torch, "uint64", torch.int64))), TypeError,
      "targets must be an integer tensor that int64 holds, got torch.uint64"),
+    *[(f"{name} past float32's range", good(**{name: 1e39}, ref_logprobs=-torch.rand(N)), ValueError,
+       f"{name} must lie within float32's range (+-3.403e+38), got 1e+39") for name in ("kl_coef", "entropy_coef")],
     *[(f"{name} past float's range", good(**{name: 10**400}), ValueError,
        f"{name} must be finite, got an integer of 1329 bits, past float's range")
       for name in ("gamma", "temperature", "normalizer", "mis_clip_max")],

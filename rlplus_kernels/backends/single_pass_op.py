@@ -36,23 +36,22 @@ def single_pass_body(
     dual_clip: Optional[float],
     gamma: float,
     mis_clip_max: Optional[float],
-    kl_coef: float,
-    entropy_coef: float,
+    coefs: Tensor,
     temperature: float,
     ignore_index: int,
     with_entropy: bool,
+    entropy_term: bool,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from rlplus_kernels.kernels.single_pass import rlplus_loss_single_pass  # lazy: imports triton
 
-    head = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max,
-                kl_coef=kl_coef, entropy_coef=entropy_coef)
+    head = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max)
     loss, logp, entropy, stats, gh, gw, gb = rlplus_loss_single_pass(
         hidden, weight, bias, targets, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
-        agg_weight, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy, head=head,
-        needs_grad=(need_hidden, need_weight, need_bias))
+        agg_weight, coefs, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
+        entropy_term=entropy_term, head=head, needs_grad=(need_hidden, need_weight, need_bias))
     empty = hidden.new_empty((0,))  # custom ops cannot return None: absent outputs are empty tensors
     return (loss, logp, logp.new_empty((0,)) if entropy is None else entropy, stats,
             empty if gh is None else gh, empty.clone() if gw is None else gw, empty.clone() if gb is None else gb)
@@ -63,13 +62,13 @@ _single_pass_op = torch.library.custom_op("rlplus::rlplus_loss_single_pass", mut
 
 @_single_pass_op.register_fake
 def _(hidden, weight, bias, targets, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
-      agg_weight, clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef, temperature,
-      ignore_index, with_entropy, need_hidden, need_weight, need_bias):
+      agg_weight, clip_low, clip_high, dual_clip, gamma, mis_clip_max, coefs, temperature,
+      ignore_index, with_entropy, entropy_term, need_hidden, need_weight, need_bias):
     n = hidden.shape[0]
     f32 = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
     # row-major like the launcher's, whatever the input's layout (a transposed weight is column-major)
     grad = lambda needed, like: like.new_empty(like.shape) if needed else hidden.new_empty((0,))  # noqa: E731
-    return (f32(), f32(n), f32(n if with_entropy or entropy_coef != 0 else 0), f32(5, n),
+    return (f32(), f32(n), f32(n if with_entropy or entropy_term else 0), f32(5, n),
             grad(need_hidden, hidden), grad(need_weight, weight), grad(need_bias and bias is not None, bias))
 
 
@@ -117,6 +116,7 @@ def single_pass_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     weights = aggregation_weights(batch, config.loss_agg, normalizer)
     loss, logp, entropy, stats, *_ = torch.ops.rlplus.rlplus_loss_single_pass(
         hidden, weight, bias, targets, *head_inputs(batch, config, weights, torch.float32),
-        float(config.temperature), int(config.ignore_index), bool(config.with_entropy), *needs_grad)
+        float(config.temperature), int(config.ignore_index), bool(config.with_entropy), config.entropy_coef != 0,
+        *needs_grad)
     entropy = entropy if config.with_entropy else None
     return loss, logp, entropy, head_metrics(logp, entropy, batch, terms_from_stats(stats, batch, config))

@@ -3,6 +3,10 @@
 Forward: one kernel (kernels/rlplus_head.py) gives each token's weighted loss a (l - entropy_coef H),
 its derivative a dl/dlogp and the statistics of the metrics. Backward: grad_logp = g dloss_dlogp and
 grad_entropy = -entropy_coef a g, where g is the upstream gradient of the weighted losses.
+
+kl_coef and entropy_coef reach the op as a tensor (`head_coefficients`), the other hyper-parameters as
+floats: a float argument of a custom op is a constant of a compiled graph, so an entropy or KL coefficient
+schedule (an adaptive KL controller sets a new one every step) would recompile the step at every value.
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
@@ -31,46 +35,49 @@ def _rlplus_head_op(
     dual_clip: Optional[float],
     gamma: float,
     mis_clip_max: Optional[float],
-    kl_coef: float,
-    entropy_coef: float,
+    coefs: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from rlplus_kernels.kernels.rlplus_head import rlplus_head_forward  # lazy: imports triton
 
     return rlplus_head_forward(
-        logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight,
+        logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight, coefs,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max,
-        kl_coef=kl_coef, entropy_coef=entropy_coef,
     )
 
 
 @_rlplus_head_op.register_fake
 def _(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight,
-      clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
+      clip_low, clip_high, dual_clip, gamma, mis_clip_max, coefs):
     n = logp.shape[0]
     return logp.new_empty(n), logp.new_empty(n), logp.new_empty(5, n)
 
 
 def _setup_context(ctx, inputs, output):
-    from rlplus_kernels.kernels.rlplus_head import kernel_float  # the forward has imported triton
-
-    entropy, agg_weight, entropy_coef = inputs[1], inputs[7], inputs[14]
+    entropy, agg_weight, coefs = inputs[1], inputs[7], inputs[13]
     _, dloss_dlogp, stats = output
-    ctx.save_for_backward(dloss_dlogp, agg_weight)
-    ctx.entropy_coef = kernel_float(entropy_coef)  # the coefficient the forward's loss used
+    ctx.save_for_backward(dloss_dlogp, agg_weight, coefs)
     ctx.has_entropy = entropy is not None
     ctx.mark_non_differentiable(dloss_dlogp, stats)
 
 
 def _backward(ctx, grad_weighted_loss, _grad_dloss_dlogp, _grad_stats):
-    dloss_dlogp, agg_weight = ctx.saved_tensors
+    dloss_dlogp, agg_weight, coefs = ctx.saved_tensors
     grad_logp = grad_weighted_loss * dloss_dlogp
     grad_entropy = None
-    if ctx.has_entropy and ctx.needs_input_grad[1]:
-        grad_entropy = grad_weighted_loss * agg_weight * -ctx.entropy_coef
-    return (grad_logp, grad_entropy) + (None,) * 13
+    if ctx.has_entropy and ctx.needs_input_grad[1]:  # the coefficient the forward's loss used (float32)
+        grad_entropy = grad_weighted_loss * agg_weight * -coefs[1]
+    return (grad_logp, grad_entropy) + (None,) * 12
 
 
 torch.library.register_autograd("rlplus::rlplus_head", _backward, setup_context=_setup_context)
+
+
+def head_coefficients(like: Tensor, kl_coef: float, entropy_coef: float) -> Tensor:
+    """float32 [kl_coef, entropy_coef] on `like`'s device, formed there: no copy from the host (which would
+    wait for the device, and cannot be captured in a CUDA graph). Products, not torch.full or torch.tensor:
+    under torch.compile (AOTAutograd) those make a symbolic float a constant again, a product keeps it."""
+    one = like.new_ones((), dtype=torch.float32)
+    return torch.stack((one * kl_coef, one * entropy_coef))
 
 
 def head_inputs(batch: TokenBatch, config: RLPlusConfig, agg_weight: Tensor, dtype: torch.dtype) -> tuple:
@@ -82,7 +89,8 @@ def head_inputs(batch: TokenBatch, config: RLPlusConfig, agg_weight: Tensor, dty
         as_logp(batch.advantages), as_logp(batch.old_logprobs), batch.external, as_logp(batch.behavior_logprobs),
         as_logp(batch.ref_logprobs) if config.kl_coef > 0 else None, as_logp(agg_weight),
         optional_float(config.clip_eps_low), optional_float(config.clip_eps_high), optional_float(config.dual_clip),
-        float(config.gamma), optional_float(config.mis_clip_max), float(config.kl_coef), float(config.entropy_coef),
+        float(config.gamma), optional_float(config.mis_clip_max),
+        head_coefficients(agg_weight, config.kl_coef, config.entropy_coef),
     )
 
 

@@ -75,6 +75,7 @@ def _rlplus_head_fwd_kernel(
     behavior_ptr,  # log pw, or None (then the estimator (e^o + 1) / 2)
     ref_ptr,  # reference log-probs, or None (only read with HAS_KL)
     agg_weight_ptr,  # aggregation weights, exactly 0 outside the loss
+    coef_ptr,  # float32 [2]: kl_coef, entropy_coef (read, not passed: a schedule changes them without a recompile)
     weighted_loss_ptr,  # out: a (l - entropy_coef H)
     dloss_dlogp_ptr,  # out: a dl/dlogp
     stats_ptr,  # [5, N] out: ratio, clipped (0/1), mis_weight, explore, kl
@@ -87,9 +88,7 @@ def _rlplus_head_fwd_kernel(
     dual_clip,  # or +inf
     gamma,
     mis_clip_max,  # or +inf
-    kl_coef,
-    entropy_coef,
-    # meta-parameters: which optional inputs are present
+    # meta-parameters: which optional inputs are present (HAS_ENTROPY: the entropy term; HAS_KL: the KL term)
     HAS_ENTROPY: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_EXTERNAL: tl.constexpr,
@@ -151,6 +150,7 @@ def _rlplus_head_fwd_kernel(
     kl = tl.zeros_like(logp)
     if HAS_KL:  # k3 estimator of KL(pi_theta || pi_ref)
         ref = tl.load(ref_ptr + offs, mask=mask, other=0.0)
+        kl_coef = tl.load(coef_ptr)
         raw = ref - logp
         log_ratio_ref = nan_minimum(nan_maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
         kl = _k3_kl(log_ratio_ref)
@@ -160,7 +160,7 @@ def _rlplus_head_fwd_kernel(
         d_loss += tl.where(inside, -kl_coef * (log_ratio_ref + kl), 0.0)
 
     if HAS_ENTROPY:
-        loss -= entropy_coef * tl.load(entropy_ptr + offs, mask=mask, other=0.0)
+        loss -= tl.load(coef_ptr + 1) * tl.load(entropy_ptr + offs, mask=mask, other=0.0)
     # tokens outside the loss contribute exactly 0, whatever their (unused) inputs hold
     tl.store(weighted_loss_ptr + offs, tl.where(valid, agg * loss, 0.0), mask=mask)
     tl.store(dloss_dlogp_ptr + offs, tl.where(valid, agg * d_loss, 0.0), mask=mask)
@@ -185,12 +185,15 @@ def kernel_float(x: float) -> float:
 
 @on_tensor_device
 def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
-                        agg_weight, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max, kl_coef, entropy_coef):
+                        agg_weight, coefs, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max):
     """(weighted_loss [N], dloss_dlogp [N], stats [5, N]) of the kernel, in logp's dtype (float32 or float64).
 
-    Float inputs are [N] tensors of logp's dtype; optional ones may be None. `clip_low`, `clip_high`,
-    `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. The float
-    hyper-parameters (and the clip bounds 1 - clip_low, 1 + clip_high) reach the kernel through `kernel_float`.
+    Float inputs are [N] tensors of logp's dtype; optional ones may be None: `entropy` where the loss has
+    an entropy term (entropy_coef != 0), `ref_logprobs` where it has a KL term (kl_coef > 0). `coefs`: float32
+    [2] on logp's device, kl_coef and entropy_coef (backends/triton_head.py `head_coefficients`). `clip_low`,
+    `clip_high`, `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. The other float
+    hyper-parameters (and the clip bounds 1 - clip_low, 1 + clip_high) reach the kernel through `kernel_float`,
+    rounded to float32 as the coefficients are.
     """
     n = logp.shape[0]
     weighted_loss = torch.empty_like(logp)
@@ -204,17 +207,16 @@ def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behav
     _rlplus_head_fwd_kernel[(triton.cdiv(n, BLOCK),)](
         logp.contiguous(), contiguous(entropy), advantages.contiguous(), contiguous(old_logprobs),
         contiguous(external), contiguous(behavior_logprobs), contiguous(ref_logprobs), agg_weight.contiguous(),
-        weighted_loss, dloss_dlogp, stats,
+        coefs, weighted_loss, dloss_dlogp, stats,
         n,
         -inf if clip_low is None else kernel_float(1.0 - clip_low),
         inf if clip_high is None else kernel_float(1.0 + clip_high),
-        bound(dual_clip, inf), kernel_float(gamma), bound(mis_clip_max, inf), kernel_float(kl_coef),
-        kernel_float(entropy_coef),
-        HAS_ENTROPY=entropy is not None and entropy_coef != 0,
+        bound(dual_clip, inf), kernel_float(gamma), bound(mis_clip_max, inf),
+        HAS_ENTROPY=entropy is not None,
         HAS_OLD=old_logprobs is not None,
         HAS_EXTERNAL=external is not None,
         HAS_BEHAVIOR=behavior_logprobs is not None,
-        HAS_KL=kl_coef > 0,
+        HAS_KL=ref_logprobs is not None,
         BLOCK=BLOCK,
     )
     return weighted_loss, dloss_dlogp, stats

@@ -40,7 +40,7 @@ from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_ope
 from .cublas import mm_fp32
 from .linear_logprobs_bwd import launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
-from .rlplus_head import STAT_NAMES, kernel_float, rlplus_head_forward
+from .rlplus_head import STAT_NAMES, rlplus_head_forward
 
 # bf16 grad_weight is rounded once per token chunk: its error grows as sqrt(chunks) (2.2x one rounding
 # at 16, 3.6x at 64). Past this many chunks the chunks grow instead: the error stays bounded and memory a
@@ -65,15 +65,15 @@ def plan_chunks(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> tuple
 
 @on_tensor_device
 def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logprobs, external,
-                            behavior_logprobs, ref_logprobs, agg_weight, *, temperature: float,
-                            ignore_index: int, with_entropy: bool, head: dict, needs_grad=(True, True, True),
-                            chunk_elems: Optional[int] = None):
+                            behavior_logprobs, ref_logprobs, agg_weight, coefs, *, temperature: float,
+                            ignore_index: int, with_entropy: bool, entropy_term: bool, head: dict,
+                            needs_grad=(True, True, True), chunk_elems: Optional[int] = None):
     """(loss, logp, entropy | None, stats [5, N], grad_hidden | None, grad_weight | None, grad_bias | None).
 
     loss = sum_t weighted_loss_t (the head kernel's, float32); logp, entropy [N] float32, 0 at ignored
     rows; gradients in the input dtype, of the loss itself, computed for `needs_grad` (hidden, weight,
-    bias). Per-token inputs are [N] tensors as `rlplus_head_forward` takes them; `head` holds its
-    keyword hyper-parameters. `chunk_elems` sizes the chunks and slices (`plan_chunks`; default 2^26, env
+    bias). Per-token inputs and `coefs` as `rlplus_head_forward` takes them; `head` holds its keyword
+    hyper-parameters; `entropy_term`: the loss has one (entropy_coef != 0). `chunk_elems` sizes the chunks and slices (`plan_chunks`; default 2^26, env
     ``RLPLUS_CHUNK_ELEMS``).
     """
     n_tokens, dim = hidden.shape
@@ -83,8 +83,7 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
         raise TypeError(f"hidden: the single-pass schedule takes float32 or bfloat16, not {dtype}")
     need_h, need_w, need_b = (bool(x) for x in needs_grad)
     need_b = need_b and bias is not None
-    entropy_coef = head["entropy_coef"]
-    with_entropy = with_entropy or entropy_coef != 0
+    with_entropy = with_entropy or entropy_term
     f32 = dict(device=device, dtype=torch.float32)
     logp = torch.zeros(n_tokens, **f32)
     entropy = torch.zeros(n_tokens, **f32) if with_entropy else None
@@ -126,13 +125,13 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
             if with_entropy:
                 entropy[n0:n1] = ent_s
             loss_s, dloss_dlogp, stats_s = rlplus_head_forward(
-                logp_s, entropy[n0:n1] if entropy_coef != 0 else None, advantages[n0:n1],
+                logp_s, entropy[n0:n1] if entropy_term else None, advantages[n0:n1],
                 *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
-                agg_weight[n0:n1], **head)
+                agg_weight[n0:n1], coefs, **head)
             weighted_loss[n0:n1], stats[:, n0:n1] = loss_s, stats_s
             if need_any:
-                # the coefficient as the head kernel rounds it (the two-pass head's backward does the same)
-                grad_entropy = agg_weight[n0:n1] * -kernel_float(entropy_coef) if entropy_coef != 0 else None
+                # the float32 coefficient the head kernel read (the two-pass head's backward takes the same)
+                grad_entropy = agg_weight[n0:n1] * -coefs[1] if entropy_term else None
                 launch_dlogits(h_s, w_k, b_k, t_s, lse, ent if grad_entropy is not None else lse, dloss_dlogp,
                                grad_entropy, dl[n0 - c0:n1 - c0], prod, cfg, col_start=0, **launch)
         if need_h:
