@@ -187,11 +187,15 @@ def test_custom_ops_pass_opcheck(backend, with_entropy, dtype):
     """torch.library.opcheck on every custom op: schema, autograd registration, and each fake (what
     torch.compile traces with) against the real outputs, including the empty stand-ins of an absent
     entropy or of a gradient that was not asked for, which nothing else reads. bfloat16 inputs: the
-    forward's outputs are float32 (what the fakes must say too); no bias: no bias gradient, even if asked."""
+    forward's outputs are float32 (what the fakes must say too); no bias: no bias gradient, even if asked.
+    A column-major head (a [D, V] parameter passed transposed) and a strided bias: the torch backend's
+    gradients kept their layout, its fake said row-major, so a compiled backward failed inductor's stride
+    assertion (without it, read the weight's gradient transposed: 0.7 off)."""
     from rlplus_kernels.backends import raw_ops, triton_op  # noqa: F401  (registers the ops)
 
     n, d, v = 5, 8, 37
-    hidden, weight, bias = torch.randn(n, d).to(dtype), torch.randn(v, d).to(dtype), torch.randn(v).to(dtype)
+    hidden, weight = torch.randn(n, d).to(dtype), torch.randn(d, v).to(dtype).t()
+    bias = torch.randn(2 * v).to(dtype)[::2]
     targets = torch.randint(0, v, (n,))
     targets[1] = -100
     forward = (hidden, weight, bias, targets, 0.8, -100, 3, with_entropy, backend, 0, 0)

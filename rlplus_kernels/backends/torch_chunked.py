@@ -171,8 +171,8 @@ def backward(
     entropy = None if g_ent is None else entropy.to(dtype)
 
     grad_hidden = hidden.new_zeros(hidden.shape, dtype=dtype) if need_hidden else None
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty_like(bias) if need_bias else None
+    grad_weight = weight.new_empty(weight.shape) if need_weight else None  # row-major, as the op's fake says
+    grad_bias = bias.new_empty(bias.shape) if need_bias else None
     logits_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype)
     prob_buffer = _ChunkBuffer(chunk_tokens, chunk_vocab, hidden, dtype) if g_ent is not None else None
 
