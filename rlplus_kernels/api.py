@@ -65,7 +65,7 @@ def _vocabulary_shard(hidden, weight, targets, config: RLPlusConfig, vocab_paral
     """This rank's shard (None without a group: weight is the whole head), exchanged once every check of this
     rank passed (`distributed.checked_on_every_rank`), and the targets' range in the whole vocabulary."""
     shard = None if vocab_parallel_group is None else vocab_shard(
-        weight.shape[0], vocab_parallel_group, vocab_layout(hidden, targets, config.with_entropy))
+        weight.shape[0], vocab_parallel_group, vocab_layout(hidden, targets, config))
     check_target_range(targets, weight.shape[0] if shard is None else shard.vocab_size, config.ignore_index)
     return shard
 

@@ -27,6 +27,7 @@ the optimiser step, so that the sum of the per-rank, per-micro-batch losses is t
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -55,18 +56,28 @@ class VocabShard(NamedTuple):
 # What the ranks of a vocabulary-parallel call exchange besides their shard sizes: whether a rank refused its
 # inputs, and the layout that every rank must share (a rank that differed would wait in a later collective
 # of another size or dtype, for ever), with a fingerprint of the targets (different targets would give a
-# wrong loss, or a range error on one rank only)
+# wrong loss, or a range error on one rank only), and the hyper-parameters (with another temperature a rank's
+# shard would enter the log-sum-exp scaled otherwise; with another head, say a KL coefficient that a
+# controller set from this rank's own statistics, its part of grad_hidden would be of another loss)
+FLOAT_FIELDS = ("temperature", "kl_coef", "entropy_coef", "clip_eps_low", "clip_eps_high", "dual_clip", "gamma",
+                "mis_clip_max")  # compared bit for bit, None as inf (which no hyper-parameter may be)
 LAYOUT_FIELDS = ("hidden rows (N)", "hidden size (D)", "dtype", "with_entropy", "whether hidden needs a gradient",
-                 "targets' sum", "targets' sum of squares")
+                 "ignore_index", "loss_agg", "targets' sum", "targets' sum of squares", *FLOAT_FIELDS)
 _LAYOUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def vocab_layout(hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> torch.Tensor:
-    """This rank's values of LAYOUT_FIELDS: int64 [len(LAYOUT_FIELDS)] on targets' device, no host sync."""
+def vocab_layout(hidden: torch.Tensor, targets: torch.Tensor, config) -> torch.Tensor:
+    """This rank's values of LAYOUT_FIELDS (`config`: its RLPlusConfig): int64 [len(LAYOUT_FIELDS)] on targets'
+    device, no host sync; the floats as their float64 bits, formed on the device (under torch.compile from
+    symbolic floats: a coefficient schedule does not recompile)."""
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     shape = torch.tensor([hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
-                          int(with_entropy), int(needs_grad)], dtype=torch.int64, device=targets.device)
-    return torch.cat([shape, targets.sum().reshape(1), (targets * targets).sum().reshape(1)])
+                          int(config.with_entropy), int(needs_grad), config.ignore_index,
+                          LOSS_AGG_MODES.index(config.loss_agg)], dtype=torch.int64, device=targets.device)
+    one = targets.new_ones((), dtype=torch.float64)
+    floats = torch.stack([one * (math.inf if getattr(config, name) is None else getattr(config, name))
+                          for name in FLOAT_FIELDS]).view(torch.int64)
+    return torch.cat([shape, targets.sum().reshape(1), (targets * targets).sum().reshape(1), floats])
 
 
 def _exchange(group, shard_rows: int, refused: bool, layout: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,7 @@ def _exchange(group, shard_rows: int, refused: bool, layout: torch.Tensor) -> to
 
 
 def vocab_shard(shard_rows: int, group, layout: torch.Tensor) -> VocabShard:
-    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 9 integers, one host
+    """The layout of contiguous shards in rank order, of any sizes; one all_reduce of P x 19 integers, one host
     sync. It also carries each rank's `layout` (`vocab_layout`) and whether it refused its inputs
     (`checked_on_every_rank`): a refusal or a differing layout on any rank raises on every rank.
 
@@ -108,8 +119,15 @@ def vocab_shard(shard_rows: int, group, layout: torch.Tensor) -> VocabShard:
     rule = f"vocab_parallel_group: every rank must pass the same {', '.join(LAYOUT_FIELDS)}"
 
     def differences() -> str:
-        values = lambda i: [_LAYOUT_DTYPES[v] if LAYOUT_FIELDS[i] == "dtype" else v  # noqa: E731
-                            for v in table[:, 2 + i].tolist()]
+        def values(i: int) -> list:
+            column, field = table[:, 2 + i], LAYOUT_FIELDS[i]
+            if field == "dtype":
+                return [_LAYOUT_DTYPES[v] for v in column.tolist()]
+            if field == "loss_agg":
+                return [LOSS_AGG_MODES[v] for v in column.tolist()]
+            if field in FLOAT_FIELDS:
+                return [None if v == math.inf else v for v in column.cpu().view(torch.float64).tolist()]
+            return column.tolist()
         return "; ".join(f"{LAYOUT_FIELDS[i]} per rank: {values(i)}" for i in differs.nonzero().flatten().tolist())
 
     refuse_if(differs.any(), rule, lambda: f"{rule}, got {differences()}")

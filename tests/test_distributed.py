@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from helpers import FLOAT32_EPS, TORCH_VERSION, TRITON_ON_CPU, exact_entropy
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import linear_logprobs, rlplus_loss
-from rlplus_kernels.distributed import global_normalizer, global_sequence_count, global_token_count
+from rlplus_kernels.distributed import LAYOUT_FIELDS, global_normalizer, global_sequence_count, global_token_count
 
 WORLD_SIZES = (2, 3)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -253,6 +253,7 @@ def _run_dp_case(loss_agg: str, layout: str, rank: int, world: int, device: str)
 class Differs(NamedTuple):
     """A refusal of a layout that differs between ranks: every rank raises the same error, naming this field."""
     field: str
+    values: Optional[tuple] = None  # (the other ranks' value, the last rank's), as the message gives them
 
 
 REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right; the error that rank raises
@@ -273,6 +274,10 @@ REFUSALS = {  # name -> the last rank's inputs, where the other ranks' are right
     "fewer tokens": (dict(tokens=3), Differs("hidden rows (N)")),
     # its backward would skip the all_reduce of grad_hidden that the other ranks wait in
     "hidden without a gradient": (dict(hidden_requires_grad=False), Differs("whether hidden needs a gradient")),
+    # the shard would enter the log-sum-exp scaled otherwise; its part of grad_hidden would be of another loss
+    "another temperature": (dict(temperature=0.5), Differs("temperature", (1.0, 0.5))),
+    "another KL coefficient": (dict(kl_coef=0.2), Differs("kl_coef", (0.1, 0.2))),
+    "no clip": (dict(clip_eps_high=None), Differs("clip_eps_high", (0.2, None))),
 }
 
 
@@ -293,7 +298,7 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
     for name, (bad, _) in REFUSALS.items():
         spec = dict(weight=(3, HIDDEN), advantages=(4,), cu_seqlens=[0, 1, 4], dtype=torch.float32, tokens=4,
                     temperature=1.0, hidden_device=device, targets=[0, 2, 1, 1], hidden_requires_grad=True,
-                    weight_freed=False)
+                    weight_freed=False, kl_coef=0.1, clip_eps_high=0.2)
         if rank == world - 1:
             spec.update(bad)
         n = spec["tokens"]
@@ -307,7 +312,8 @@ def _run_refusals(rank: int, world: int, device: str) -> dict:
             torch.tensor(spec["targets"][:n], dtype=torch.int64, device=device),
             torch.randn(*spec["advantages"], dtype=spec["dtype"], device=device)[:n],
             cu_seqlens=torch.tensor(cu_seqlens, device=device), loss_agg="seq-mean-token-mean",
-            temperature=spec["temperature"], vocab_parallel_group=dist.group.WORLD))
+            temperature=spec["temperature"], kl_coef=spec["kl_coef"], clip_eps_high=spec["clip_eps_high"],
+            ref_logprobs=-torch.ones(n, device=device), vocab_parallel_group=dist.group.WORLD))
     return messages
 
 
@@ -880,11 +886,11 @@ def test_data_parallel_global_normalizer_matches_big_batch(world, loss_agg, layo
 
 
 def test_vocab_parallel_communicates_no_vocabulary_sized_tensor(world):
-    """Per call: the P x 9 integers of the shard exchange (int64). Per token: forward all_reduce MAX of 1 and
+    """Per call: the P x 19 integers of the shard exchange (int64). Per token: forward all_reduce MAX of 1 and
     SUM of 3 (2 without entropy) values, backward D values."""
     size, results = world
     cases = {case.name: case for case in TP_CASES}
-    layout_bytes = 8 * size * 9  # per rank: shard rows, refused, and 7 layout fields
+    layout_bytes = 8 * size * (2 + len(LAYOUT_FIELDS))  # per rank: shard rows, refused, and the layout fields
     for per_rank in results:
         for name, log in per_rank["communication"].items():
             starts = _shard_starts(cases[name].uneven, size)
@@ -909,6 +915,9 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(world, scenario):
         if isinstance(own_error, Differs):
             assert "every rank must pass the same" in message, (rank, message)
             assert f"{own_error.field} per rank:" in message, (rank, message)
+            if own_error.values is not None:  # the other ranks' value, then the last rank's
+                per_rank = [own_error.values[0]] * (size - 1) + [own_error.values[1]]
+                assert f"{own_error.field} per rank: {per_rank}" in message, (rank, message)
         elif rank == size - 1:
             assert own_error in message, (rank, message)
         else:
