@@ -12,6 +12,7 @@ once, fp32 accumulation (`helpers.dot_product_allowance`, `helpers.dz_rounding`)
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -318,6 +319,25 @@ def test_float16_upstream_gradients_far_from_one(upstream, chunk_elems, logits):
     out = linear_logprobs_backward(h, w, b, t, lse, ent, gl, ge, temperature=0.7, ignore_index=IGN,
                                    chunk_elems=chunk_elems, logits=logits)
     check_grads(out, h, w, b, t, lse, ent, gl, ge, temperature=0.7, logits=logits)
+
+
+def test_float16_dl_scale_is_the_power_of_two_that_brings_the_bound_to_2_to_the_12():
+    """The scale itself, exactly: the gradients above hide a scale up to 16x too large (the float16 range past
+    2^12) and any scale too small (float16 still holds 2^-14 / 2^12 of the largest dl at full precision), so a
+    bound that lost its entropy term or an exponent off by bits passed them. Row bounds (|g_logp| + |g_ent|
+    (1/e + H)) / T: (0.5 + 2 (1/e + 4)) / 0.5 = 18.5 (< 2^5: scale 2^7) and 3 / 0.5; the ignored row's are not
+    counted, and a batch with no valid token gets 2^12."""
+    from rlplus_kernels.kernels.linear_logprobs_bwd import FLOAT16_DL_EXPONENT, _float16_dl_scale
+
+    targets = torch.tensor([0, 1, IGN], device=DEVICE)
+    entropy = torch.tensor([4.0, 1.0, 0.0], device=DEVICE)
+    grad_logp = torch.tensor([0.5, -3.0, 1e6], device=DEVICE)
+    grad_entropy = torch.tensor([-2.0, 0.0, 1e6], device=DEVICE)
+    scale, unscale = _float16_dl_scale(targets, IGN, entropy, grad_logp, grad_entropy, 0.5)
+    assert FLOAT16_DL_EXPONENT == 12 and (scale.item(), unscale.item()) == (2.0**7, 2.0**-7)
+    assert 2**11 <= scale.item() * (0.5 + 2 * (math.exp(-1) + 4)) / 0.5 < 2**12
+    scale, _ = _float16_dl_scale(torch.full((3,), IGN, device=DEVICE), IGN, entropy, grad_logp, grad_entropy, 0.5)
+    assert scale.item() == 2.0**12
 
 
 @pytest.mark.parametrize("logits", LOGITS)
