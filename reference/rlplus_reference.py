@@ -45,6 +45,8 @@ def _per_token(x, like):
 
 def _aggregate(x, valid, mode, normalizer):
     x = torch.where(valid, x, 0.0)
+    if not bool(valid.any()):  # SPEC: no valid token at all gives 0, whatever the normalizer (a global count of 0)
+        return x.sum()
     if mode == "token-mean":
         return x.sum() / (normalizer if normalizer is not None else max(int(valid.sum()), 1))
     if mode == "sum":
@@ -76,7 +78,8 @@ def _packed_as_padded(arguments: dict) -> RLPlusOutput:
                       ("advantages", 0.0), ("external_mask", 0)):
         x = arguments[name]
         if x is not None and x.shape[0] == num_tokens:  # per token (an [S] tensor is per sequence already)
-            arguments[name] = pad_sequence(list(torch.split(x, lengths)), batch_first=True, padding_value=pad)
+            arguments[name] = (pad_sequence(list(torch.split(x, lengths)), batch_first=True, padding_value=pad)
+                               if lengths else x.reshape(0, 0, *x.shape[1:]))  # no sequence: [0, 0]
     out = rlplus_loss_reference(**arguments)
     device = arguments["targets"].device
     in_sequence = (torch.arange(arguments["targets"].shape[1], device=device)[None, :]

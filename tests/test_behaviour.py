@@ -30,12 +30,15 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg, no
     hidden, weight, bias = leaf(2, 3, 5), leaf(7, 5), leaf(7)
     targets = torch.randint(0, 7, (2, 3))
     targets[0] = -100
-    out = rlplus_loss(hidden, weight, targets, torch.randn(2), -torch.rand(2, 3), bias=bias,
-                      loss_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]), external_mask=torch.tensor([True, False]),
-                      entropy_coef=0.1, kl_coef=0.1, ref_logprobs=-torch.rand(2, 3), loss_agg=loss_agg,
-                      normalizer=normalizer, backend=backend)
+    batch = (targets, torch.randn(2), -torch.rand(2, 3))
+    kwargs = dict(bias=bias, loss_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]), external_mask=torch.tensor([True, False]),
+                  entropy_coef=0.1, kl_coef=0.1, ref_logprobs=-torch.rand(2, 3), loss_agg=loss_agg,
+                  normalizer=normalizer)
+    out = rlplus_loss(hidden, weight, *batch, **kwargs, backend=backend)
     out.loss.backward()
     assert out.loss.item() == 0.0
+    # SPEC: no valid token at all gives loss = 0; the reference divided 0 by a global count of 0 (NaN)
+    assert rlplus_loss_reference(*reference_inputs(hidden, weight), *batch, **kwargs).loss.item() == 0.0
     for t in (hidden, weight, bias):
         assert torch.equal(t.grad, torch.zeros_like(t))
     assert torch.equal(out.logprobs, torch.zeros(2, 3))
@@ -44,19 +47,24 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg, no
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape,packed", [((0,), False), ((2, 0), False), ((0,), True)],
-                         ids=["N=0", "B=2,T=0", "packed,S=0"])
-def test_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, shape, packed):
-    """A data-parallel rank can receive no tokens: every branch on, every output zero, nothing fails."""
+@pytest.mark.parametrize("shape,packed,loss_agg", [
+    *[pytest.param((0,), False, mode, id=f"N=0-{mode}") for mode in ("token-mean", "sum")],
+    *[pytest.param(shape, packed, mode, id=f"{name}-{mode}") for name, shape, packed in (
+        ("B=2,T=0", (2, 0), False), ("B=0,T=3", (0, 3), False), ("packed,S=0", (0,), True)) for mode in AGG_MODES]])
+def test_an_empty_batch_gives_zero_loss_and_zero_gradients(backend, shape, packed, loss_agg):
+    """A data-parallel rank can receive no tokens: every branch on, every output zero, nothing fails, and the
+    reference agrees (it gave 0 / 0 for seq-mean-token-sum over [0, T] inputs and raised on packed ones)."""
     hidden, weight, bias = leaf(*shape, 5), leaf(7, 5), leaf(7)
     empty = lambda dtype=torch.float32: torch.zeros(shape, dtype=dtype)  # noqa: E731
     sequences = dict(cu_seqlens=torch.tensor([0])) if packed else {}
-    out = rlplus_loss(hidden, weight, empty(torch.long), empty(), empty(), bias=bias,
-                      external_mask=empty(torch.bool), entropy_coef=0.1, kl_coef=0.1, ref_logprobs=empty(),
-                      loss_agg="seq-mean-token-mean" if len(shape) == 2 or packed else "token-mean",
-                      backend=backend, **sequences)
+    batch = (empty(torch.long), empty(), empty())
+    kwargs = dict(bias=bias, external_mask=empty(torch.bool), entropy_coef=0.1, kl_coef=0.1, ref_logprobs=empty(),
+                  loss_agg=loss_agg, **sequences)
+    out = rlplus_loss(hidden, weight, *batch, **kwargs, backend=backend)
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.logprobs.shape == shape and out.entropy.shape == shape
+    reference = rlplus_loss_reference(*reference_inputs(hidden, weight), *batch, **kwargs)
+    assert reference.loss.item() == 0.0 and reference.logprobs.shape == shape
     for t in (hidden, weight, bias):
         assert torch.equal(t.grad, torch.zeros_like(t))
     for key, value in out.metrics.items():
