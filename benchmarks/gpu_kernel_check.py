@@ -604,6 +604,14 @@ def main():
         finally:
             save()
 
+    def landed(timing):
+        """A timing that ran (None: its error is recorded): kept, printed with its provisional verdict, saved."""
+        if timing is not None:
+            timings.append(timing)
+            print(json.dumps(timing), flush=True)
+            print(*bar_verdicts([timing], bar_shape, [], [])[1:], "(before its checks)", flush=True)
+            save()
+
     if args.loss:  # (schedule, logits source) pairs: the single pass reads cuBLAS products whatever the source
         runs = [(schedule, logits) for schedule in args.loss.split(",")
                 for logits in (sources if schedule == "two-pass" else ["cublas"])]
@@ -616,14 +624,9 @@ def main():
         check_cases = []  # the launchers' checks and timings are the other mode's
         # the bar's shape first, and timings before checks: a step cut by the time limit loses the least
         for (n, d, v), (schedule, logits) in ((shape, run) for shape in timing_shapes(args.quick) for run in runs):
-            timing = attempt(f"loss timing {schedule}/{logits} {(n, d, v)}", run_label(schedule, logits, config),
-                             lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile,
-                                               config))
-            if timing is not None:
-                timings.append(timing)
-                print(json.dumps(timing), flush=True)
-                print(*bar_verdicts([timing], bar_shape, [], [])[1:], "(before its checks)", flush=True)
-                save()
+            landed(attempt(f"loss timing {schedule}/{logits} {(n, d, v)}", run_label(schedule, logits, config),
+                           lambda: time_loss(n, d, v, torch.bfloat16, schedule, logits, args.rep, args.profile,
+                                             config)))
         references = {}  # per shape, shared by the runs
         for (n, d, v, dtype), (schedule, logits) in ((case, run) for case in loss_checks for run in runs):
             rows = attempt(f"loss check {schedule}/{logits} {(n, d, v)}", run_label(schedule, logits, config),
@@ -640,13 +643,8 @@ def main():
         sources = []
 
     for (n, d, v), logits in ((shape, logits) for shape in timing_shapes(args.quick) for logits in sources):
-        timing = attempt(f"timing {logits} {(n, d, v)}", run_label(None, logits, config), lambda: time_and_memory(
-            n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile, config))
-        if timing is not None:
-            timings.append(timing)
-            print(json.dumps(timing), flush=True)
-            print(*bar_verdicts([timing], bar_shape, [], [])[1:], "(before its checks)", flush=True)
-            save()
+        landed(attempt(f"timing {logits} {(n, d, v)}", run_label(None, logits, config), lambda: time_and_memory(
+            n, d, v, torch.bfloat16, not args.no_naive, args.rep, logits, args.profile, config)))
 
     for case, logits in ((case, logits) for logits in sources for case in check_cases):
         t0 = time.time()

@@ -67,8 +67,9 @@ class RLPlusConfig:
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         for name in ("kl_coef", "entropy_coef"):  # the kernels read them in float32
-            if not -FLOAT32_MAX <= getattr(self, name) <= FLOAT32_MAX:
-                raise ValueError(f"{name} must lie within float32's range (+-{FLOAT32_MAX:.4g}), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                raise ValueError(f"{name} must lie within float32's range (+-{FLOAT32_MAX:.4g}), got {value}")
         for name in ("clip_eps_low", "clip_eps_high"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -33,7 +33,8 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from .config import LOSS_AGG_MODES
+from .backends.common import device_scalars
+from .config import LOSS_AGG_MODES, SEQ_AGG_MODES
 from .head import segment_sum, sequence_layout
 from .validation import check_cu_seqlens, refuse_if
 
@@ -68,15 +69,13 @@ _LAYOUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def vocab_layout(hidden: torch.Tensor, targets: torch.Tensor, config) -> torch.Tensor:
     """This rank's values of LAYOUT_FIELDS (`config`: its RLPlusConfig): int64 [len(LAYOUT_FIELDS)] on targets'
-    device, no host sync; the floats as their float64 bits, formed on the device (under torch.compile from
-    symbolic floats: a coefficient schedule does not recompile)."""
+    device, no host sync; the floats as their float64 bits (`backends.common.device_scalars`)."""
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     shape = torch.tensor([hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
                           int(config.with_entropy), int(needs_grad), config.ignore_index,
                           LOSS_AGG_MODES.index(config.loss_agg)], dtype=torch.int64, device=targets.device)
-    one = targets.new_ones((), dtype=torch.float64)
-    floats = torch.stack([one * (math.inf if getattr(config, name) is None else getattr(config, name))
-                          for name in FLOAT_FIELDS]).view(torch.int64)
+    floats = device_scalars(targets, [math.inf if getattr(config, name) is None else getattr(config, name)
+                                      for name in FLOAT_FIELDS], torch.float64).view(torch.int64)
     return torch.cat([shape, targets.sum().reshape(1), (targets * targets).sum().reshape(1), floats])
 
 
@@ -247,7 +246,7 @@ def global_normalizer(loss_agg: str, valid: MaskOrMasks, *, cu_seqlens=None, gro
     """
     if loss_agg == "token-mean":
         return global_token_count(valid, group)
-    if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+    if loss_agg in SEQ_AGG_MODES:
         return global_sequence_count(valid, cu_seqlens=cu_seqlens, group=group,
                                      nonempty_only=loss_agg == "seq-mean-token-mean")
     if loss_agg == "sum":

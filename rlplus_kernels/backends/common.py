@@ -17,6 +17,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def device_scalars(like: torch.Tensor, values, dtype: torch.dtype) -> torch.Tensor:
+    """[len(values)] of `dtype` on `like`'s device, formed there: no copy from the host (which would wait for the
+    device, and cannot be captured in a CUDA graph). Products, not torch.full or torch.tensor: under
+    torch.compile (AOTAutograd) those make a symbolic float a constant of the graph again, a product keeps it,
+    so a value that changes between calls (a coefficient schedule) does not recompile."""
+    one = like.new_ones((), dtype=dtype)
+    return torch.stack([one * value for value in values])
+
+
 def finish_logprobs(lse, target_logit, entropy, targets, ignore_index):
     """logp and entropy from the (merged) partials; 0 at ignored rows."""
     active = targets != ignore_index

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..config import RLPlusConfig
 from ..head import PerTokenTerms, TokenBatch
+from .common import device_scalars
 
 
 @torch.library.custom_op("rlplus::rlplus_head", mutates_args=())
@@ -73,11 +74,8 @@ torch.library.register_autograd("rlplus::rlplus_head", _backward, setup_context=
 
 
 def head_coefficients(like: Tensor, kl_coef: float, entropy_coef: float) -> Tensor:
-    """float32 [kl_coef, entropy_coef] on `like`'s device, formed there: no copy from the host (which would
-    wait for the device, and cannot be captured in a CUDA graph). Products, not torch.full or torch.tensor:
-    under torch.compile (AOTAutograd) those make a symbolic float a constant again, a product keeps it."""
-    one = like.new_ones((), dtype=torch.float32)
-    return torch.stack((one * kl_coef, one * entropy_coef))
+    """float32 [kl_coef, entropy_coef] on `like`'s device (`common.device_scalars`)."""
+    return device_scalars(like, (kl_coef, entropy_coef), torch.float32)
 
 
 def head_inputs(batch: TokenBatch, config: RLPlusConfig, agg_weight: Tensor, dtype: torch.dtype) -> tuple:

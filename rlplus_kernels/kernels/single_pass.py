@@ -73,8 +73,8 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
     loss = sum_t weighted_loss_t (the head kernel's, float32); logp, entropy [N] float32, 0 at ignored
     rows; gradients in the input dtype, of the loss itself, computed for `needs_grad` (hidden, weight,
     bias). Per-token inputs and `coefs` as `rlplus_head_forward` takes them; `head` holds its keyword
-    hyper-parameters; `entropy_term`: the loss has one (entropy_coef != 0). `chunk_elems` sizes the chunks and slices (`plan_chunks`; default 2^26, env
-    ``RLPLUS_CHUNK_ELEMS``).
+    hyper-parameters; `entropy_term`: the loss has one (entropy_coef != 0). `chunk_elems` sizes the chunks and
+    slices (`plan_chunks`; default 2^26, env ``RLPLUS_CHUNK_ELEMS``).
     """
     n_tokens, dim = hidden.shape
     n_vocab = weight.shape[0]
