@@ -1,5 +1,5 @@
-"""What the library reads of its environment: the torch version, and its environment variables, read the same way
-in eager mode and in a compiled step."""
+"""What the library reads of its environment: the torch version, its environment variables, read the same way
+in eager mode and in a compiled step, and whether a CUDA graph is being captured."""
 
 from __future__ import annotations
 
@@ -33,3 +33,9 @@ def environment_variable(name: str, default: Optional[str]) -> Optional[str]:
     else:
         value = _LAST_SEEN[name] = os.environ.get(name)
     return default if value is None else value
+
+
+def graph_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on `device`'s current stream: no host sync may happen then. False
+    while torch.compile traces (no graph is captured then; cudagraphs capture the compiled code later)."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from ._environment import graph_capturing
 from .backends.common import device_scalars
 from .config import LOSS_AGG_MODES, SEQ_AGG_MODES
 from .head import segment_sum, sequence_layout
@@ -69,7 +70,12 @@ _LAYOUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def vocab_layout(hidden: torch.Tensor, targets: torch.Tensor, config) -> torch.Tensor:
     """This rank's values of LAYOUT_FIELDS (`config`: its RLPlusConfig): int64 [len(LAYOUT_FIELDS)] on targets'
-    device, no host sync; the floats as their float64 bits (`backends.common.device_scalars`)."""
+    device, no host sync; the floats as their float64 bits (`backends.common.device_scalars`). The first step of a
+    vocabulary-parallel call, which a CUDA graph cannot capture: the exchange reads every rank's shard size."""
+    if graph_capturing(targets.device):
+        raise ValueError("vocab_parallel_group: the ranks' exchange of shard sizes reads them on the host, which "
+                         "cannot happen while a CUDA graph is captured; run vocabulary-parallel calls outside "
+                         "the graph")
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     shape = torch.tensor([hidden.numel() // hidden.shape[-1], hidden.shape[-1], _LAYOUT_DTYPES.index(hidden.dtype),
                           int(config.with_entropy), int(needs_grad), config.ignore_index,

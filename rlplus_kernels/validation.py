@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._environment import graph_capturing
+
 SUPPORTED_DTYPES = {
     "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -49,12 +51,13 @@ def shape_text(shape) -> str:
     return str([int(f"{size}") for size in shape])
 
 
-def refuse_if(bad: torch.Tensor, compiled_message: str, eager_message: Callable[[], str]) -> None:
+def refuse_if(bad: torch.Tensor, device_message: str, eager_message: Callable[[], str]) -> None:
     """Raise ValueError(eager_message()) where the 0-dim bool `bad` holds: one host sync. Inside
-    torch.compile, where a host sync would be a data-dependent guard, the check runs on the device
-    (torch._assert_async, asynchronously) with `compiled_message`, which reads no tensor value."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad, compiled_message)
+    torch.compile, where a host sync would be a data-dependent guard, and while a CUDA graph is captured,
+    where it is an error (and where the check then runs again at every replay), the check runs on the device
+    (torch._assert_async, asynchronously) with `device_message`, which reads no tensor value."""
+    if torch.compiler.is_compiling() or graph_capturing(bad.device):
+        torch._assert_async(~bad, device_message)
     elif bool(bad):
         raise ValueError(eager_message())
 
@@ -239,6 +242,10 @@ def check_normalizer(normalizer, device: Optional[torch.device]):
             return normalizer
         if normalizer.device != device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
+        if normalizer.device != device and graph_capturing(device):
+            raise ValueError(f"normalizer is a CPU tensor while a CUDA graph is captured: its copy to {device} cannot "
+                             "be captured (and would hold the value of the capture at every replay); pass it on "
+                             f"{device}, e.g. a tensor that each step fills in place")
         return normalizer.to(device)
     normalizer = plain_number(normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):

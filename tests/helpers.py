@@ -181,6 +181,19 @@ class CountMatmuls(SeesInsideCustomOps):
             self.count += 1
 
 
+class HostReads(SeesInsideCustomOps):
+    """The ops that read a tensor's value on the host (bool(), .item(): a host sync on a GPU, an error while a
+    CUDA graph is captured), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def observe(self, func, out):
+        if func == torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+
+
 class LargestAllocation(SeesInsideCustomOps):
     """The largest tensor any op returned, in elements and in bytes (Triton's interpreter views each kernel
     argument's storage as bytes: its element count is then the byte count)."""

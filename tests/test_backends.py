@@ -373,3 +373,55 @@ def test_triton_backend_on_gpu_at_larger_shapes(problem):
 @given(problems(TRITON_DTYPES, max_tokens=2048, max_hidden=512, max_vocab=20000, chunked=False))
 def test_triton_logprobs_on_gpu_at_larger_shapes(problem):
     check_linear_logprobs(problem, "triton")
+
+
+@pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
+                    reason="CUDA graph capture needs a GPU: run with RLPLUS_TEST_DEVICE=cuda (the CPU test of the same "
+                           "path fakes the capture: test_behaviour.py)")
+@pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
+def test_a_captured_cuda_graph_replays_the_loss_on_new_data(schedule, monkeypatch):
+    """A trainer's step captured whole in a CUDA graph (torch.cuda.graph around the forward and the backward, after
+    a warm-up on a side stream, as PyTorch's whole-network capture does), replayed on new data copied into its
+    static inputs, gives the loss, log-probs and gradients of an eager step on that data, bit for bit (the same
+    kernels, no atomics): nothing reads the host during capture, and the checks are replayed on the device."""
+    monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch.manual_seed(0)
+    n, d, v = 512, 256, 5000
+    on = dict(device=DEVICE)
+    hidden = torch.randn(n, d, dtype=torch.bfloat16, **on).requires_grad_()
+    weight = (torch.randn(v, d, dtype=torch.bfloat16, **on) / d ** 0.5).requires_grad_()
+
+    def new_batch():
+        return dict(targets=torch.randint(0, v, (n,), **on), advantages=torch.randn(n, **on),
+                    old_logprobs=-torch.rand(n, **on) - 1, external_mask=torch.rand(n, **on) < 0.3,
+                    normalizer=torch.tensor(float(n), **on))
+
+    static = new_batch()
+
+    def step():
+        hidden.grad = weight.grad = None
+        out = rlplus_loss(hidden, weight, static["targets"], static["advantages"], static["old_logprobs"],
+                          external_mask=static["external_mask"], normalizer=static["normalizer"], entropy_coef=0.01,
+                          backend="triton")
+        out.loss.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles the kernels, outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    captured_grads = (hidden.grad, weight.grad)  # the graph's own, refilled at each replay
+    for _ in range(2):
+        for name, value in new_batch().items():
+            static[name].copy_(value)
+        graph.replay()
+        eager = step()
+        assert torch.equal(captured.loss, eager.loss), (captured.loss.item(), eager.loss.item())
+        assert torch.equal(captured.logprobs, eager.logprobs)
+        for name, got, expected in zip(("hidden", "weight"), captured_grads, (hidden.grad, weight.grad)):
+            assert torch.equal(got, expected), f"grad_{name}: max diff {(got - expected).abs().max().item()}"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 import torch
 
-from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, LargestAllocation, assert_close, assert_grad_close,
-                     reference_inputs)
+from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, HostReads, LargestAllocation, assert_close,
+                     assert_grad_close, reference_inputs)
 from reference import linear_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
@@ -531,3 +532,71 @@ def test_a_non_finite_input_gives_the_references_loss_and_metrics(backend, sched
     if name in ("hidden", "weight"):  # a NaN logit: no finite gradient step either
         got.loss.backward()
         assert hidden.grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend,schedule", [("torch", None), *[
+    pytest.param("triton", schedule, marks=BACKENDS[1].marks) for schedule in ("two-pass", "single-pass")]])
+def test_no_host_read_while_a_cuda_graph_is_captured(backend, schedule, monkeypatch):
+    """A host read while a CUDA graph is captured is an error (cudaErrorStreamCaptureUnsupported), and so the
+    captured step of a trainer failed at the check of the targets' range. Now the value checks (targets,
+    cu_seqlens, a tensor normalizer) run on the device then, as inside torch.compile, and at every replay.
+    Capture is faked on CPU tensors: the step that reads values on the host eagerly reads none, with the same
+    loss, log-probs and gradients; bad values are still refused, with the device message."""
+    from rlplus_kernels import validation
+
+    if schedule is not None:
+        monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch.manual_seed(0)
+    cu_seqlens = torch.tensor([0, 3, 3, 8, 10])
+    n = int(cu_seqlens[-1])
+    hidden, weight, bias = leaf(n, 16), leaf(12, 16, scale=0.3), leaf(12)
+    targets = torch.randint(0, 12, (n,))
+    targets[4] = -100
+    data = dict(advantages=torch.randn(4), old_logprobs=-torch.rand(n) - 1,
+                external_mask=torch.tensor([False, True, False, True]), ref_logprobs=-torch.rand(n) - 1,
+                loss_mask=torch.arange(n) != 6, bias=bias, cu_seqlens=cu_seqlens, normalizer=torch.tensor(3.0),
+                kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-mean", backend=backend)
+
+    def step(**changes):
+        for x in (hidden, weight, bias):
+            x.grad = None
+        with HostReads() as reads:
+            out = rlplus_loss(hidden, weight, changes.pop("targets", targets), **{**data, **changes})
+            out.loss.backward()
+        return out, [x.grad for x in (hidden, weight, bias)], reads.reads
+
+    eager, eager_grads, eager_reads = step()
+    assert eager_reads, "the eager checks read values on the host (else this test could not fail)"
+    monkeypatch.setattr(validation, "graph_capturing", lambda device: True)
+    captured, captured_grads, captured_reads = step()
+    assert captured_reads == []
+    assert torch.equal(captured.loss, eager.loss) and torch.equal(captured.logprobs, eager.logprobs)
+    for name, got, expected in zip(("hidden", "weight", "bias"), captured_grads, eager_grads):
+        assert torch.equal(got, expected), f"grad_{name}"
+
+    bad_targets = targets.clone()
+    bad_targets[2] = 12
+    refusals = [
+        (dict(targets=bad_targets), "targets must lie in [0, V) or equal ignore_index (V: the vocabulary size)"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 2, 8, 10])), "cu_seqlens must start at 0, end at N and never decrease"),
+        (dict(normalizer=torch.tensor(0.0)), "normalizer must be finite and > 0")]
+    for changes, message in refusals:
+        with pytest.raises(RuntimeError, match=re.escape(message)):  # torch._assert_async's error on a CPU tensor
+            step(**changes)
+
+
+def test_what_a_cuda_graph_cannot_capture_is_refused_by_name(monkeypatch):
+    """While a CUDA graph is captured, a CPU normalizer's copy to the GPU and a vocabulary-parallel call's
+    exchange of shard sizes would fail inside CUDA (and the normalizer would keep its captured value at every
+    replay): each is refused naming the argument, before anything is copied or exchanged."""
+    from rlplus_kernels import distributed, validation
+    from rlplus_kernels.config import RLPlusConfig
+
+    monkeypatch.setattr(validation, "graph_capturing", lambda device: True)
+    monkeypatch.setattr(distributed, "graph_capturing", lambda device: True)
+    with pytest.raises(ValueError, match=re.escape("normalizer is a CPU tensor while a CUDA graph is captured")):
+        validation.check_normalizer(torch.tensor(8.0), torch.device("cuda"))
+    with pytest.raises(ValueError, match=re.escape("vocab_parallel_group: the ranks' exchange of shard sizes reads "
+                                                   "them on the host, which cannot happen while a CUDA graph is "
+                                                   "captured")):
+        distributed.vocab_layout(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), RLPlusConfig())

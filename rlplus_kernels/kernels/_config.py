@@ -142,11 +142,6 @@ def autotune_applies(device: torch.device, dtype: torch.dtype, aligned: bool, di
             and dim % 64 == 0)
 
 
-def graph_capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on `device`'s current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def table_config(family: str, is_fp32: bool, aligned: bool = True, kernel: str = "fwd") -> KernelConfig:
     if not aligned and family != "interpret":
         return _UNALIGNED[(is_fp32, kernel)]

@@ -31,12 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._environment import graph_capturing
 from ._config import (
     AUTOTUNE_CANDIDATES,
     autotune_applies,
     check_interpreter,
     dot_precision,
-    graph_capturing,
     kernel_operand,
     logits_source,
     on_tensor_device,
