@@ -78,9 +78,10 @@ def clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:
 
 
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Mean of x over `where`, 0 over an empty set, with no host sync."""
-    total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    return (total / where.sum().clamp(min=1)).detach()
+    """Mean of x over `where`, 0 over an empty set, with no host sync. Each term is divided before the sum, which
+    then cannot overflow where the mean does not (log-probs of -1.5e38 summed first were -inf)."""
+    terms = torch.where(where, x / where.sum().clamp(min=1), torch.zeros((), dtype=x.dtype, device=x.device))
+    return terms.sum().detach()
 
 
 def aggregation_weights(batch: TokenBatch, mode: str, normalizer: Union[None, float, torch.Tensor]) -> torch.Tensor:

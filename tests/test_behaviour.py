@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, HostReads, LargestAllocation, assert_close,
-                     assert_grad_close, reference_inputs)
-from reference import linear_logprobs_reference, rlplus_loss_reference
+                     assert_grad_close, dot_product_allowance, reference_inputs)
+from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
 BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
@@ -98,6 +98,60 @@ def test_huge_logits_and_saturated_probabilities_stay_finite(backend):
                       ref_logprobs=-torch.rand(8), gamma=0.5, backend=backend)
     _finite_everywhere(out, (hidden, weight))
     assert out.logprobs.min() < -1000  # the logits really were huge
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_mean_of_huge_finite_log_probs_is_finite(backend):
+    """A bias of 1.5e38 on a row that no target takes gives each target a finite log p of about -1.5e38; their
+    mean, logprob_mean, summed them first and was -inf."""
+    torch.manual_seed(0)
+    bias = torch.zeros(20)
+    bias[0] = 1.5e38
+    hidden, weight, advantages = torch.randn(4, 8), torch.randn(20, 8), torch.randn(4)
+    targets = torch.tensor([1, 2, 3, 4])
+    got = rlplus_loss(hidden, weight, targets, advantages, bias=bias, backend=backend)
+    expected = rlplus_loss_reference(hidden.double(), weight.double(), targets, advantages, bias=bias.double())
+    assert torch.isfinite(got.logprobs).all() and got.logprobs.max() < -1e38  # as drawn
+    rtol, atol = TOLERANCES[torch.float32]["value"]
+    for name in ("logprob_mean", "ratio_mean"):
+        assert_close(got.metrics[name], expected.metrics[name], rtol=rtol, atol=atol, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coefficient", [dict(gamma=1e39), dict(entropy_coef=1e37)], ids=["gamma=1e39", "entropy=1e37"])
+def test_coefficients_at_float32s_edge_give_the_references_loss_and_gradients(backend, coefficient):
+    """Valid coefficients at the edge of float32, with peaked distributions (every target's p rounds to 0 or 1):
+    gamma = 1e39 (inf in float32) gave the Triton head inf * log 1 = NaN where p is 0, whose (1 - p)^gamma is 1;
+    entropy_coef = 1e37 gave the torch backend's backward g_ent * log p = inf times p = 0, NaN gradients. The
+    reference's loss and gradients are finite, and so are each backend's."""
+    torch.manual_seed(0)
+    hidden, weight = leaf(8, 6, scale=40.0), leaf(20, 6)
+    with torch.no_grad():
+        logits = hidden @ weight.T
+    # the least likely token of each row (p below 1e-30 in float32 and float64 alike), or the likeliest
+    targets = torch.where(torch.arange(8) % 2 == 0, logits.argmin(-1), logits.argmax(-1))
+    advantages, external = torch.randn(8), torch.ones(8, dtype=torch.bool)
+    ref_hidden, ref_weight = reference_inputs(hidden, weight)
+    expected = rlplus_loss_reference(ref_hidden, ref_weight, targets, advantages, external_mask=external,
+                                     **coefficient)
+    got = rlplus_loss(hidden, weight, targets, advantages, external_mask=external, backend=backend, **coefficient)
+    assert got.logprobs[0::2].exp().max() == 0 and got.logprobs[1::2].exp().min() > 0.99  # as drawn
+    rtol, atol = TOLERANCES[torch.float32]["value"]
+    assert_close(got.loss.detach(), expected.loss.detach(), rtol=rtol, atol=atol, name="loss")
+    for name in ("explore_coef_mean", "mis_ratio_mean"):
+        assert_close(got.metrics[name], expected.metrics[name], rtol=rtol, atol=atol, name=name)
+    # the gradients' float32 rounding at these logits (|z| ~ 400) is allowed, by `dot_product_allowance`, from the
+    # reference's upstream gradients of each token's log p and entropy
+    logp, entropy = (x.detach().requires_grad_() for x in linear_logprobs_reference(
+        ref_hidden, ref_weight, targets, return_entropy=True))
+    upstream = torch.autograd.grad(rlplus_loss_from_logprobs_reference(
+        logp, entropy, targets, advantages, external_mask=external, **coefficient).loss, (logp, entropy),
+        allow_unused=True)
+    allowances = dot_product_allowance(*upstream, hidden, weight, None, targets, 1.0, backend=backend)
+    grads = torch.autograd.grad(got.loss, (hidden, weight))
+    for name, g, rg, allowance in zip(("hidden", "weight"), grads,
+                                      torch.autograd.grad(expected.loss, (ref_hidden, ref_weight)), allowances):
+        assert_grad_close(g, rg, rtol=TOLERANCES[torch.float32]["grad"], name=f"grad_{name}", allowance=allowance)
 
 
 @pytest.mark.parametrize("backend,source", [("torch", None), *[

@@ -189,11 +189,12 @@ def backward(
                 dz = log_p.exp_().mul_(neg_g_logp[t0:t1, None])  # -g_logp * p, in place
             else:
                 p = torch.exp(log_p, out=prob_buffer.take(t1 - t0, v1 - v0))
-                # dz = -p * (g_logp + g_ent * (log p + H)), computed in log_p's storage
-                dz = log_p.add_(entropy[t0:t1, None]).mul_(g_ent[t0:t1, None])
+                # dz = -(p (log p + H) g_ent + p g_logp), computed in log_p's storage; p first, as the Triton
+                # kernel does: a huge g_ent times the floored log p would overflow where p is 0 (inf * 0 = NaN)
+                dz = log_p.add_(entropy[t0:t1, None]).mul_(p).mul_(g_ent[t0:t1, None])
                 if g_logp is not None:
-                    dz.add_(g_logp[t0:t1, None])
-                dz.mul_(p).neg_()
+                    dz.addcmul_(p, g_logp[t0:t1, None])
+                dz.neg_()
             if g_logp is not None:
                 column, hit = _target_columns(local_targets[t0:t1], in_shard[t0:t1], v0, v1)
                 onehot_grad = torch.where(hit, g_logp[t0:t1], torch.zeros_like(g_logp[t0:t1]))

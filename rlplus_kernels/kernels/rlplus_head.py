@@ -140,9 +140,11 @@ def _rlplus_head_fwd_kernel(
         d_mis_weight = tl.where((log_w <= LOG_RATIO_CLAMP) & (mis_weight <= mis_clip_max), mis_weight, 0.0)
         mis_weight = nan_minimum(mis_weight, mis_clip_max)
         base = nan_maximum(1.0 - tl.exp(logp), 0.0)
-        # base ** gamma as torch.pow: x ** 0 = 1 for every x (0 and NaN included), 0 ** gamma = 0, NaN ** gamma = NaN
-        explore = tl.where(gamma == 0.0, 1.0,
-                           tl.where(base > 0.0, tl.exp(gamma * tl.log(tl.where(base > 0.0, base, 1.0))),
+        # base ** gamma as torch.pow: x ** 0 = 1 for every x (0 and NaN included), 1 ** gamma = 1 (also for a gamma
+        # beyond float32, inf here: not inf * log 1 = NaN), 0 ** gamma = 0, NaN ** gamma = NaN
+        in_between = (base > 0.0) & (base < 1.0)
+        explore = tl.where((gamma == 0.0) | (base == 1.0), 1.0,
+                           tl.where(in_between, tl.exp(gamma * tl.log(tl.where(in_between, base, 0.5))),
                                     tl.where(base == 0.0, 0.0, base)))
         loss = tl.where(external, -mis_weight * adv * explore, loss)
         d_loss = tl.where(external, -d_mis_weight * adv * explore, d_loss)
