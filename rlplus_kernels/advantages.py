@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_number
+from .validation import check_number, plain_number, shape_text
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = False,
@@ -14,11 +14,15 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
     `rewards` [S] float, `group_ids` [S] int (any labels). The std is the unbiased one, as in GRPO's
     reference code; a group of one member has advantage 0.
     """
-    if not isinstance(rewards, torch.Tensor) or not rewards.dtype.is_floating_point or rewards.dim() != 1:
-        raise TypeError("rewards must be a 1-D floating-point tensor [S]")
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a 1-D floating-point tensor [S], got {type(rewards).__name__}")
+    if not rewards.dtype.is_floating_point or rewards.dim() != 1:
+        raise TypeError(f"rewards must be a 1-D floating-point tensor [S], got {rewards.dtype} of shape "
+                        f"{shape_text(rewards.shape)}")
     if (not isinstance(group_ids, torch.Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype.is_complex
             or group_ids.dtype == torch.bool or group_ids.shape != rewards.shape):
         raise TypeError(f"group_ids must be an integer tensor of rewards' shape {tuple(rewards.shape)}")
+    normalize_std = plain_number("normalize_std", normalize_std)  # np.bool_ from a config file
     if not isinstance(normalize_std, bool):
         raise TypeError(f"normalize_std must be True or False, got {normalize_std!r}")
     if check_number("eps", eps) < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -206,6 +207,12 @@ class RLPlusLoss(nn.Module):
 
     def __init__(self, *, normalizer=None, vocab_parallel_group=None, **hyper_parameters):
         super().__init__()
+        hyper_parameter_names = [field.name for field in fields(RLPlusConfig)]
+        unknown = [name for name in hyper_parameters if name not in hyper_parameter_names]
+        if unknown:
+            raise TypeError(f"RLPlusLoss got unknown keyword(s) {unknown}: it takes the hyper-parameters "
+                            f"{', '.join(hyper_parameter_names)}, normalizer and vocab_parallel_group; the per-batch "
+                            "tensors (external_mask, loss_mask, ...) go to forward")
         self.config = RLPlusConfig(**hyper_parameters)
         if normalizer is not None:  # refused here rather than at the first forward
             check_normalizer(normalizer, None)

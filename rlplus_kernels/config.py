@@ -29,9 +29,9 @@ OFFICIAL_RECIPE = dict(
 )
 
 
-def _integer(value):
+def _integer(name: str, value):
     """A Python int for any integral number but bool (numpy integers included), else the value as given."""
-    value = plain_number(value)
+    value = plain_number(name, value)
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
@@ -61,7 +61,7 @@ class RLPlusConfig:
         for name in ("clip_eps_low", "clip_eps_high", "dual_clip", "mis_clip_max"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), allow_none=True))
         for name in ("ignore_index", "chunk_tokens", "chunk_vocab"):
-            object.__setattr__(self, name, _integer(getattr(self, name)))
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0:
@@ -86,7 +86,7 @@ class RLPlusConfig:
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if not -2**63 <= self.ignore_index < 2**63:  # the targets are int64
             raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
-        if not isinstance(plain_number(self.return_entropy), bool):
+        if not isinstance(plain_number("return_entropy", self.return_entropy), bool):
             raise TypeError(f"return_entropy must be a bool, got {type(self.return_entropy).__name__}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

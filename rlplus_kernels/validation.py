@@ -17,12 +17,16 @@ SUPPORTED_DTYPES = {
 }
 
 
-def plain_number(value):
+def plain_number(name: str, value):
     """A numpy scalar (np.float32(0.2), from a config file) as the Python number it holds; anything
     else as given. Duck-typed, not isinstance(np.generic): torch.compile traces numpy scalars as its
-    own 0-dim ndarrays."""
+    own 0-dim ndarrays, whose value is unknown while it traces (sympy's "expression is NaN" at the first
+    comparison): there the argument `name` is refused."""
     if not isinstance(value, (bool, int, float, torch.Tensor)) and getattr(value, "ndim", None) == 0 \
             and hasattr(value, "item"):
+        if torch.compiler.is_compiling():
+            raise TypeError(f"{name} is a numpy scalar, which torch.compile traces as a tensor of unknown value: "
+                            f"pass a Python number ({name}=float(value) or int(value))")
         return value.item()
     return value
 
@@ -31,7 +35,7 @@ def check_number(name: str, value, *, allow_none: bool = False) -> Optional[floa
     """A finite real number as a Python float (numpy scalars from a config file included)."""
     if value is None and allow_none:
         return None
-    value = plain_number(value)
+    value = plain_number(name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     # comparisons, not math.isfinite: under torch.compile a float argument that changed between
@@ -247,7 +251,7 @@ def check_normalizer(normalizer, device: Optional[torch.device]):
                              "be captured (and would hold the value of the capture at every replay); pass it on "
                              f"{device}, e.g. a tensor that each step fills in place")
         return normalizer.to(device)
-    normalizer = plain_number(normalizer)
+    normalizer = plain_number("normalizer", normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a positive number or a 0-dim tensor, got {type(normalizer).__name__}")
     if not check_number("normalizer", normalizer) > 0:

@@ -494,12 +494,17 @@ def test_group_advantages():
     torch.testing.assert_close(spread, torch.tensor([0.5**0.5, -0.5**0.5]))
     with pytest.raises(TypeError, match="group_ids"):
         group_advantages(rewards, torch.zeros(5, dtype=torch.long))
-    with pytest.raises(TypeError, match="rewards"):
-        group_advantages(torch.ones(6, dtype=torch.long), groups)
+    for bad_rewards, got in ((torch.ones(6, dtype=torch.long), "got torch.int64 of shape [6]"),
+                             (torch.ones(3, 2), "got torch.float32 of shape [3, 2]"), ([1.0] * 6, "got list")):
+        with pytest.raises(TypeError, match=re.escape(f"rewards must be a 1-D floating-point tensor [S], {got}")):
+            group_advantages(bad_rewards, groups)
     with pytest.raises(TypeError, match="group_ids"):
         group_advantages(rewards, groups.to(torch.complex64))
     with pytest.raises(TypeError, match="normalize_std"):
         group_advantages(rewards, groups, normalize_std="no")
+    np = pytest.importorskip("numpy")  # a flag read from a config through numpy
+    assert torch.equal(group_advantages(rewards, groups, normalize_std=np.bool_(True)),
+                       group_advantages(rewards, groups, normalize_std=True))
     for eps, error in ((float("nan"), ValueError), (float("inf"), ValueError), (-1e-6, ValueError),
                        ("x", TypeError), (None, TypeError)):
         with pytest.raises(error, match="eps"):

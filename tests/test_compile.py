@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -178,6 +180,23 @@ def test_a_bad_shape_after_a_dynamic_recompile_is_named(backend):
         compiled(torch.randn(n_tokens, D), torch.randint(0, V, (n_tokens,)), torch.randn(n_tokens))
     with pytest.raises(Exception, match=r"advantages must have shape \[8\], got \[3\]"):
         compiled(torch.randn(8, D), torch.randint(0, V, (8,)), torch.randn(3))
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 11), reason="dynamo's error carries the message of an exception raised in "
+                    "a fullgraph step in recent torch; checked on 2.11 and 2.13")
+@pytest.mark.parametrize("name", ["entropy_coef", "temperature", "gamma", "normalizer"])
+def test_a_numpy_scalar_inside_a_compiled_step_is_refused_by_name(name):
+    """torch.compile traces a numpy scalar as a 0-dim array of unknown value: the first comparison with it failed
+    inside sympy ("sympy expression is NaN"), naming neither the argument nor the remedy (a Python number)."""
+    np = pytest.importorskip("numpy")
+    torch._dynamo.reset()
+    hidden, weight = torch.randn(6, 8), torch.randn(10, 8)
+    targets, advantages = torch.randint(0, 10, (6,)), torch.randn(6)
+    compiled = torch.compile(lambda value: rlplus_loss(hidden, weight, targets, advantages, backend="torch",
+                                                       **{name: value}).loss, fullgraph=True)
+    with pytest.raises(Exception, match=re.escape(f"{name} is a numpy scalar, which torch.compile traces as a tensor "
+                                                  f"of unknown value: pass a Python number ({name}=float(value)")):
+        compiled(np.float32(0.5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

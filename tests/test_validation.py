@@ -169,6 +169,11 @@ def test_module_refuses_bad_hyper_parameters_at_construction():
         RLPlusLoss(normalizer=0)
     with pytest.raises(ValueError, match="normalizer"):
         RLPlusLoss(normalizer=torch.ones(2))
+    # a misspelt hyper-parameter, or a per-batch tensor given to the constructor: named, with what it takes
+    for keyword in ("clip_eps", "external_mask"):
+        with pytest.raises(TypeError, match=re.escape(f"RLPlusLoss got unknown keyword(s) ['{keyword}']: it takes the "
+                                                      "hyper-parameters kl_coef, temperature, clip_eps_low")):
+            RLPlusLoss(**{keyword: 0.2})
 
 
 def test_numpy_scalars_are_numbers():
