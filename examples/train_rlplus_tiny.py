@@ -291,7 +291,11 @@ def main() -> None:
                         for when, idx in (("start", 0), ("final", -1))}
                for method in ("rlplus", "grpo")}
     os.makedirs(args.out, exist_ok=True)
-    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "recipe": {**OFFICIAL_RECIPE}, "torch": torch.__version__,
+    # the run is chaotic: another torch or transformers (its initialisation, its kernels) gives other curves
+    import transformers
+
+    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "recipe": {**OFFICIAL_RECIPE},
+              "torch": torch.__version__, "transformers": transformers.__version__,
               "time_s": {m: round(t, 1) for m, t in times.items()}, "summary": summary,
               "runs": {str(seed): h for seed, h in runs.items()}}
     with open(os.path.join(args.out, "train_rlplus_tiny.json"), "w") as f:
