@@ -36,6 +36,7 @@ def environment_variable(name: str, default: Optional[str]) -> Optional[str]:
 
 
 def graph_capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on `device`'s current stream: no host sync may happen then. False
-    while torch.compile traces (no graph is captured then; cudagraphs capture the compiled code later)."""
+    """Whether `device` is a CUDA device and a CUDA graph is being captured on the current device's current stream:
+    no host sync may happen then. False while torch.compile traces (no graph is captured then; cudagraphs capture
+    the compiled code later)."""
     return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()

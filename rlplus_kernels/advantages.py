@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends.common import widest_float
 from .validation import check_number, plain_number, shape_text
 
 
@@ -33,7 +34,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normaliz
     num_groups = int(group.max()) + 1 if group.numel() else 0
     # counts, sums and squares in float64 (float32 where the device has no float64, as MPS), returned in the
     # rewards' dtype: bfloat16 stops counting at 256, and float32 rewards of 2e19 have squares past its range
-    values = rewards.to(torch.float32 if rewards.device.type == "mps" else torch.float64)
+    values = rewards.to(widest_float(rewards.device))
     count = torch.zeros(num_groups, dtype=values.dtype, device=rewards.device).index_add_(
         0, group, torch.ones_like(values))
     mean = torch.zeros_like(count).index_add_(0, group, values) / count

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import dataclasses
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -207,7 +207,7 @@ class RLPlusLoss(nn.Module):
 
     def __init__(self, *, normalizer=None, vocab_parallel_group=None, **hyper_parameters):
         super().__init__()
-        hyper_parameter_names = [field.name for field in fields(RLPlusConfig)]
+        hyper_parameter_names = [field.name for field in dataclasses.fields(RLPlusConfig)]
         unknown = [name for name in hyper_parameters if name not in hyper_parameter_names]
         if unknown:
             raise TypeError(f"RLPlusLoss got unknown keyword(s) {unknown}: it takes the hyper-parameters "

@@ -147,9 +147,11 @@ def checked_on_every_rank(group, checks, *args, **kwargs):
     before it is raised: the other ranks then raise too, where they would wait for this one in that exchange.
 
     A plain call, not a context manager: torch 2.6's dynamo cannot trace a contextlib one. Eager only: inside
-    torch.compile a refusal raises while the graph is traced, so nothing can be exchanged.
+    torch.compile a refusal raises while the graph is traced, so nothing can be exchanged, and while a CUDA graph is
+    captured the exchange cannot run (every rank then refuses the call, `vocab_layout`).
     """
-    if group is None or torch.compiler.is_compiling():
+    capturing = torch.cuda.is_available() and graph_capturing(torch.device("cuda"))
+    if group is None or torch.compiler.is_compiling() or capturing:
         return checks(*args, **kwargs)
     try:
         return checks(*args, **kwargs)

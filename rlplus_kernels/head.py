@@ -12,6 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from .backends.common import widest_float
 from .config import RLPlusConfig
 
 # SPEC: r = exp(clamp(logp - o, -20, 20)) and log w <= 20. The KL log-ratio is clamped alike so that
@@ -78,10 +79,10 @@ def clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:
 
 
 def _masked_mean(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Mean of x over `where`, 0 over an empty set, with no host sync. Each term is divided before the sum, which
-    then cannot overflow where the mean does not (log-probs of -1.5e38 summed first were -inf)."""
-    terms = torch.where(where, x / where.sum().clamp(min=1), torch.zeros((), dtype=x.dtype, device=x.device))
-    return terms.sum().detach()
+    """Mean of x over `where`, 0 over an empty set, with no host sync. Summed in `widest_float`: a float32 sum of
+    log-probs of -1.5e38 was -inf, and dividing each term first made the mean of ten ones 1.0000001."""
+    total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dtype=widest_float(x.device))
+    return (total / where.sum().clamp(min=1)).to(x.dtype).detach()
 
 
 def aggregation_weights(batch: TokenBatch, mode: str, normalizer: Union[None, float, torch.Tensor]) -> torch.Tensor:

@@ -248,8 +248,7 @@ def check_normalizer(normalizer, device: Optional[torch.device]):
             raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {device}")
         if normalizer.device != device and graph_capturing(device):
             raise ValueError(f"normalizer is a CPU tensor while a CUDA graph is captured: its copy to {device} cannot "
-                             "be captured (and would hold the value of the capture at every replay); pass it on "
-                             f"{device}, e.g. a tensor that each step fills in place")
+                             f"be captured; pass it on {device} (a tensor that each step fills in place)")
         return normalizer.to(device)
     normalizer = plain_number("normalizer", normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):

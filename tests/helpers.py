@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -153,21 +155,33 @@ def reference_inputs(*tensors):
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
 
 
+def _custom_op_bodies() -> dict:
+    """The package's custom ops (OpOverload -> the Python body they run); the Triton ones where their module is
+    loaded (it needs triton), the only case in which they can be called."""
+    from rlplus_kernels.backends import raw_ops, single_pass_op
+
+    bodies = {torch.ops.rlplus.linear_logprobs_fwd.default: raw_ops.linear_logprobs_fwd_body,
+              torch.ops.rlplus.linear_logprobs_bwd.default: raw_ops.linear_logprobs_bwd_body,
+              torch.ops.rlplus.rlplus_loss_single_pass.default: single_pass_op.single_pass_body}
+    for module, op, definition in (("triton_op", "linear_logprobs", "_linear_logprobs_op"),
+                                   ("triton_head", "rlplus_head", "_rlplus_head_op")):
+        loaded = sys.modules.get(f"rlplus_kernels.backends.{module}")
+        if loaded is not None:
+            bodies[getattr(torch.ops.rlplus, op).default] = getattr(loaded, definition)._init_fn
+    return bodies
+
+
 class SeesInsideCustomOps(TorchDispatchMode):
-    """A dispatch mode that observes every op, also those inside the backends' raw custom ops and the
-    single-pass op, which a mode otherwise sees as one op: it runs their bodies under itself."""
+    """A dispatch mode that observes every op, also those inside the package's custom ops, which a mode otherwise
+    sees as one op: it runs their bodies under itself."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from rlplus_kernels.backends import raw_ops, single_pass_op
-
-        body = {torch.ops.rlplus.linear_logprobs_fwd.default: raw_ops.linear_logprobs_fwd_body,
-                torch.ops.rlplus.linear_logprobs_bwd.default: raw_ops.linear_logprobs_bwd_body,
-                torch.ops.rlplus.rlplus_loss_single_pass.default: single_pass_op.single_pass_body}.get(func)
+        body = _custom_op_bodies().get(func)
         if body is not None:
             with self:
                 return body(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
-        self.observe(func, out)
+        self.observe(func, args, kwargs or {}, out)
         return out
 
 
@@ -176,22 +190,33 @@ class CountMatmuls(SeesInsideCustomOps):
         super().__init__()
         self.count = 0
 
-    def observe(self, func, out):
+    def observe(self, func, args, kwargs, out):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             self.count += 1
 
 
+# Ops whose output size depends on the data: on a GPU they wait for it (a host sync)
+_SIZED_BY_DATA = (torch.ops.aten.nonzero, torch.ops.aten.masked_select, torch.ops.aten._unique2,
+                  torch.ops.aten.unique_consecutive, torch.ops.aten.unique_dim)
+
+
 class HostReads(SeesInsideCustomOps):
-    """The ops that read a tensor's value on the host (bool(), .item(): a host sync on a GPU, an error while a
-    CUDA graph is captured), in order."""
+    """The ops that read a tensor's value on the host or wait for it on a GPU (bool(), .item(), an output sized by
+    the data: a boolean index, repeat_interleave without output_size): a host sync on a GPU, an error while a CUDA
+    graph is captured. Their names, in order."""
 
     def __init__(self):
         super().__init__()
         self.reads = []
 
-    def observe(self, func, out):
-        if func == torch.ops.aten._local_scalar_dense.default:
-            self.reads.append(func)
+    def observe(self, func, args, kwargs, out):
+        boolean_index = func.overloadpacket is torch.ops.aten.index and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        unsized_repeat = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+        if (func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                     torch.ops.aten.is_nonzero.default) or func.overloadpacket in _SIZED_BY_DATA
+                or boolean_index or unsized_repeat):
+            self.reads.append(str(func))
 
 
 class LargestAllocation(SeesInsideCustomOps):
@@ -202,7 +227,7 @@ class LargestAllocation(SeesInsideCustomOps):
         super().__init__()
         self.largest = self.largest_bytes = 0
 
-    def observe(self, func, out):
+    def observe(self, func, args, kwargs, out):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())

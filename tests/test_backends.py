@@ -21,8 +21,12 @@ needs_triton = pytest.mark.skipif(not triton_installed(), reason="triton is not 
 # RLPLUS_TEST_DEVICE=cuda runs the same properties on a GPU (there with TRITON_INTERPRET=0).
 DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
-gpu_only = pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
-                              reason="large shapes need a GPU: run with RLPLUS_TEST_DEVICE=cuda")
+def needs_gpu(why: str):
+    return pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
+                              reason=f"{why}: run with RLPLUS_TEST_DEVICE=cuda TRITON_INTERPRET=0")
+
+
+gpu_only = needs_gpu("large shapes need a GPU")
 
 TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # bfloat16 runs through the interpreter too: the launcher upcasts it there (triton 3.9's interpreter
@@ -375,9 +379,7 @@ def test_triton_logprobs_on_gpu_at_larger_shapes(problem):
     check_linear_logprobs(problem, "triton")
 
 
-@pytest.mark.skipif(not (ON_GPU and torch.cuda.is_available()),
-                    reason="CUDA graph capture needs a GPU: run with RLPLUS_TEST_DEVICE=cuda (the CPU test of the same "
-                           "path fakes the capture: test_behaviour.py)")
+@needs_gpu("CUDA graph capture needs a GPU (test_behaviour.py fakes the capture on the CPU)")
 @pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
 def test_a_captured_cuda_graph_replays_the_loss_on_new_data(schedule, monkeypatch):
     """A trainer's step captured whole in a CUDA graph (torch.cuda.graph around the forward and the backward, after

@@ -118,6 +118,21 @@ def test_the_mean_of_huge_finite_log_probs_is_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [10, 12, 1000])
+def test_a_mean_of_equal_values_is_exact(backend, n):
+    """Every ratio 1 (no old log-probs) and every token clipped (ratio e^3, positive advantages): ratio_mean and
+    clip_frac are exactly 1, as they were before the mean's sum was made overflow-free (dividing each term first
+    gave 1.0000001 for 10 tokens, a clip fraction above 1)."""
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(n, 8), torch.randn(20, 8), torch.randint(0, 20, (n,))
+    fresh = rlplus_loss(hidden, weight, targets, torch.randn(n), backend=backend)
+    assert fresh.metrics["ratio_mean"].item() == 1.0
+    logp = linear_logprobs(hidden, weight, targets, backend=backend)
+    clipped = rlplus_loss(hidden, weight, targets, torch.rand(n) + 0.1, logp - 3, backend=backend)
+    assert clipped.metrics["clip_frac"].item() == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("coefficient", [dict(gamma=1e39), dict(entropy_coef=1e37)], ids=["gamma=1e39", "entropy=1e37"])
 def test_coefficients_at_float32s_edge_give_the_references_loss_and_gradients(backend, coefficient):
     """Valid coefficients at the edge of float32, with peaked distributions (every target's p rounds to 0 or 1):
@@ -659,3 +674,17 @@ def test_what_a_cuda_graph_cannot_capture_is_refused_by_name(monkeypatch):
                                                    "them on the host, which cannot happen while a CUDA graph is "
                                                    "captured")):
         distributed.vocab_layout(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), RLPlusConfig())
+
+    # a rank's own refusal raises as it is: the exchange that would tell the other ranks (a copy from the host)
+    # cannot run either, and the others refuse at vocab_layout
+    exchanges = []
+
+    def refuses():
+        raise ValueError("this rank's inputs")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "_exchange", lambda *args: exchanges.append(args))
+    with pytest.raises(ValueError, match="this rank's inputs"):
+        distributed.checked_on_every_rank(object(), refuses)
+    assert exchanges == []

@@ -17,6 +17,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64, or float32 where the device has none (MPS): a sum of float32 terms there neither overflows where
+    its mean would not nor loses the last bits that make a mean of equal terms exact."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def device_scalars(like: torch.Tensor, values, dtype: torch.dtype) -> torch.Tensor:
     """[len(values)] of `dtype` on `like`'s device, formed there: no copy from the host (which would wait for the
     device, and cannot be captured in a CUDA graph). Products, not torch.full or torch.tensor: under
