@@ -385,25 +385,33 @@ def test_a_captured_cuda_graph_replays_the_loss_on_new_data(schedule, monkeypatc
     """A trainer's step captured whole in a CUDA graph (torch.cuda.graph around the forward and the backward, after
     a warm-up on a side stream, as PyTorch's whole-network capture does), replayed on new data copied into its
     static inputs, gives the loss, log-probs and gradients of an eager step on that data, bit for bit (the same
-    kernels, no atomics): nothing reads the host during capture, and the checks are replayed on the device."""
+    kernels, no atomics): nothing reads the host during capture, and the checks are replayed on the device.
+    Packed sequences (new boundaries at each replay), per-sequence advantages, a bias, a loss mask and the KL
+    and entropy terms included."""
     monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     torch.manual_seed(0)
-    n, d, v = 512, 256, 5000
+    n, d, v, sequences = 512, 256, 5000, 8
     on = dict(device=DEVICE)
     hidden = torch.randn(n, d, dtype=torch.bfloat16, **on).requires_grad_()
     weight = (torch.randn(v, d, dtype=torch.bfloat16, **on) / d ** 0.5).requires_grad_()
+    bias = (torch.randn(v, dtype=torch.bfloat16, **on) / 10).requires_grad_()
 
     def new_batch():
-        return dict(targets=torch.randint(0, v, (n,), **on), advantages=torch.randn(n, **on),
-                    old_logprobs=-torch.rand(n, **on) - 1, external_mask=torch.rand(n, **on) < 0.3,
-                    normalizer=torch.tensor(float(n), **on))
+        cuts = torch.randint(1, n, (sequences - 1,), **on).sort().values
+        return dict(targets=torch.randint(0, v, (n,), **on), advantages=torch.randn(sequences, **on),
+                    old_logprobs=-torch.rand(n, **on) - 1, ref_logprobs=-torch.rand(n, **on) - 1,
+                    external_mask=torch.rand(n, **on) < 0.3, loss_mask=torch.rand(n, **on) < 0.9,
+                    cu_seqlens=torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), n)]),
+                    normalizer=torch.tensor(float(sequences), **on))
 
     static = new_batch()
 
     def step():
-        hidden.grad = weight.grad = None
+        hidden.grad = weight.grad = bias.grad = None
         out = rlplus_loss(hidden, weight, static["targets"], static["advantages"], static["old_logprobs"],
-                          external_mask=static["external_mask"], normalizer=static["normalizer"], entropy_coef=0.01,
+                          **{name: static[name] for name in ("ref_logprobs", "external_mask", "loss_mask",
+                                                             "cu_seqlens", "normalizer")},
+                          bias=bias, kl_coef=0.05, entropy_coef=0.01, loss_agg="seq-mean-token-mean",
                           backend="triton")
         out.loss.backward()
         return out
@@ -417,7 +425,7 @@ def test_a_captured_cuda_graph_replays_the_loss_on_new_data(schedule, monkeypatc
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    captured_grads = (hidden.grad, weight.grad)  # the graph's own, refilled at each replay
+    captured_grads = (hidden.grad, weight.grad, bias.grad)  # the graph's own, refilled at each replay
     for _ in range(2):
         for name, value in new_batch().items():
             static[name].copy_(value)
@@ -425,5 +433,6 @@ def test_a_captured_cuda_graph_replays_the_loss_on_new_data(schedule, monkeypatc
         eager = step()
         assert torch.equal(captured.loss, eager.loss), (captured.loss.item(), eager.loss.item())
         assert torch.equal(captured.logprobs, eager.logprobs)
-        for name, got, expected in zip(("hidden", "weight"), captured_grads, (hidden.grad, weight.grad)):
+        for name, got, expected in zip(("hidden", "weight", "bias"), captured_grads,
+                                       (hidden.grad, weight.grad, bias.grad)):
             assert torch.equal(got, expected), f"grad_{name}: max diff {(got - expected).abs().max().item()}"
