@@ -150,8 +150,8 @@ def checked_on_every_rank(group, checks, *args, **kwargs):
     torch.compile a refusal raises while the graph is traced, so nothing can be exchanged, and while a CUDA graph is
     captured the exchange cannot run (every rank then refuses the call, `vocab_layout`).
     """
-    capturing = torch.cuda.is_available() and graph_capturing(torch.device("cuda"))
-    if group is None or torch.compiler.is_compiling() or capturing:
+    if (group is None or torch.compiler.is_compiling()
+            or (torch.cuda.is_available() and graph_capturing(torch.device("cuda")))):
         return checks(*args, **kwargs)
     try:
         return checks(*args, **kwargs)
