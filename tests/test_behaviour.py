@@ -17,6 +17,9 @@ from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear
 
 BACKENDS = CPU_BACKENDS  # these tests build CPU tensors
 AGG_MODES = ["token-mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"]
+# (backend, RLPLUS_SCHEDULE): the torch backend, and the Triton one under each schedule
+BACKEND_SCHEDULES = [("torch", None), *[pytest.param("triton", schedule, marks=BACKENDS[1].marks)
+                                        for schedule in ("two-pass", "single-pass")]]
 
 
 def leaf(*shape, dtype=torch.float32, scale=1.0):
@@ -566,8 +569,7 @@ NON_FINITE_PLACES = [("hidden", (3, 2), NAN), ("weight", (7, 1), NAN), ("advanta
                      ("old_logprobs", (2,), INF), ("old_logprobs", (2,), -INF), ("behavior_logprobs", (0,), INF)]
 
 
-@pytest.mark.parametrize("backend,schedule", [("torch", None), *[
-    pytest.param("triton", schedule, marks=BACKENDS[1].marks) for schedule in ("two-pass", "single-pass")]])
+@pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)
 @pytest.mark.parametrize("place", NON_FINITE_PLACES, ids=[f"{name}={value}" for name, _, value in NON_FINITE_PLACES])
 @pytest.mark.parametrize("external", [False, True], ids=["on-policy", "external"])
 @pytest.mark.parametrize("gamma", [0.5, 0.0])
@@ -608,8 +610,7 @@ def test_a_non_finite_input_gives_the_references_loss_and_metrics(backend, sched
         assert hidden.grad.isnan().any()
 
 
-@pytest.mark.parametrize("backend,schedule", [("torch", None), *[
-    pytest.param("triton", schedule, marks=BACKENDS[1].marks) for schedule in ("two-pass", "single-pass")]])
+@pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)
 def test_no_host_read_while_a_cuda_graph_is_captured(backend, schedule, monkeypatch):
     """A host read while a CUDA graph is captured is an error (cudaErrorStreamCaptureUnsupported), and so the
     captured step of a trainer failed at the check of the targets' range. Now the value checks (targets,
@@ -661,8 +662,8 @@ def test_no_host_read_while_a_cuda_graph_is_captured(backend, schedule, monkeypa
 
 def test_what_a_cuda_graph_cannot_capture_is_refused_by_name(monkeypatch):
     """While a CUDA graph is captured, a CPU normalizer's copy to the GPU and a vocabulary-parallel call's
-    exchange of shard sizes would fail inside CUDA (and the normalizer would keep its captured value at every
-    replay): each is refused naming the argument, before anything is copied or exchanged."""
+    exchange of shard sizes would fail inside CUDA: each is refused naming the argument, before anything is
+    copied or exchanged."""
     from rlplus_kernels import distributed, validation
     from rlplus_kernels.config import RLPlusConfig
 
