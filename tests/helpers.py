@@ -232,3 +232,31 @@ class LargestAllocation(SeesInsideCustomOps):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
                 self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
+
+
+class PoisonedAllocations:
+    """Within it, `torch.empty`, `torch.empty_like`, `torch.empty_strided` and `Tensor.new_empty` called from Python
+    return memory filled as uninitialised memory may be: NaN (floating point), the largest value (integers), True
+    (bool). A result that differs from an unpoisoned run's read memory nothing wrote."""
+
+    _FACTORIES = ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"))
+
+    @staticmethod
+    def _poisoned(allocate):
+        def poisoned_allocate(*args, **kwargs):
+            out = allocate(*args, **kwargs)
+            if out.dtype.is_floating_point or out.dtype.is_complex:
+                return out.fill_(float("nan"))
+            return out.fill_(True if out.dtype == torch.bool else torch.iinfo(out.dtype).max)
+        return poisoned_allocate
+
+    def __enter__(self):
+        self._saved = [(owner, name, getattr(owner, name)) for owner, name in self._FACTORIES]
+        for owner, name, allocate in self._saved:
+            setattr(owner, name, self._poisoned(allocate))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, allocate in self._saved:
+            setattr(owner, name, allocate)
+        return False

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, HostReads, LargestAllocation, assert_close,
-                     assert_grad_close, dot_product_allowance, reference_inputs)
+from helpers import (CPU_BACKENDS, TOLERANCES, CountMatmuls, HostReads, LargestAllocation, PoisonedAllocations,
+                     assert_close, assert_grad_close, dot_product_allowance, reference_inputs)
 from reference import linear_logprobs_reference, rlplus_loss_from_logprobs_reference, rlplus_loss_reference
 from rlplus_kernels import OFFICIAL_RECIPE, RLPlusLoss, group_advantages, linear_logprobs, rlplus_loss
 
@@ -608,6 +608,39 @@ def test_a_non_finite_input_gives_the_references_loss_and_metrics(backend, sched
     if name in ("hidden", "weight"):  # a NaN logit: no finite gradient step either
         got.loss.backward()
         assert hidden.grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_nothing_reads_memory_it_did_not_write(backend, schedule, dtype, monkeypatch):
+    """Every buffer the loss allocates uninitialised is written before it is read: with that memory poisoned
+    (NaN, PoisonedAllocations) the loss, log-probs, entropies, metrics and gradients are bit for bit those of a
+    clean run. torch's CPU bfloat16 GEMM reads a padded dl chunk's rows past their last column (a vocabulary
+    of 100 here, not a multiple of 16, in one chunk) and multiplies that padding by 0: NaN there made gradients
+    NaN at random."""
+    if schedule is not None:
+        monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch.manual_seed(0)
+    n, d, v = 40, 24, 100
+    hidden, weight, bias = (leaf(n, d, scale=0.3).to(dtype).detach(), leaf(v, d).to(dtype).detach(),
+                            leaf(v).to(dtype).detach())
+    targets = torch.randint(0, v, (n,))
+    targets[3] = -100
+    data = dict(advantages=torch.randn(n), old_logprobs=-torch.rand(n) - 1, external_mask=torch.rand(n) < 0.3,
+                ref_logprobs=-torch.rand(n) - 1, kl_coef=0.1, entropy_coef=0.01, temperature=0.7, backend=backend)
+
+    def step():
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        out = rlplus_loss(leaves[0], leaves[1], targets, bias=leaves[2], **data)
+        out.loss.backward()
+        return [out.loss, out.logprobs, out.entropy, *out.metrics.values()] + [x.grad for x in leaves]
+
+    clean = step()
+    assert all(torch.isfinite(x).all() for x in clean)
+    with PoisonedAllocations():
+        poisoned = step()
+    for i, (got, want) in enumerate(zip(poisoned, clean)):
+        assert torch.equal(got, want), f"output {i} read memory nothing wrote"
 
 
 @pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)

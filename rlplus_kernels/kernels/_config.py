@@ -248,9 +248,13 @@ def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-def padded_elements(rows: int, cols: int) -> int:
-    """Storage for `padded_matrix(storage, r, c)` with r <= rows and c <= cols."""
-    return rows * _pad16(cols)
+def padded_storage(rows: int, cols: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Flat storage for `padded_matrix(storage, r, c)` with r <= rows and c <= cols. On the CPU it is zeroed:
+    torch's CPU bfloat16 GEMM (oneDNN's AMX kernel, uxlfoundation/oneDNN#5717; torch 2.13 here) lets a NaN past a
+    row's last column into the product when that column count is not a multiple of 16 or 32, so a NaN left in
+    the padding by uninitialised memory made gradients NaN at random. Nothing reads the padding on a GPU."""
+    allocate = torch.zeros if device.type == "cpu" else torch.empty
+    return allocate(rows * _pad16(cols), device=device, dtype=dtype)
 
 
 def padded_matrix(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, logits_source,
-                      on_tensor_device, operand_descriptors, padded_elements, padded_matrix, pick_config,
+                      on_tensor_device, operand_descriptors, padded_matrix, padded_storage, pick_config,
                       product_config, rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, nan_minimum, source_logits_tile
@@ -401,8 +401,8 @@ def linear_logprobs_backward(
         return acc32 if unscale is None else acc32.mul_(unscale)
 
     # dl chunks are [rows, cols] ([cols, rows] seen transposed when it holds the product) with padded rows
-    buf = torch.empty(padded_elements(min(cv, n_vocab), min(cn, n_tokens)) if product_in_dl
-                      else padded_elements(min(cn, n_tokens), min(cv, n_vocab)), device=device, dtype=dtype)
+    buf = (padded_storage(min(cv, n_vocab), min(cn, n_tokens), device=device, dtype=dtype) if product_in_dl
+           else padded_storage(min(cn, n_tokens), min(cv, n_vocab), device=device, dtype=dtype))
     gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
     # scaled float16 grad_weight rows that need no cross-chunk sum still leave cuBLAS in fp32
     gw_chunk32 = (torch.empty(min(cv, n_vocab) * dim, device=device, dtype=torch.float32)
@@ -412,8 +412,8 @@ def linear_logprobs_backward(
     # the column slices of a dl chunk that one fp32 product covers (the whole chunk otherwise)
     fp32_products = from_product and not product_in_dl
     slice_cols = max(cfg.BLOCK_V, cv // PRODUCT_SLICES // cfg.BLOCK_V * cfg.BLOCK_V) if fp32_products else cv
-    product = torch.empty(padded_elements(min(cn, n_tokens), min(slice_cols, n_vocab)), device=device,
-                          dtype=torch.float32) if fp32_products else None
+    product = (padded_storage(min(cn, n_tokens), min(slice_cols, n_vocab), device=device, dtype=torch.float32)
+               if fp32_products else None)
 
     def fill_dl(dl, n0, n1, c0, c1):
         """dl[:, :] = d loss / d logits of tokens n0:n1 and vocabulary rows c0:c1 of this shard."""

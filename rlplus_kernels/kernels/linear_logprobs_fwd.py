@@ -41,8 +41,8 @@ from ._config import (
     logits_source,
     on_tensor_device,
     operand_descriptors,
-    padded_elements,
     padded_matrix,
+    padded_storage,
     pick_config,
     pipelining_supported,
     product_config,
@@ -329,7 +329,7 @@ def _forward_from_products(h, w, b, targets, cfg, chunk_elems, **launch):
     layout = [choose_splits(n_tokens, v1 - v0, cfg.BLOCK_N, cfg.BLOCK_V, h.device, min_splits=1, waves=4)
               for v0, v1 in chunks]
     parts = _parts(launch["with_entropy"], sum(splits for splits, _ in layout), n_tokens, h.device)
-    product = torch.empty(padded_elements(n_tokens, cols), device=h.device, dtype=torch.float32)
+    product = padded_storage(n_tokens, cols, device=h.device, dtype=torch.float32)
     vocab_start, first = launch.pop("vocab_start"), 0
     for (v0, v1), (splits, per_split) in zip(chunks, layout):
         prod = mm_fp32(h, w[v0:v1].t(), out=padded_matrix(product, n_tokens, v1 - v0))

@@ -36,7 +36,7 @@ import torch
 from ..backends import SINGLE_PASS_DTYPES
 from ..backends.common import finish_logprobs
 from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, on_tensor_device,
-                      padded_elements, padded_matrix, product_config)
+                      padded_matrix, padded_storage, product_config)
 from .cublas import mm_fp32
 from .linear_logprobs_bwd import launch_dlogits
 from .linear_logprobs_fwd import forward_from_product
@@ -106,8 +106,8 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
     launch = dict(temperature=temperature, ignore_index=ignore_index, precision=dot_precision(dtype, device))
     budget = chunk_budget(chunk_elems)
     chunk_rows, slice_rows = plan_chunks(n_tokens, n_vocab, budget, cfg.BLOCK_N)
-    product = torch.empty(padded_elements(slice_rows, n_vocab), **f32)
-    dl_buf = torch.empty(padded_elements(chunk_rows, n_vocab), device=device, dtype=dtype)
+    product = padded_storage(slice_rows, n_vocab, **f32)
+    dl_buf = padded_storage(chunk_rows, n_vocab, device=device, dtype=dtype)
     need_any = need_h or need_w or need_b
     per_token = lambda x, n0, n1: None if x is None else x[n0:n1]  # noqa: E731
 
