@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .backends.common import widest_float
+from .backends.common import device_scalars, widest_float
 from .config import RLPlusConfig
 
 # SPEC: r = exp(clamp(logp - o, -20, 20)) and log w <= 20. The KL log-ratio is clamped alike so that
@@ -64,10 +64,17 @@ def segment_sum(x: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int)
     return x.new_zeros(num_sequences).index_add(0, sequence_ids, x)
 
 
-def _as_bound(x: Optional[float], dtype: torch.dtype) -> Optional[float]:
-    """A clamp bound as `dtype` holds it: beyond its range, infinite (no bound), as the Triton head's
-    float32 rounding makes it; torch.clamp refuses a Python float that overflows the tensor's dtype."""
-    return x if x is None or abs(x) <= torch.finfo(dtype).max else math.copysign(math.inf, x)
+def head_scalars(config: RLPlusConfig, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[7] `dtype` on `like`'s device, in the order the Triton head reads them: kl_coef, entropy_coef,
+    1 - clip_eps_low, 1 + clip_eps_high, dual_clip, gamma, mis_clip_max; an absent bound is an infinite one.
+    Formed on the device (`common.device_scalars`), not Python floats: torch.compile makes a float that torch.clamp,
+    `**` or a custom op takes a constant of the graph, so a schedule of any of these (an adaptive KL coefficient,
+    an annealed clip range) would recompile at every value. Rounded to `dtype` once: beyond its range, infinite."""
+    low, high, inf = config.clip_eps_low, config.clip_eps_high, math.inf
+    return device_scalars(like, (
+        config.kl_coef, config.entropy_coef, -inf if low is None else 1 - low, inf if high is None else 1 + high,
+        inf if config.dual_clip is None else config.dual_clip, config.gamma,
+        inf if config.mis_clip_max is None else config.mis_clip_max), dtype)
 
 
 def clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:
@@ -126,18 +133,18 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
     A = batch.advantages
     o = logp.detach() if batch.old_logprobs is None else batch.old_logprobs
 
+    # tensors, not floats: a compiled step takes new values without recompiling (head_scalars)
+    _, _, ratio_low, ratio_high, dual_clip, gamma, mis_clip_max = head_scalars(config, logp, logp.dtype).unbind()
+
     # On-policy tokens: the clipped PPO/GRPO surrogate.
     ratio = torch.exp(clamp(logp - o, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss_unclipped = -A * ratio
     loss_on = loss_unclipped
     if config.clip_eps_low is not None or config.clip_eps_high is not None:
-        low = None if config.clip_eps_low is None else 1 - config.clip_eps_low
-        high = None if config.clip_eps_high is None else 1 + config.clip_eps_high
-        loss_on = torch.maximum(loss_unclipped, -A * clamp(ratio, _as_bound(low, ratio.dtype),
-                                                           _as_bound(high, ratio.dtype)))
+        loss_on = torch.maximum(loss_unclipped, -A * clamp(ratio, ratio_low, ratio_high))
     terms = PerTokenTerms(loss=loss_on, ratio=ratio, clipped=loss_on > loss_unclipped)
     if config.dual_clip is not None:
-        terms.loss = torch.where(A < 0, torch.minimum(loss_on, -A * config.dual_clip), loss_on)
+        terms.loss = torch.where(A < 0, torch.minimum(loss_on, -A * dual_clip), loss_on)
 
     # External tokens: MIS weight w = p / (p_old/2 + p_omega/2) in log space, times the
     # exploration coefficient (1 - p)^gamma (RL-PLUS, arXiv 2508.00222, eqs. for MIS and EBA).
@@ -149,8 +156,8 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         log_w = logp - torch.logaddexp(o, log_pw) + LOG_2
         terms.mis_weight = torch.exp(clamp(log_w, high=LOG_RATIO_CLAMP))
         if config.mis_clip_max is not None:
-            terms.mis_weight = clamp(terms.mis_weight, high=_as_bound(config.mis_clip_max, terms.mis_weight.dtype))
-        terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** config.gamma
+            terms.mis_weight = clamp(terms.mis_weight, high=mis_clip_max)
+        terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** gamma
         terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 
     if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)

@@ -154,8 +154,6 @@ def _signature(kernel, dtype, flags, cfg):
             else:
                 p(name, "*i1" if name == "external_ptr" else "*fp32")
         i("N")
-        for name in ("ratio_low", "ratio_high", "dual_clip", "gamma", "mis_clip_max"):
-            sig[name] = "fp32"
         for name in HEAD_FLAGS:
             c(name, flags[name])
         c("BLOCK", cfg.BLOCK)

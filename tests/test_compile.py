@@ -88,12 +88,14 @@ def test_hyper_parameters_that_change_between_compiled_calls(backend):
                                                   "constant of its graph: each new value recompiles (2.4: checked)")
 @pytest.mark.parametrize("backend,schedule", [("torch", None), *[
     pytest.param("triton", s, marks=CPU_BACKENDS[1].marks) for s in ("two-pass", "single-pass")]])
-@pytest.mark.parametrize("coefficient", ["entropy_coef", "kl_coef"])
+@pytest.mark.parametrize("coefficient", ["entropy_coef", "kl_coef", "clip_eps_low", "clip_eps_high", "dual_clip",
+                                         "gamma", "mis_clip_max"])
 def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, schedule, coefficient, monkeypatch):
-    """An adaptive KL controller or an entropy schedule sets a new coefficient every step. The Triton head took
-    them as float arguments of its custom ops, constants of the compiled graph: every value recompiled, and
-    the ninth raised torch's recompile limit under fullgraph. Now the first value compiles a static graph,
-    the second a dynamic one, for all ten (loss and gradient as in eager)."""
+    """An adaptive KL controller, an entropy schedule or an annealed clip range sets a new value every step. The
+    Triton head took them as float arguments of its custom ops, and the torch head passed the clip bounds to
+    torch.clamp and gamma to `**`: constants of the compiled graph, so every value recompiled, and the ninth raised
+    torch's recompile limit under fullgraph. Now the first value compiles a static graph, the second a dynamic
+    one, for all ten (loss and gradient as in eager). External tokens, so that gamma and mis_clip_max count."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     if schedule is not None:
@@ -103,14 +105,17 @@ def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, sched
     N, D, V = 8, 16, 40
     weight = torch.randn(V, D)
     targets, advantages, ref = torch.randint(0, V, (N,)), torch.randn(N), -torch.rand(N)
-    hidden = torch.randn(N, D)
+    hidden, old, external = torch.randn(N, D), -torch.rand(N), torch.arange(N) % 3 == 0
+    start = {"entropy_coef": 0.01, "kl_coef": 0.05, "clip_eps_low": 0.2, "clip_eps_high": 0.28, "dual_clip": 3.0,
+             "gamma": 0.5, "mis_clip_max": 2.0}
 
     def step(hidden, value):
-        hyper = {"entropy_coef": 0.01, "kl_coef": 0.05, coefficient: value}
-        return rlplus_loss(hidden, weight, targets, advantages, ref_logprobs=ref, backend=backend, **hyper).loss
+        hyper = {**start, coefficient: value}
+        return rlplus_loss(hidden, weight, targets, advantages, old, external_mask=external, ref_logprobs=ref,
+                           backend=backend, **hyper).loss
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
-    for value in [0.01 * (k + 1) for k in range(10)]:
+    for value in [start[coefficient] * (1 + 0.1 * k) for k in range(10)]:
         eager_leaf, compiled_leaf = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
         want, got = step(eager_leaf, value), compiled(compiled_leaf, value)
         want.backward()

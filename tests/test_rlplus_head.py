@@ -20,15 +20,14 @@ from hypothesis import strategies as st
 from helpers import NOT_HEAD, assert_close
 from reference import rlplus_loss_from_logprobs_reference
 from rlplus_kernels.backends import triton_installed
-from rlplus_kernels.backends.triton_head import head_coefficients
 from rlplus_kernels.config import RLPlusConfig
-from rlplus_kernels.head import TokenBatch, per_token_terms, rlplus_head, sequence_layout
+from rlplus_kernels.head import TokenBatch, head_scalars, per_token_terms, rlplus_head, sequence_layout
 from rlplus_kernels.kernels.rlplus_head import STAT_NAMES, rlplus_head_forward
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
 
 DEVICE = os.environ.get("RLPLUS_TEST_DEVICE", "cpu")
-# The Triton head computes with float32 hyper-parameters (kernel_float), the torch head it is compared
+# The Triton head computes with float32 hyper-parameters (head_scalars), the torch head it is compared
 # with is given the same values (as_the_kernel_sees): what is left is float64 evaluation order, which
 # ill-conditioned terms amplify (1 - exp(logp) as logp -> 0: 5e-9 relative seen in grad_logp).
 RTOL = 1e-7
@@ -92,8 +91,7 @@ def on_device(batch: TokenBatch) -> TokenBatch:
 def as_the_kernel_sees(config: RLPlusConfig) -> RLPlusConfig:
     """config with the float32 hyper-parameters the Triton head computes with; the clip bounds are
     rounded as bounds: 1 - (1 - fl32(1 - eps)) is fl32(1 - eps) exactly in float64."""
-    from rlplus_kernels.kernels.rlplus_head import kernel_float
-
+    kernel_float = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731  (inf beyond)
     rounded = lambda x: None if x is None else kernel_float(x)  # noqa: E731
     return dataclasses.replace(
         config,
@@ -234,8 +232,8 @@ def _kl_and_derivative(head, logp, ref, kl_coef):
     zeros, ones = torch.zeros_like(logp), torch.ones_like(logp)
     if head == "triton":
         _, dloss_dlogp, stats = rlplus_head_forward(logp, None, zeros, None, None, None, ref, ones,
-                                                    head_coefficients(logp, kl_coef, 0.0), clip_low=0.2,
-                                                    clip_high=0.2, dual_clip=None, gamma=1.0, mis_clip_max=None)
+                                                    head_scalars(RLPlusConfig(kl_coef=kl_coef, gamma=1.0), logp,
+                                                                 torch.float32))
         return stats[STAT_NAMES.index("kl")], dloss_dlogp
     logp = logp.clone().requires_grad_()
     terms = per_token_terms(logp, TokenBatch(valid=ones.bool(), advantages=zeros, ref_logprobs=ref),
@@ -285,3 +283,19 @@ def test_a_nan_on_a_valid_token_is_a_nan_loss_in_both_heads(poisoned, gamma):
     assert {k for k, v in metrics.items() if v.isnan()} == {k for k, v in t_metrics.items() if v.isnan()}
     others = torch.arange(n, device=DEVICE) != 3
     assert_close(grad_logp[others], t_grad_logp[others], rtol=RTOL, atol=0.0, name="grad_logp")
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_head_op_passes_opcheck(with_entropy):
+    """torch.library.opcheck on ``rlplus::rlplus_head``: schema, autograd registration and its fake against the
+    real op, with every optional input present, the float hyper-parameters as one device tensor."""
+    from rlplus_kernels.backends import triton_head  # noqa: F401  (registers the op)
+
+    n = 7
+    logp, entropy = -torch.rand(n, device=DEVICE) - 0.1, torch.rand(n, device=DEVICE)
+    config = RLPlusConfig(dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01, mis_clip_max=2.0)
+    args = (logp.requires_grad_(), entropy.requires_grad_() if with_entropy else None, torch.randn(n, device=DEVICE),
+            -torch.rand(n, device=DEVICE), torch.arange(n, device=DEVICE) % 2 == 0, -torch.rand(n, device=DEVICE),
+            -torch.rand(n, device=DEVICE), torch.full((n,), 1.0 / n, device=DEVICE),
+            head_scalars(config, logp, torch.float32))
+    torch.library.opcheck(torch.ops.rlplus.rlplus_head.default, args)

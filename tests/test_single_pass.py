@@ -124,7 +124,7 @@ def test_the_launcher_refuses_float16_by_name():
     with pytest.raises(TypeError, match="^hidden: the single-pass schedule takes float32 or bfloat16, not "
                                         "torch.float16"):
         rlplus_loss_single_pass(hidden, weight, None, targets, *[None] * 7, temperature=1.0, ignore_index=-100,
-                                with_entropy=False, entropy_term=False, head={})
+                                with_entropy=False, entropy_term=False)
 
 
 def test_two_pass_for_bfloat16_where_cublas_cannot_return_fp32_products(monkeypatch, single_pass_calls):
@@ -241,12 +241,17 @@ def test_op_passes_opcheck():
     Not opcheck's AOT-dispatch comparison: in eager the backward scales the op's gradient outputs in
     place (the wrapper never hands them out; a compiled graph takes the out-of-place product), which
     that comparison of outputs after the backward reports as a difference."""
+    from rlplus_kernels.backends import single_pass_op  # noqa: F401  (registers the op)
+    from rlplus_kernels.config import RLPlusConfig
+    from rlplus_kernels.head import head_scalars
+
     hidden, weight, targets, head = inputs()
     n = hidden.shape[0]
     for w in (weight, weight.t().contiguous().t()):
         args = (hidden.clone().requires_grad_(), w.clone().requires_grad_(), None, targets, head["advantages"],
-                None, None, None, None, torch.full((n,), 1.0 / n), 0.2, 0.2, None, 0.5, None,
-                torch.tensor([0.0, 0.01]), 1.0, -100, False, True, True, True, False)
+                None, None, None, None, torch.full((n,), 1.0 / n),
+                head_scalars(RLPlusConfig(entropy_coef=0.01), hidden, torch.float32), 1.0, -100, False, True, True,
+                True, False)
         torch.library.opcheck(torch.ops.rlplus.rlplus_loss_single_pass.default, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

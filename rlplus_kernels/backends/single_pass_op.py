@@ -31,11 +31,6 @@ def single_pass_body(
     behavior_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor],
     agg_weight: Tensor,
-    clip_low: Optional[float],
-    clip_high: Optional[float],
-    dual_clip: Optional[float],
-    gamma: float,
-    mis_clip_max: Optional[float],
     coefs: Tensor,
     temperature: float,
     ignore_index: int,
@@ -47,11 +42,10 @@ def single_pass_body(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from rlplus_kernels.kernels.single_pass import rlplus_loss_single_pass  # lazy: imports triton
 
-    head = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max)
     loss, logp, entropy, stats, gh, gw, gb = rlplus_loss_single_pass(
         hidden, weight, bias, targets, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
         agg_weight, coefs, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-        entropy_term=entropy_term, head=head, needs_grad=(need_hidden, need_weight, need_bias))
+        entropy_term=entropy_term, needs_grad=(need_hidden, need_weight, need_bias))
     empty = hidden.new_empty((0,))  # custom ops cannot return None: absent outputs are empty tensors
     return (loss, logp, logp.new_empty((0,)) if entropy is None else entropy, stats,
             empty if gh is None else gh, empty.clone() if gw is None else gw, empty.clone() if gb is None else gb)
@@ -62,8 +56,7 @@ _single_pass_op = torch.library.custom_op("rlplus::rlplus_loss_single_pass", mut
 
 @_single_pass_op.register_fake
 def _(hidden, weight, bias, targets, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
-      agg_weight, clip_low, clip_high, dual_clip, gamma, mis_clip_max, coefs, temperature,
-      ignore_index, with_entropy, entropy_term, need_hidden, need_weight, need_bias):
+      agg_weight, coefs, temperature, ignore_index, with_entropy, entropy_term, need_hidden, need_weight, need_bias):
     n = hidden.shape[0]
     f32 = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
     # row-major like the launcher's, whatever the input's layout (a transposed weight is column-major)
@@ -99,7 +92,7 @@ def _backward(ctx, grad_loss, *_unused):
     eager = all(type(t) is torch.Tensor for t in (grad_loss, *grads))
     scaled = [(g.mul_(grad_loss) if eager else g * grad_loss) if needed else None
               for g, needed in zip(grads, ctx.needs)]
-    return tuple(scaled) + (None,) * 20
+    return tuple(scaled) + (None,) * 15
 
 
 torch.library.register_autograd("rlplus::rlplus_loss_single_pass", _backward, setup_context=_setup_context)

@@ -4,9 +4,9 @@ Forward: one kernel (kernels/rlplus_head.py) gives each token's weighted loss a 
 its derivative a dl/dlogp and the statistics of the metrics. Backward: grad_logp = g dloss_dlogp and
 grad_entropy = -entropy_coef a g, where g is the upstream gradient of the weighted losses.
 
-kl_coef and entropy_coef reach the op as a tensor (`head_coefficients`), the other hyper-parameters as
-floats: a float argument of a custom op is a constant of a compiled graph, so an entropy or KL coefficient
-schedule (an adaptive KL controller sets a new one every step) would recompile the step at every value.
+The float hyper-parameters reach the op as one device tensor (`head.head_scalars`), not as floats: a float
+argument of a custom op is a constant of a compiled graph, so a coefficient or clip-range schedule (an adaptive
+KL controller sets a new coefficient every step) would recompile the step at every value.
 """
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op needs the annotations
@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import RLPlusConfig
-from ..head import PerTokenTerms, TokenBatch
-from .common import device_scalars
+from ..head import PerTokenTerms, TokenBatch, head_scalars
 
 
 @torch.library.custom_op("rlplus::rlplus_head", mutates_args=())
@@ -31,30 +30,22 @@ def _rlplus_head_op(
     behavior_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor],
     agg_weight: Tensor,
-    clip_low: Optional[float],
-    clip_high: Optional[float],
-    dual_clip: Optional[float],
-    gamma: float,
-    mis_clip_max: Optional[float],
     coefs: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from rlplus_kernels.kernels.rlplus_head import rlplus_head_forward  # lazy: imports triton
 
     return rlplus_head_forward(
-        logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight, coefs,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, gamma=gamma, mis_clip_max=mis_clip_max,
-    )
+        logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight, coefs)
 
 
 @_rlplus_head_op.register_fake
-def _(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight,
-      clip_low, clip_high, dual_clip, gamma, mis_clip_max, coefs):
+def _(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs, agg_weight, coefs):
     n = logp.shape[0]
     return logp.new_empty(n), logp.new_empty(n), logp.new_empty(5, n)
 
 
 def _setup_context(ctx, inputs, output):
-    entropy, agg_weight, coefs = inputs[1], inputs[7], inputs[13]
+    entropy, agg_weight, coefs = inputs[1], inputs[7], inputs[8]
     _, dloss_dlogp, stats = output
     ctx.save_for_backward(dloss_dlogp, agg_weight, coefs)
     ctx.has_entropy = entropy is not None
@@ -67,28 +58,20 @@ def _backward(ctx, grad_weighted_loss, _grad_dloss_dlogp, _grad_stats):
     grad_entropy = None
     if ctx.has_entropy and ctx.needs_input_grad[1]:  # the coefficient the forward's loss used (float32)
         grad_entropy = grad_weighted_loss * agg_weight * -coefs[1]
-    return (grad_logp, grad_entropy) + (None,) * 12
+    return (grad_logp, grad_entropy) + (None,) * 7
 
 
 torch.library.register_autograd("rlplus::rlplus_head", _backward, setup_context=_setup_context)
 
 
-def head_coefficients(like: Tensor, kl_coef: float, entropy_coef: float) -> Tensor:
-    """float32 [kl_coef, entropy_coef] on `like`'s device (`common.device_scalars`)."""
-    return device_scalars(like, (kl_coef, entropy_coef), torch.float32)
-
-
 def head_inputs(batch: TokenBatch, config: RLPlusConfig, agg_weight: Tensor, dtype: torch.dtype) -> tuple:
-    """The head kernel's arguments after (logp, entropy): per-token tensors (float ones in `dtype`,
-    the log-probs' dtype), then the hyper-parameters, in the order of ``rlplus::rlplus_head``."""
+    """The head kernel's arguments after (logp, entropy), in the order of ``rlplus::rlplus_head``: per-token
+    tensors (float ones in `dtype`, the log-probs'), then the float hyper-parameters as float32 `head_scalars`."""
     as_logp = lambda x: None if x is None else x.to(dtype)  # noqa: E731  (float32, or float64 in tests)
-    optional_float = lambda x: None if x is None else float(x)  # noqa: E731
     return (
         as_logp(batch.advantages), as_logp(batch.old_logprobs), batch.external, as_logp(batch.behavior_logprobs),
         as_logp(batch.ref_logprobs) if config.kl_coef > 0 else None, as_logp(agg_weight),
-        optional_float(config.clip_eps_low), optional_float(config.clip_eps_high), optional_float(config.dual_clip),
-        float(config.gamma), optional_float(config.mis_clip_max),
-        head_coefficients(agg_weight, config.kl_coef, config.entropy_coef),
+        head_scalars(config, agg_weight, torch.float32),
     )
 
 

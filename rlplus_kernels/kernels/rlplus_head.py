@@ -21,9 +21,6 @@ torch: a clamp passes the gradient at its bounds (``head.clamp``; torch.clamp's 
 
 # No `from __future__ import annotations`: triton 3.0's interpreter finds constexpr parameters
 # only by annotation objects, not by the string "tl.constexpr".
-import math
-import struct
-
 import torch
 
 import triton
@@ -75,19 +72,13 @@ def _rlplus_head_fwd_kernel(
     behavior_ptr,  # log pw, or None (then the estimator (e^o + 1) / 2)
     ref_ptr,  # reference log-probs, or None (only read with HAS_KL)
     agg_weight_ptr,  # aggregation weights, exactly 0 outside the loss
-    coef_ptr,  # float32 [2]: kl_coef, entropy_coef (read, not passed: a schedule changes them without a recompile)
+    coef_ptr,  # float32 [7] (head.head_scalars): kl_coef, entropy_coef, ratio_low, ratio_high, dual_clip, gamma,
+    #            mis_clip_max; read, not passed: a schedule changes them without a recompile
     weighted_loss_ptr,  # out: a (l - entropy_coef H)
     dloss_dlogp_ptr,  # out: a dl/dlogp
     stats_ptr,  # [5, N] out: ratio, clipped (0/1), mis_weight, explore, kl
     # shapes
     N,
-    # runtime scalars (never constexpr: a constexpr recompiles per value); an option that is off
-    # is an infinite bound, which leaves the loss and its derivative as if it were not applied
-    ratio_low,  # 1 - clip_eps_low, or -inf
-    ratio_high,  # 1 + clip_eps_high, or +inf
-    dual_clip,  # or +inf
-    gamma,
-    mis_clip_max,  # or +inf
     # meta-parameters: which optional inputs are present (HAS_ENTROPY: the entropy term; HAS_KL: the KL term)
     HAS_ENTROPY: tl.constexpr,
     HAS_OLD: tl.constexpr,
@@ -96,13 +87,17 @@ def _rlplus_head_fwd_kernel(
     HAS_KL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program = BLOCK tokens. Pointers as listed; every [N] tensor is contiguous."""
+    """One program = BLOCK tokens. Pointers as listed; every [N] tensor is contiguous. An option that is off
+    is an infinite bound in coef_ptr, which leaves the loss and its derivative as if it were not applied."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     logp = tl.load(logp_ptr + offs, mask=mask, other=0.0)
     adv = tl.load(advantages_ptr + offs, mask=mask, other=0.0)
     agg = tl.load(agg_weight_ptr + offs, mask=mask, other=0.0)
     valid = agg != 0.0
+    ratio_low = tl.load(coef_ptr + 2)  # 1 - clip_eps_low, or -inf
+    ratio_high = tl.load(coef_ptr + 3)  # 1 + clip_eps_high, or +inf
+    dual_clip = tl.load(coef_ptr + 4)  # or +inf
     if HAS_OLD:
         old = tl.load(old_ptr + offs, mask=mask, other=0.0)
     else:
@@ -131,6 +126,8 @@ def _rlplus_head_fwd_kernel(
     explore = tl.zeros_like(logp)
     if HAS_EXTERNAL:
         external = tl.load(external_ptr + offs, mask=mask, other=0) != 0
+        gamma = tl.load(coef_ptr + 5)
+        mis_clip_max = tl.load(coef_ptr + 6)  # or +inf
         if HAS_BEHAVIOR:
             log_pw = tl.load(behavior_ptr + offs, mask=mask, other=0.0)
         else:
@@ -143,9 +140,10 @@ def _rlplus_head_fwd_kernel(
         # base ** gamma as torch.pow: x ** 0 = 1 for every x (0 and NaN included), 1 ** gamma = 1 (also for a gamma
         # beyond float32, inf here: not inf * log 1 = NaN), 0 ** gamma = 0, NaN ** gamma = NaN
         in_between = (base > 0.0) & (base < 1.0)
-        explore = tl.where((gamma == 0.0) | (base == 1.0), 1.0,
-                           tl.where(in_between, tl.exp(gamma * tl.log(tl.where(in_between, base, 0.5))),
-                                    tl.where(base == 0.0, 0.0, base)))
+        # (gamma == 0) | block: triton 3.9's interpreter cannot OR a scalar with a block, hence two wheres
+        explore = tl.where(gamma == 0.0, 1.0, tl.where(
+            base == 1.0, 1.0, tl.where(in_between, tl.exp(gamma * tl.log(tl.where(in_between, base, 0.5))),
+                                       tl.where(base == 0.0, 0.0, base))))
         loss = tl.where(external, -mis_weight * adv * explore, loss)
         d_loss = tl.where(external, -d_mis_weight * adv * explore, d_loss)
 
@@ -174,28 +172,14 @@ def _rlplus_head_fwd_kernel(
     tl.store(stats_ptr + 4 * row + offs, kl, mask=mask)
 
 
-def kernel_float(x: float) -> float:
-    """x as the kernel computes with it. Triton passes float scalars as float32 on a GPU (some
-    tritons' interpreters keep float64), so the launcher rounds them itself: every platform then
-    computes the same function, whose float hyper-parameters carry float32 rounding. Plain Python,
-    so that it also runs while torch.compile traces the op."""
-    try:
-        return struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:  # beyond float32's range, as a GPU's conversion gives
-        return math.copysign(math.inf, x)
-
-
 @on_tensor_device
 def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behavior_logprobs, ref_logprobs,
-                        agg_weight, coefs, *, clip_low, clip_high, dual_clip, gamma, mis_clip_max):
+                        agg_weight, coefs):
     """(weighted_loss [N], dloss_dlogp [N], stats [5, N]) of the kernel, in logp's dtype (float32 or float64).
 
     Float inputs are [N] tensors of logp's dtype; optional ones may be None: `entropy` where the loss has
-    an entropy term (entropy_coef != 0), `ref_logprobs` where it has a KL term (kl_coef > 0). `coefs`: float32
-    [2] on logp's device, kl_coef and entropy_coef (backends/triton_head.py `head_coefficients`). `clip_low`,
-    `clip_high`, `dual_clip`, `mis_clip_max` may be None (not applied); `external` is bool. The other float
-    hyper-parameters (and the clip bounds 1 - clip_low, 1 + clip_high) reach the kernel through `kernel_float`,
-    rounded to float32 as the coefficients are.
+    an entropy term (entropy_coef != 0), `ref_logprobs` where it has a KL term (kl_coef > 0); `external` is
+    bool. `coefs`: the float hyper-parameters, float32 [7] on logp's device (`head.head_scalars`).
     """
     n = logp.shape[0]
     weighted_loss = torch.empty_like(logp)
@@ -204,16 +188,11 @@ def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behav
     if n == 0:
         return weighted_loss, dloss_dlogp, stats
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    bound = lambda x, off: off if x is None else kernel_float(x)  # noqa: E731
-    inf = float("inf")
     _rlplus_head_fwd_kernel[(triton.cdiv(n, BLOCK),)](
         logp.contiguous(), contiguous(entropy), advantages.contiguous(), contiguous(old_logprobs),
         contiguous(external), contiguous(behavior_logprobs), contiguous(ref_logprobs), agg_weight.contiguous(),
         coefs, weighted_loss, dloss_dlogp, stats,
         n,
-        -inf if clip_low is None else kernel_float(1.0 - clip_low),
-        inf if clip_high is None else kernel_float(1.0 + clip_high),
-        bound(dual_clip, inf), kernel_float(gamma), bound(mis_clip_max, inf),
         HAS_ENTROPY=entropy is not None,
         HAS_OLD=old_logprobs is not None,
         HAS_EXTERNAL=external is not None,

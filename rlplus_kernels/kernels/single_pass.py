@@ -66,14 +66,14 @@ def plan_chunks(n_tokens: int, n_vocab: int, budget: int, block_n: int) -> tuple
 @on_tensor_device
 def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logprobs, external,
                             behavior_logprobs, ref_logprobs, agg_weight, coefs, *, temperature: float,
-                            ignore_index: int, with_entropy: bool, entropy_term: bool, head: dict,
+                            ignore_index: int, with_entropy: bool, entropy_term: bool,
                             needs_grad=(True, True, True), chunk_elems: Optional[int] = None):
     """(loss, logp, entropy | None, stats [5, N], grad_hidden | None, grad_weight | None, grad_bias | None).
 
     loss = sum_t weighted_loss_t (the head kernel's, float32); logp, entropy [N] float32, 0 at ignored
     rows; gradients in the input dtype, of the loss itself, computed for `needs_grad` (hidden, weight,
-    bias). Per-token inputs and `coefs` as `rlplus_head_forward` takes them; `head` holds its keyword
-    hyper-parameters; `entropy_term`: the loss has one (entropy_coef != 0). `chunk_elems` sizes the chunks and
+    bias). Per-token inputs and `coefs` (the head's float hyper-parameters) as `rlplus_head_forward` takes
+    them; `entropy_term`: the loss has one (entropy_coef != 0). `chunk_elems` sizes the chunks and
     slices (`plan_chunks`; default 2^26, env ``RLPLUS_CHUNK_ELEMS``).
     """
     n_tokens, dim = hidden.shape
@@ -127,7 +127,7 @@ def rlplus_loss_single_pass(hidden, weight, bias, targets, advantages, old_logpr
             loss_s, dloss_dlogp, stats_s = rlplus_head_forward(
                 logp_s, entropy[n0:n1] if entropy_term else None, advantages[n0:n1],
                 *(per_token(x, n0, n1) for x in (old_logprobs, external, behavior_logprobs, ref_logprobs)),
-                agg_weight[n0:n1], coefs, **head)
+                agg_weight[n0:n1], coefs)
             weighted_loss[n0:n1], stats[:, n0:n1] = loss_s, stats_s
             if need_any:
                 # the float32 coefficient the head kernel read (the two-pass head's backward takes the same)
