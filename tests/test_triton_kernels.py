@@ -1088,3 +1088,36 @@ def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
                     "is captured. Make one call of each token range before the capture")):
                 forward()
     assert tuned_at == [100, 300] and launches[4:] == [(110, 32)]
+
+
+@pytest.mark.parametrize("source", ["fused", "tma", "cublas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "frozen head"])
+@pytest.mark.parametrize("chunk_elems", [None, 7 * 64], ids=["one chunk", "chunks"])
+def test_the_launchers_read_no_memory_they_did_not_write(source, dtype, with_bias, needs, chunk_elems):
+    """Forward and backward of every logits source with every buffer allocated uninitialised poisoned (NaN,
+    helpers.PoisonedAllocations) give bit for bit what they give without: nothing reads what nothing wrote. One
+    chunk of the whole vocabulary of 300, whose padded rows (304) torch's CPU bfloat16 GEMM reads past; or chunks
+    of 7 x 64 elements: several token and vocabulary chunks and product slices, the last ones narrower."""
+    from helpers import PoisonedAllocations
+
+    torch.manual_seed(1)
+    n, d, v = 33, 40, 300
+    h, w, b, t = make_inputs(n, d, v, dtype, bias=with_bias)
+    grad_logp, grad_entropy = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    chunks = dict(logits=source, chunk_elems=chunk_elems)
+
+    def run():
+        lse, target_logit, entropy = linear_logprobs_forward(h, w, b, t, temperature=0.7, ignore_index=IGN,
+                                                             with_entropy=True, **chunks)
+        grads = linear_logprobs_backward(h, w, b, t, lse, entropy, grad_logp, grad_entropy, temperature=0.7,
+                                         ignore_index=IGN, needs_grad=needs, **chunks)
+        return [lse, target_logit, entropy, *(g for g in grads if g is not None)]
+
+    clean = run()
+    assert all(torch.isfinite(x).all() for x in clean)
+    with PoisonedAllocations():
+        poisoned = run()
+    for i, (got, want) in enumerate(zip(poisoned, clean)):
+        assert torch.equal(got, want), f"output {i} read memory nothing wrote"
