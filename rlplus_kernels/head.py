@@ -69,12 +69,16 @@ def head_scalars(config: RLPlusConfig, like: torch.Tensor, dtype: torch.dtype) -
     1 - clip_eps_low, 1 + clip_eps_high, dual_clip, gamma, mis_clip_max; an absent bound is an infinite one.
     Formed on the device (`common.device_scalars`), not Python floats: torch.compile makes a float that torch.clamp,
     `**` or a custom op takes a constant of the graph, so a schedule of any of these (an adaptive KL coefficient,
-    an annealed clip range) would recompile at every value. Rounded to `dtype` once: beyond its range, infinite."""
-    low, high, inf = config.clip_eps_low, config.clip_eps_high, math.inf
-    return device_scalars(like, (
-        config.kl_coef, config.entropy_coef, -inf if low is None else 1 - low, inf if high is None else 1 + high,
+    an annealed clip range) would recompile at every value. Each value is rounded to `dtype`, and the clip bounds
+    are formed from the rounded eps in `dtype` (1 - eps on the host made torch 2.11 specialise eps again)."""
+    inf = math.inf
+    kl_coef, entropy_coef, eps_low, eps_high, dual_clip, gamma, mis_clip_max = device_scalars(like, (
+        config.kl_coef, config.entropy_coef,
+        inf if config.clip_eps_low is None else config.clip_eps_low,  # 1 - inf: no lower bound
+        inf if config.clip_eps_high is None else config.clip_eps_high,
         inf if config.dual_clip is None else config.dual_clip, config.gamma,
-        inf if config.mis_clip_max is None else config.mis_clip_max), dtype)
+        inf if config.mis_clip_max is None else config.mis_clip_max), dtype).unbind()
+    return torch.stack([kl_coef, entropy_coef, 1 - eps_low, 1 + eps_high, dual_clip, gamma, mis_clip_max])
 
 
 def clamp(x: torch.Tensor, low=None, high=None) -> torch.Tensor:

@@ -89,14 +89,16 @@ def on_device(batch: TokenBatch) -> TokenBatch:
 
 
 def as_the_kernel_sees(config: RLPlusConfig) -> RLPlusConfig:
-    """config with the float32 hyper-parameters the Triton head computes with; the clip bounds are
-    rounded as bounds: 1 - (1 - fl32(1 - eps)) is fl32(1 - eps) exactly in float64."""
+    """config with the float32 hyper-parameters the Triton head computes with (head_scalars); the clip bounds are
+    fl32(1 - fl32(eps)), and 1 - (1 - fl32(1 - fl32(eps))) is that bound exactly in float64."""
     kernel_float = lambda x: torch.tensor(x, dtype=torch.float64).float().item()  # noqa: E731  (inf beyond)
     rounded = lambda x: None if x is None else kernel_float(x)  # noqa: E731
     return dataclasses.replace(
         config,
-        clip_eps_low=None if config.clip_eps_low is None else 1 - kernel_float(1 - config.clip_eps_low),
-        clip_eps_high=None if config.clip_eps_high is None else kernel_float(1 + config.clip_eps_high) - 1,
+        clip_eps_low=(None if config.clip_eps_low is None
+                      else 1 - kernel_float(1 - kernel_float(config.clip_eps_low))),
+        clip_eps_high=(None if config.clip_eps_high is None
+                       else kernel_float(1 + kernel_float(config.clip_eps_high)) - 1),
         dual_clip=rounded(config.dual_clip), gamma=kernel_float(config.gamma),
         mis_clip_max=rounded(config.mis_clip_max), kl_coef=kernel_float(config.kl_coef),
         entropy_coef=kernel_float(config.entropy_coef))
