@@ -645,6 +645,27 @@ def test_nothing_reads_memory_it_did_not_write(backend, schedule, dtype, monkeyp
 
 
 @pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_nan_token_reaches_only_its_own_row_of_grad_hidden(backend, schedule, dtype, monkeypatch):
+    """A NaN advantage makes the loss NaN, and its own token's grad_hidden row; every other row stays finite, as in
+    the reference (grad_hidden is row by row). torch's CPU bfloat16 GEMM read each row of a dl chunk whose stride
+    was padded to 16 (not 32) past its end, into the next row: the NaN reached its neighbour's gradient too."""
+    if schedule is not None:
+        monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
+    torch.manual_seed(0)
+    n, d, v = 33, 24, 100
+    hidden = (torch.randn(n, d) * 0.3).to(dtype).requires_grad_()
+    weight = torch.randn(v, d).to(dtype)
+    advantages = torch.randn(n)
+    advantages[1] = float("nan")
+    out = rlplus_loss(hidden, weight, torch.randint(0, v, (n,)), advantages, -torch.rand(n) - 1, loss_agg="sum",
+                      backend=backend)
+    out.loss.backward()
+    assert out.loss.isnan()
+    assert hidden.grad.isnan().any(1).nonzero().flatten().tolist() == [1]
+
+
+@pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)
 def test_no_host_read_while_a_cuda_graph_is_captured(backend, schedule, monkeypatch):
     """A host read while a CUDA graph is captured is an error (cudaErrorStreamCaptureUnsupported), and so the
     captured step of a trainer failed at the check of the targets' range. Now the value checks (targets,

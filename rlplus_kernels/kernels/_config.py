@@ -244,25 +244,29 @@ def operand_descriptors(hidden: torch.Tensor, weight: torch.Tensor, cfg: KernelC
             descriptor.from_tensor(weight, [cfg.BLOCK_V, cfg.BLOCK_D]))
 
 
-def _pad16(n: int) -> int:
-    return -(-n // 16) * 16
+def _padded_row(cols: int, device: torch.device) -> int:
+    """Row stride of a padded buffer: cols rounded up to 16 elements (the kernels' row strides), 32 on the CPU,
+    where torch's bfloat16 GEMM (oneDNN's AMX kernel, uxlfoundation/oneDNN#5717) reads a row past its last
+    column when that stride is no multiple of 32: into the next row, so a NaN token's row reached its neighbour's
+    gradient, and into the padding, whose garbage (a NaN) then reached any row."""
+    multiple = 32 if device.type == "cpu" else 16
+    return -(-cols // multiple) * multiple
 
 
 def padded_storage(rows: int, cols: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Flat storage for `padded_matrix(storage, r, c)` with r <= rows and c <= cols. On the CPU it is zeroed:
-    torch's CPU bfloat16 GEMM (oneDNN's AMX kernel, uxlfoundation/oneDNN#5717; torch 2.13 here) lets a NaN past a
-    row's last column into the product when that column count is not a multiple of 16 or 32, so a NaN left in
-    the padding by uninitialised memory made gradients NaN at random. Nothing reads the padding on a GPU."""
+    """Flat storage for `padded_matrix(storage, r, c)` with r <= rows and c <= cols. Zeroed on the CPU, whose
+    bfloat16 GEMM reads the padding (`_padded_row`); nothing reads it on a GPU: no memset there."""
     allocate = torch.zeros if device.type == "cpu" else torch.empty
-    return allocate(rows * _pad16(cols), device=device, dtype=dtype)
+    return allocate(rows * _padded_row(cols, device), device=device, dtype=dtype)
 
 
 def padded_matrix(storage: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A [rows, cols] view of flat `storage` whose row stride is cols rounded up to 16 elements. The
-    kernels that read or write such buffers (the cuBLAS product, the dlogits chunk) are compiled for
-    16-divisible row strides; an odd one (a vocabulary or its last chunk not a multiple of 16) would
+    """A [rows, cols] view of flat `storage` whose row stride is cols rounded up to 16 elements (32 on the CPU:
+    `_padded_row`). The kernels that read or write such buffers (the cuBLAS product, the dlogits chunk) are
+    compiled for 16-divisible row strides; an odd one (a vocabulary or its last chunk not a multiple of 16) would
     launch a variant the static check never sees, which spills (98 stores in the product-reading forward)."""
-    return storage[: rows * _pad16(cols)].view(rows, _pad16(cols))[:, :cols]
+    stride = _padded_row(cols, storage.device)
+    return storage[: rows * stride].view(rows, stride)[:, :cols]
 
 
 # Reading an fp32 product is a memory-bound elementwise pass: a tile for load throughput (BLOCK_D unused).
