@@ -236,18 +236,24 @@ class LargestAllocation(SeesInsideCustomOps):
 
 class PoisonedAllocations:
     """Within it, `torch.empty`, `torch.empty_like`, `torch.empty_strided` and `Tensor.new_empty` called from Python
-    return memory filled as uninitialised memory may be: NaN (floating point), the largest value (integers), True
-    (bool). A result that differs from an unpoisoned run's read memory nothing wrote."""
+    return memory filled as uninitialised memory may be: NaN, or with `finite=True` the dtype's largest value (a NaN
+    read only by a comparison goes unseen; a huge value changes it); integers their smallest or largest value, bool
+    True or False. A result that differs from an unpoisoned run's read memory nothing wrote."""
 
     _FACTORIES = ((torch, "empty"), (torch, "empty_like"), (torch, "empty_strided"), (torch.Tensor, "new_empty"))
 
-    @staticmethod
-    def _poisoned(allocate):
+    def __init__(self, finite: bool = False):
+        self.finite = finite
+
+    def _poisoned(self, allocate):
         def poisoned_allocate(*args, **kwargs):
             out = allocate(*args, **kwargs)
-            if out.dtype.is_floating_point or out.dtype.is_complex:
-                return out.fill_(float("nan"))
-            return out.fill_(True if out.dtype == torch.bool else torch.iinfo(out.dtype).max)
+            if out.dtype.is_floating_point:
+                return out.fill_(torch.finfo(out.dtype).max if self.finite else float("nan"))
+            if out.dtype == torch.bool:
+                return out.fill_(not self.finite)
+            info = torch.iinfo(out.dtype)
+            return out.fill_(info.min if self.finite else info.max)
         return poisoned_allocate
 
     def __enter__(self):

@@ -615,10 +615,10 @@ def test_a_non_finite_input_gives_the_references_loss_and_metrics(backend, sched
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_nothing_reads_memory_it_did_not_write(backend, schedule, dtype, monkeypatch):
     """Every buffer the loss allocates uninitialised is written before it is read: with that memory poisoned
-    (NaN, PoisonedAllocations) the loss, log-probs, entropies, metrics and gradients are bit for bit those of a
-    clean run. torch's CPU bfloat16 GEMM reads a padded dl chunk's rows past their last column (a vocabulary
-    of 100 here, not a multiple of 16, in one chunk) and multiplies that padding by 0: NaN there made gradients
-    NaN at random."""
+    (NaN, then huge values: PoisonedAllocations) the loss, log-probs, entropies, metrics and gradients are bit
+    for bit those of a clean run. torch's CPU bfloat16 GEMM reads a padded dl chunk's rows past their last column
+    (a vocabulary of 100 here, in one chunk) and multiplies that padding by 0: NaN there made gradients NaN at
+    random."""
     if schedule is not None:
         monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     torch.manual_seed(0)
@@ -638,10 +638,11 @@ def test_nothing_reads_memory_it_did_not_write(backend, schedule, dtype, monkeyp
 
     clean = step()
     assert all(torch.isfinite(x).all() for x in clean)
-    with PoisonedAllocations():
-        poisoned = step()
-    for i, (got, want) in enumerate(zip(poisoned, clean)):
-        assert torch.equal(got, want), f"output {i} read memory nothing wrote"
+    for finite in (False, True):
+        with PoisonedAllocations(finite=finite):
+            poisoned = step()
+        for i, (got, want) in enumerate(zip(poisoned, clean)):
+            assert torch.equal(got, want), f"output {i} read memory nothing wrote (finite poison: {finite})"
 
 
 @pytest.mark.parametrize("backend,schedule", BACKEND_SCHEDULES)

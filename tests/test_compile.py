@@ -95,17 +95,25 @@ def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, sched
     Triton head took them as float arguments of its custom ops, and the torch head passed the clip bounds to
     torch.clamp and gamma to `**`: constants of the compiled graph, so every value recompiled, and the ninth raised
     torch's recompile limit under fullgraph. Now the first value compiles a static graph, the second a dynamic
-    one, for all ten (loss and gradient as in eager). External tokens, so that gamma and mis_clip_max count."""
+    one, for all ten (loss and gradient as in eager). Every bound binds for every value (on-policy ratios of 0.5,
+    2 and 20; confident external tokens, MIS weights near 4), so that each value changes the loss."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     if schedule is not None:
         monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")  # traces the backward too
-    N, D, V = 8, 16, 40
-    weight = torch.randn(V, D)
-    targets, advantages, ref = torch.randint(0, V, (N,)), torch.randn(N), -torch.rand(N)
-    hidden, old, external = torch.randn(N, D), -torch.rand(N), torch.arange(N) % 3 == 0
+    torch.manual_seed(0)
+    N, D, V = 12, 16, 40
+    weight, hidden = torch.randn(V, D), torch.randn(N, D)
+    external = torch.arange(N) % 3 == 0
+    hidden[external] *= 3
+    logits = hidden @ weight.T
+    targets = torch.where(external, logits.argmax(-1), torch.randint(0, V, (N,)))
+    logp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    log_ratio = torch.tensor([0.0, -0.7, 0.7, 0.0, 3.0, 0.1, 0.0, -0.7, 0.7, 0.0, 3.0, -0.1])
+    advantages = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 0.5, -1.0, -2.0, 2.0, 1.5, -0.5, 1.0])
+    old, ref = torch.where(external, -8.0, logp - log_ratio), logp - 0.5
     start = {"entropy_coef": 0.01, "kl_coef": 0.05, "clip_eps_low": 0.2, "clip_eps_high": 0.28, "dual_clip": 3.0,
              "gamma": 0.5, "mis_clip_max": 2.0}
 
@@ -115,6 +123,7 @@ def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, sched
                            backend=backend, **hyper).loss
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
+    eager_losses = set()
     for value in [start[coefficient] * (1 + 0.1 * k) for k in range(10)]:
         eager_leaf, compiled_leaf = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
         want, got = step(eager_leaf, value), compiled(compiled_leaf, value)
@@ -122,6 +131,8 @@ def test_a_coefficient_schedule_compiles_twice_not_once_per_value(backend, sched
         got.backward()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad, rtol=1e-5, atol=1e-6)
+        eager_losses.add(want.item())
+    assert len(eager_losses) == 10, f"{coefficient}: some values do not change the loss, so a stale graph would pass"
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 10 values of {coefficient}"
 
 

@@ -1096,10 +1096,10 @@ def test_autotuning_chooses_once_per_power_of_two_of_tokens(monkeypatch):
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "frozen head"])
 @pytest.mark.parametrize("chunk_elems", [None, 7 * 64], ids=["one chunk", "chunks"])
 def test_the_launchers_read_no_memory_they_did_not_write(source, dtype, with_bias, needs, chunk_elems):
-    """Forward and backward of every logits source with every buffer allocated uninitialised poisoned (NaN,
-    helpers.PoisonedAllocations) give bit for bit what they give without: nothing reads what nothing wrote. One
-    chunk of the whole vocabulary of 300, whose padded rows (304) torch's CPU bfloat16 GEMM reads past; or chunks
-    of 7 x 64 elements: several token and vocabulary chunks and product slices, the last ones narrower."""
+    """Forward and backward of every logits source with every buffer allocated uninitialised poisoned (NaN, then
+    huge values: helpers.PoisonedAllocations) give bit for bit what they give without: nothing reads what nothing
+    wrote. One chunk of the whole vocabulary of 300, whose padded rows torch's CPU bfloat16 GEMM reads past; or
+    chunks of 7 x 64 elements: several token and vocabulary chunks and product slices, the last ones narrower."""
     from helpers import PoisonedAllocations
 
     torch.manual_seed(1)
@@ -1117,7 +1117,8 @@ def test_the_launchers_read_no_memory_they_did_not_write(source, dtype, with_bia
 
     clean = run()
     assert all(torch.isfinite(x).all() for x in clean)
-    with PoisonedAllocations():
-        poisoned = run()
-    for i, (got, want) in enumerate(zip(poisoned, clean)):
-        assert torch.equal(got, want), f"output {i} read memory nothing wrote"
+    for finite in (False, True):
+        with PoisonedAllocations(finite=finite):
+            poisoned = run()
+        for i, (got, want) in enumerate(zip(poisoned, clean)):
+            assert torch.equal(got, want), f"output {i} read memory nothing wrote (finite poison: {finite})"
