@@ -161,6 +161,7 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         terms.mis_weight = torch.exp(clamp(log_w, high=LOG_RATIO_CLAMP))
         if config.mis_clip_max is not None:
             terms.mis_weight = clamp(terms.mis_weight, high=mis_clip_max)
+        # a tensor exponent: torch's general pow, within an ulp of the sqrt it takes for a number 0.5
         terms.explore = torch.clamp(1 - torch.exp(logp.detach()), min=0) ** gamma
         terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 
