@@ -266,3 +266,15 @@ class PoisonedAllocations:
         for owner, name, allocate in self._saved:
             setattr(owner, name, allocate)
         return False
+
+
+def assert_reads_only_what_it_wrote(run):
+    """run() -> list of tensors, all finite, gives bit for bit the same with uninitialised memory poisoned (NaN, then
+    huge values: PoisonedAllocations)."""
+    clean = run()
+    assert all(torch.isfinite(x).all() for x in clean)
+    for finite in (False, True):
+        with PoisonedAllocations(finite=finite):
+            poisoned = run()
+        for i, (got, want) in enumerate(zip(poisoned, clean)):
+            assert torch.equal(got, want), f"output {i} read memory nothing wrote (finite poison: {finite})"
