@@ -20,7 +20,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import assert_rounded_once, dot_product_allowance, exact_entropy, major_minor  # noqa: E402
+from helpers import (assert_reads_only_what_it_wrote, assert_rounded_once, dot_product_allowance,  # noqa: E402
+                     exact_entropy, major_minor)
 from rlplus_kernels.backends import triton_interpreting  # noqa: E402
 from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
 from rlplus_kernels.kernels._config import descriptors_supported  # noqa: E402
@@ -1100,8 +1101,6 @@ def test_the_launchers_read_no_memory_they_did_not_write(source, dtype, with_bia
     huge values: helpers.PoisonedAllocations) give bit for bit what they give without: nothing reads what nothing
     wrote. One chunk of the whole vocabulary of 300, whose padded rows torch's CPU bfloat16 GEMM reads past; or
     chunks of 7 x 64 elements: several token and vocabulary chunks and product slices, the last ones narrower."""
-    from helpers import assert_reads_only_what_it_wrote
-
     torch.manual_seed(1)
     n, d, v = 33, 40, 300
     h, w, b, t = make_inputs(n, d, v, dtype, bias=with_bias)
