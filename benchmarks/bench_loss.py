@@ -467,7 +467,7 @@ def summary(records) -> list[dict]:
 
 def print_table(records, file=sys.stdout):
     hdr = f"{'provider':<9} {'mode':<8} {'N':>6} {'D':>5} {'V':>7} {'median ms':>10} {'p20-p80 ms':>19} " \
-          f"{'peak MB':>9} {'x time':>7} {'x mem':>7}  note"
+          f"{'peak MiB':>9} {'x time':>7} {'x mem':>7}  note"
     print(hdr, file=file)
     print("-" * len(hdr), file=file)
     base = {(r["mode"], r["tokens"], r["hidden"], r["vocab"]): r for r in records
@@ -488,7 +488,7 @@ def print_table(records, file=sys.stdout):
 
 
 def print_summary(records, file=sys.stdout):
-    print("\nmedian over sizes of the ratio to naive (time: median ms; memory: extra peak MB):", file=file)
+    print("\nmedian over sizes of the ratio to naive (time: median ms; memory: extra peak MiB):", file=file)
     for s in summary(records):
         print(f"  {s['provider']:<8} {s['mode']:<8} time x{s['time_ratio_median']:.2f}   memory "
               f"x{_fmt(s['mem_ratio_median'], '.3f')} (worst x{_fmt(s['mem_ratio_max'], '.3f')})   "
@@ -589,7 +589,7 @@ def main(argv=None):
         if r.get("agree") is False:
             extra += f"  DISAGREES: {r.get('disagreement')}"
         print(f"[{time.time() - t_start:6.0f}s] {pname:<8} {mode:<8} N={problem.tokens:<6} D={problem.hidden:<5} "
-              f"V={problem.vocab:<7} {_fmt(r['median_ms'])} ms  {_fmt(r['peak_mem_mb'])} MB{extra}", flush=True)
+              f"V={problem.vocab:<7} {_fmt(r['median_ms'])} ms  {_fmt(r['peak_mem_mb'])} MiB{extra}", flush=True)
 
     def sorted_records():
         return [results[k] for k in sorted(results, key=lambda k: (MODES.index(k[1]), k[2][0] * k[2][2], k[2],

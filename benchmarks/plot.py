@@ -41,7 +41,7 @@ def plot_records(records, json_path) -> list[str]:
         fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False)
         for j, mode in enumerate(modes):
             for i, (y_key, y_label) in enumerate((("median_ms", "median time (ms), p20-p80 band"),
-                                                  ("peak_mem_mb", "extra peak memory (MB)"))):
+                                                  ("peak_mem_mb", "extra peak memory (MiB)"))):
                 ax = axes[i][j]
                 for p in providers:
                     color, marker, ls = STYLE[p]
@@ -96,7 +96,7 @@ def plot_records(records, json_path) -> list[str]:
                 ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
                 ax.set_xticklabels([f"{m}\nN={n}" for m, n in keys], fontsize=7)
                 ax.set_yscale("log")
-                ax.set_ylabel("median time (ms)" if y_key == "median_ms" else "extra peak memory (MB)")
+                ax.set_ylabel("median time (ms)" if y_key == "median_ms" else "extra peak memory (MiB)")
                 ax.set_title(f"{mode}: real LM heads (a missing bar: OOM or skipped)", fontsize=10)
                 ax.legend(fontsize=8)
                 ax.grid(True, axis="y", alpha=0.3)
