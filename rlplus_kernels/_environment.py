@@ -35,6 +35,14 @@ def environment_variable(name: str, default: Optional[str]) -> Optional[str]:
     return default if value is None else value
 
 
+def environment_flag(name: str) -> bool:
+    """A 0/1 switch among NAMES: unset, empty or "0" is off, "1" is on; any other value is refused, naming it."""
+    value = environment_variable(name, "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def graph_capturing(device: torch.device) -> bool:
     """Whether `device` is a CUDA device and a CUDA graph is being captured on the current device's current stream:
     no host sync may happen then. False while torch.compile traces (no graph is captured then; cudagraphs capture

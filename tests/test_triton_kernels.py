@@ -903,6 +903,27 @@ def test_which_tritons_and_gpus_take_the_pipelined_descriptor_and_autotuned_path
     assert not _config.autotune_applies(gpu, torch.bfloat16, True, 128)
 
 
+@pytest.mark.parametrize("value", ["1", "0", "", "true", "TRUE", "false", "on", "off", "yes", "no", "y", "2"])
+def test_triton_interpret_is_read_as_the_installed_triton_reads_it(monkeypatch, value):
+    """Whether the kernels are interpreted is triton's decision: TRITON_INTERPRET=false (or 2, off, no) once
+    made the library take compiled kernels for interpreted ones, upcasting bf16 operands on a GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; before, runtime/jit.py compares with "1"
+    assert triton_interpreting() == (knobs.runtime.interpret if knobs is not None else value == "1")
+
+
+@pytest.mark.parametrize("value", ["true", "2", "yes", " 1"])
+def test_rlplus_autotune_takes_0_or_1_and_names_itself_otherwise(monkeypatch, value):
+    from rlplus_kernels.kernels import _config
+
+    for switch, enabled in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("RLPLUS_AUTOTUNE", switch)
+        assert _config.autotune_enabled() is enabled, switch
+    monkeypatch.setenv("RLPLUS_AUTOTUNE", value)
+    with pytest.raises(ValueError, match=rf"RLPLUS_AUTOTUNE must be 0 or 1, got '{value}'"):
+        _config.autotune_enabled()
+
+
 def test_launch_choices_from_the_environment_torch_flags_and_operand_layouts(monkeypatch):
     """The fused tl.dot unless RLPLUS_LOGITS or `logits=` says otherwise; a chunk size passed to a launcher
     before RLPLUS_CHUNK_ELEMS; descriptors and wide loads only for rows of unit inner stride and a width and

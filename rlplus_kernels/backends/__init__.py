@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .._environment import environment_variable
+from .._environment import environment_variable, major_minor
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,29 @@ class LogprobsOptions:
     chunk_vocab: Optional[int] = None
 
 
-def triton_interpreting() -> bool:
-    return environment_variable("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # looked up once, at import: torch 2.6's dynamo cannot trace importlib's find_spec in a compiled step
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _installed_triton_version() -> Optional[tuple]:
+    for distribution in ("triton", "pytorch-triton"):
+        try:
+            return major_minor(importlib.metadata.version(distribution))
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
+
+
+# The values of TRITON_INTERPRET that make the installed triton interpret its kernels: "1" before triton 3.4,
+# then (triton.knobs) also true, yes, on and y in any case. Reading it otherwise than triton does would take
+# compiled kernels for interpreted ones: TRITON_INTERPRET=false on a GPU upcast bf16 operands and ran the
+# interpreter's probe kernel on a CPU tensor.
+_INTERPRET_VALUES = (("1",) if (_installed_triton_version() or (3, 4)) < (3, 4)
+                     else ("1", "true", "yes", "on", "y"))
+
+
+def triton_interpreting() -> bool:
+    return environment_variable("TRITON_INTERPRET", "0").lower() in _INTERPRET_VALUES
 
 
 def triton_installed() -> bool:

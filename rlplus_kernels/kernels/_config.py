@@ -17,12 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._environment import environment_variable
+from .._environment import environment_flag, environment_variable
 from ..backends import triton_interpreting as interpreting  # noqa: F401  (re-exported to the launchers)
 
 
 def autotune_enabled() -> bool:
-    return environment_variable("RLPLUS_AUTOTUNE", "0") not in ("", "0")
+    return environment_flag("RLPLUS_AUTOTUNE")
 
 
 # Where each tile's logits come from: "fused" (tl.dot inside the forward and backward kernels),
