@@ -151,17 +151,20 @@ def warmup(model, problems, args, rng: random.Random) -> None:
         opt.step()
 
 
+def rl_normalizer(args) -> int:
+    """The "sum" aggregation's constant: the official recipe's is the max response length (8192 tokens); here it is
+    the max number of completion tokens in a batch, so that one step has the scale of a token mean."""
+    return args.prompts_per_step * args.group_size * args.max_new_tokens
+
+
 def train(method: str, init_state, train_problems, eval_sets, args, seed: int) -> list[dict]:
     torch.manual_seed(seed + 1)  # same sampling seed for both methods
     prompt_rng = random.Random(seed + 2)  # same prompts per step for both methods
     model = make_model(args)
     model.load_state_dict(init_state)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    # Official recipe (no clipping, "sum" aggregation, entropy 0.001, gamma 0.5). Its normalizer
-    # is the max response length (8192 tokens); here the constant is the max number of
-    # completion tokens in a batch, so one step has the scale of a token mean.
-    trainer = RLPlusTrainer(model, opt, max_grad_norm=1.0,
-                            normalizer=args.prompts_per_step * args.group_size * args.max_new_tokens)
+    # Official recipe (no clipping, "sum" aggregation, entropy 0.001, gamma 0.5), with rl_normalizer's constant.
+    trainer = RLPlusTrainer(model, opt, max_grad_norm=1.0, normalizer=rl_normalizer(args))
     external = method == "rlplus"
     rollouts = args.group_size - 1 if external else args.group_size
     history = []
@@ -294,7 +297,7 @@ def main() -> None:
     # the run is chaotic: another torch or transformers (its initialisation, its kernels) gives other curves
     import transformers
 
-    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "recipe": {**OFFICIAL_RECIPE},
+    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "recipe": {**OFFICIAL_RECIPE, "normalizer": rl_normalizer(args)},
               "torch": torch.__version__, "transformers": transformers.__version__,
               "time_s": {m: round(t, 1) for m, t in times.items()}, "summary": summary,
               "runs": {str(seed): h for seed, h in runs.items()}}

@@ -1091,6 +1091,8 @@ def test_the_example_runs_end_to_end(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "train_rlplus_tiny.json").read_text())
+    # the recipe as run: "sum" over a batch's completion tokens at most (2 prompts x 2 x its new tokens), not 8192
+    assert result["recipe"]["normalizer"] == 2 * 2 * result["args"]["max_new_tokens"], result["recipe"]
     for method, name in (("rlplus", "RL-PLUS"), ("grpo", "GRPO")):
         history = result["runs"]["0"][method]
         # rollouts sampled so far: 2 prompts x a group of 2 per step, where RL-PLUS's group holds 1 demonstration
