@@ -80,7 +80,8 @@ def _run_op(backend, hidden, weight, bias, flat_targets, options, shard=None):
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                     return_entropy=False, backend="auto", chunk_tokens=None, chunk_vocab=None,
                     vocab_parallel_group=None):
-    """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32, 0 at ignored positions.
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets], float32 (float64 for float64 inputs), 0 at
+    ignored positions.
 
     With `return_entropy`, also the entropy of each token's distribution. Differentiable with respect
     to hidden, weight and bias; under torch.no_grad() it is the memory-light way to score rollouts.
