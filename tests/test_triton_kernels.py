@@ -999,7 +999,6 @@ def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, sche
     launch of a training step (forward, backward, RL head; the single pass) happens inside one."""
     from contextlib import contextmanager
 
-    from rlplus_kernels import rlplus_loss
     from rlplus_kernels.kernels import _config
 
     current, launches = [], []
@@ -1014,13 +1013,32 @@ def test_every_kernel_launches_with_its_tensors_device_current(monkeypatch, sche
 
     monkeypatch.setattr(_config, "device_context", recorded_context)
     _record_launches(monkeypatch, lambda name, args, kwargs: launches.append((name, current[-1] if current else None)))
+    device = _one_training_step(monkeypatch, schedule, launches)
+    assert [launch_device for _, launch_device in launches] == [device] * len(launches), launches
+
+
+def _one_training_step(monkeypatch, schedule, launches):
+    """A loss and its backward on the Triton backend (forward, backward and RL head kernels) under `schedule`;
+    asserts that `launches` (filled by _record_launches) saw each of those kernels. Returns the tensors' device."""
+    from rlplus_kernels import rlplus_loss
+
     monkeypatch.setenv("RLPLUS_SCHEDULE", schedule)
     h, w, _, t = make_inputs(7, 32, 37, torch.float32)
     h.requires_grad_(), w.requires_grad_()
     rlplus_loss(h, w, t, torch.randn(7, device=DEVICE), entropy_coef=0.1, backend="triton").loss.backward()
     kernels = {name for name, _ in launches}
     assert {"_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel", "_rlplus_head_fwd_kernel"} <= kernels
-    assert [device for _, device in launches] == [h.device] * len(launches), launches
+    return h.device
+
+
+@pytest.mark.parametrize("schedule", ["two-pass", "single-pass"])
+def test_every_kernel_launch_asks_for_fused_multiply_adds(monkeypatch, schedule):
+    """Every GPU measurement and test so far compiled the kernels with multiply-adds fused into FMAs, triton's
+    default until 3.10, which turns it off unless a launch asks (3.9 warns at each compile that none did)."""
+    launches = []
+    _record_launches(monkeypatch, lambda name, args, kwargs: launches.append((name, kwargs.get("enable_fp_fusion"))))
+    _one_training_step(monkeypatch, schedule, launches)
+    assert [fused for _, fused in launches] == [True] * len(launches), launches
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or triton_interpreting(), reason="needs two CUDA devices")

@@ -58,9 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (check_interpreter, chunk_budget, dot_precision, kernel_operand, logits_source,
-                      on_tensor_device, operand_descriptors, padded_matrix, padded_storage, pick_config,
-                      product_config, rows_aligned, sm_count, uses_descriptors)
+from ._config import (LAUNCH_OPTIONS, check_interpreter, chunk_budget, dot_precision, kernel_operand,
+                      logits_source, on_tensor_device, operand_descriptors, padded_matrix, padded_storage,
+                      pick_config, product_config, rows_aligned, sm_count, uses_descriptors)
 from .cublas import addmm_rounded_once, mm_accumulate_fp32, mm_fp32
 from .tl_utils import LOG_P_FLOOR, nan_minimum, source_logits_tile
 
@@ -272,7 +272,7 @@ def launch_dlogits(hk, wk, bk, targets, lse, ent, grad_logp, grad_entropy, dl, p
         DOT_PRECISION=precision,
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D, GROUP_N=cfg.GROUP_N,
         PIPELINE_TILES=cfg.PIPELINE_TILES,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
     )
 
 

@@ -34,6 +34,7 @@ import triton.language as tl
 from .._environment import graph_capturing
 from ._config import (
     AUTOTUNE_CANDIDATES,
+    LAUNCH_OPTIONS,
     autotune_applies,
     check_interpreter,
     dot_precision,
@@ -296,7 +297,7 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
                     "RLPLUS_AUTOTUNE.")
             tuner, candidates = _autotuned_kernel()
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]) * splits,)  # noqa: E731
-            tuner[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
+            tuner[grid](*args, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision, **LAUNCH_OPTIONS)
             _TUNED[key] = candidates[tuner.configs.index(tuner.best_config)]
             return
         cfg = _TUNED[key]
@@ -312,6 +313,7 @@ def _launch(h, w, b, targets, parts, prod, per_split, splits, cfg, *, temperatur
         PIPELINE_TILES=cfg.PIPELINE_TILES,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **LAUNCH_OPTIONS,
     )
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import head
-from ._config import on_tensor_device
+from ._config import LAUNCH_OPTIONS, on_tensor_device
 from .tl_utils import nan_maximum, nan_minimum
 
 # globals a @triton.jit function reads must be constexpr
@@ -199,5 +199,6 @@ def rlplus_head_forward(logp, entropy, advantages, old_logprobs, external, behav
         HAS_BEHAVIOR=behavior_logprobs is not None,
         HAS_KL=ref_logprobs is not None,
         BLOCK=BLOCK,
+        **LAUNCH_OPTIONS,
     )
     return weighted_loss, dloss_dlogp, stats
