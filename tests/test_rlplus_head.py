@@ -287,6 +287,23 @@ def test_a_nan_on_a_valid_token_is_a_nan_loss_in_both_heads(poisoned, gamma):
     assert_close(grad_logp[others], t_grad_logp[others], rtol=RTOL, atol=0.0, name="grad_logp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_head_scalars_are_in_the_kernels_order_rounded_as_the_heads_assume(dtype):
+    """The seven values in the order the Triton head loads them, each rounded to `dtype`, the clip bounds formed from
+    the rounded eps (what as_the_kernel_sees models), absent bounds infinite. For these eps a bound formed on the
+    host in float64 and then rounded is an ulp off (a quarter of eps values are; 0.2 is not)."""
+    config = RLPlusConfig(kl_coef=0.05, entropy_coef=-0.01, clip_eps_low=0.12525317068122027,
+                          clip_eps_high=0.2382984770761779, dual_clip=3.3, gamma=0.7, mis_clip_max=2.5)
+    value = lambda x: torch.tensor(x, dtype=dtype)  # noqa: E731
+    low, high = 1 - value(config.clip_eps_low), 1 + value(config.clip_eps_high)
+    expected = torch.stack([value(0.05), value(-0.01), low, high, value(3.3), value(0.7), value(2.5)])
+    assert torch.equal(head_scalars(config, torch.empty(0), dtype), expected)
+    if dtype == torch.float32:
+        assert value(1 - config.clip_eps_low) != low and value(1 + config.clip_eps_high) != high
+    unbounded = RLPlusConfig(clip_eps_low=None, clip_eps_high=None, dual_clip=None, mis_clip_max=None)
+    assert head_scalars(unbounded, torch.empty(0), dtype)[[2, 3, 4, 6]].tolist() == [-math.inf, *[math.inf] * 3]
+
+
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_head_op_passes_opcheck(with_entropy):
     """torch.library.opcheck on ``rlplus::rlplus_head``: schema, autograd registration and its fake against the

@@ -20,11 +20,12 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from helpers import (assert_reads_only_what_it_wrote, assert_rounded_once, dot_product_allowance,  # noqa: E402
-                     exact_entropy, major_minor)
+from helpers import (PoisonedAllocations, assert_reads_only_what_it_wrote, assert_rounded_once,  # noqa: E402
+                     dot_product_allowance, exact_entropy, major_minor)
 from rlplus_kernels.backends import triton_interpreting  # noqa: E402
 from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward  # noqa: E402
-from rlplus_kernels.kernels._config import descriptors_supported  # noqa: E402
+from rlplus_kernels.kernels._config import (_padded_row, descriptors_supported, padded_matrix,  # noqa: E402
+                                            padded_storage)
 
 IGN = -100
 FWD_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
@@ -901,6 +902,22 @@ def test_which_tritons_and_gpus_take_the_pipelined_descriptor_and_autotuned_path
     monkeypatch.setenv("RLPLUS_AUTOTUNE", "0")
     monkeypatch.setattr(_config, "family_of", lambda device: "sm90")
     assert not _config.autotune_applies(gpu, torch.bfloat16, True, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_padded_buffers_are_zeroed_with_32_element_rows_on_the_cpu_16_on_a_gpu(dtype):
+    """The dlogits chunk and product buffers: on the CPU zeroed (whatever the allocator left) with row strides of
+    whole 32 elements, which torch's bf16 GEMM reads past a row's end (oneDNN#5717); the poisoned-memory tests see
+    that only for bf16 on an AMX CPU. A GPU keeps the 16-element strides the kernels are compiled for (only the
+    device's type is read: no GPU needed)."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [_padded_row(cols, cpu) for cols in (1, 16, 17, 32, 33)] == [32, 32, 32, 32, 64]
+    assert [_padded_row(cols, gpu) for cols in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 48]
+    with PoisonedAllocations():
+        storage = padded_storage(5, 17, device=cpu, dtype=dtype)
+    assert storage.numel() == 5 * 32 and bool((storage == 0).all())
+    view = padded_matrix(storage, 4, 17)
+    assert view.shape == (4, 17) and view.stride() == (32, 1)
 
 
 @pytest.mark.parametrize("value", ["1", "0", "", "true", "TRUE", "false", "on", "off", "yes", "no", "y", "2"])
