@@ -27,7 +27,6 @@ def _run(*args):
     # a subprocess: the kernels must be JIT functions, not the interpreter's (conftest sets
     # TRITON_INTERPRET=1 for this process before triton is imported)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_kernels.py"), *args],
                           capture_output=True, text=True, env=env)
     print(proc.stdout[-20000:])
