@@ -134,6 +134,7 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
     """Relative errors of every output against a float32/float64 reference; ``upstream`` scales the
     gradients of logprob and entropy (2^-14: a token-mean loss over 16k tokens)."""
     from rlplus_kernels.kernels import linear_logprobs_backward, linear_logprobs_forward
+    from rlplus_kernels.kernels._config import kernel_operand, logits_source, uses_descriptors
 
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     h = (torch.randn(n, d, device=DEVICE, generator=g) / d**0.25).to(dtype)
@@ -159,6 +160,8 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
                                           config=config)
     torch.cuda.synchronize()
     out = dict(lse=lse, target_logit=tl, entropy=ent, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    # whether "tma" fetched these operands by descriptors (unaligned rows take the pointer path)
+    descriptors = uses_descriptors(logits_source(logits), h.device, kernel_operand(h), kernel_operand(w))
     rows = []
     for k, got in out.items():
         if ref[k] is None:
@@ -167,7 +170,8 @@ def check_shape(n, d, v, dtype, bias, upstream=1.0, logits="fused", config=None,
         kind = "fwd" if k in ("lse", "target_logit", "entropy") else "bwd"
         ok = bool(torch.isfinite(got).all()) and r <= TOL[dtype][kind]
         rows.append(dict(shape=f"{n}x{d}x{v}", dtype=str(dtype).replace("torch.", ""), bias=bias, upstream=upstream,
-                         logits=run_label(None, logits, config), out=k, rel_err=r, max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
+                         logits=run_label(None, logits, config), descriptors=descriptors, out=k, rel_err=r,
+                         max_abs=m, tol=TOL[dtype][kind], ok=ok, ref=str(ref_dtype).replace("torch.", "")))
     del ref, out, gh, gw
     torch.cuda.empty_cache()
     return rows
@@ -569,6 +573,8 @@ def main():
     check_cases = [
         (1, 64, 2, torch.float32, True), (7, 40, 300, torch.float16, True), (257, 1000, 5003, torch.float32, False),
         (257, 1000, 5003, torch.bfloat16, True), (1031, 896, 32000, torch.float16, False),
+        # aligned rows with a bias and a vocabulary that is no multiple of the tile: "tma" with its zero fill
+        (257, 1024, 5003, torch.bfloat16, True),
         (2048, 4096, 151936, torch.bfloat16, False),
         # float16 dl is stored scaled (kernels/README.md): gradients of a token-mean over 16k tokens
         (2048, 4096, 151936, torch.float16, False, 2.0**-14),
@@ -585,6 +591,10 @@ def main():
 
     def save():  # after every case: a run cut short by the device's time limit keeps what it measured
         if args.json:  # written aside, then renamed: a kill mid-write leaves the previous file whole
+            from rlplus_kernels.kernels import cublas
+
+            # which fp32-result cuBLAS forms this torch took (False: refused, and the slower fallback timed)
+            info["cublas_out_dtype_forms"] = {str(key): taken for key, taken in cublas._OUT_DTYPE_OK.items()}
             with open(args.json + ".tmp", "w") as f:
                 json.dump(dict(info=info, checks=checks, timings=timings, errors=errors,
                                autotuned=autotuned_candidates(),

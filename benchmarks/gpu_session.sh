@@ -38,6 +38,7 @@ PY=${PYTHON:-python3}  # the GPU image's python3 is the one that holds torch
 # the package is not installed there: every script imports it from this checkout
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels on CUDA tensors, never the interpreter (a dry run's script sets it)
+export TEARDOWN_CUPTI=1  # the kernels step's profiler detaches CUPTI when done: later timings run without it
 DEADLINE=$((SECONDS + ${SESSION_SECONDS:-560}))
 
 [ ${#DRY[@]} -gt 0 ] || "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" \

@@ -30,7 +30,7 @@ def _session(out_dir, *steps):
 
 
 def test_the_recommended_gpu_session_runs_through(tmp_path):
-    from rlplus_kernels.kernels._config import pipelining_supported
+    from rlplus_kernels.kernels._config import pipelining_supported, tensor_descriptor_class
 
     # PIPELINE_TILES is refused before triton 3.3 (the GPU image has 3.6): that step is left out there
     pipelined = pipelining_supported()
@@ -51,6 +51,11 @@ def test_the_recommended_gpu_session_runs_through(tmp_path):
             assert reruns == {(run, f"{out} rerun") for run in runs
                               for out in ("loss", "logprobs", "entropy", "grad_hidden", "grad_weight")}, reruns
         assert {row["logits"] for row in result["timings"]} == runs, name
+        assert "cublas_out_dtype_forms" in result["info"], name
+        if name == "gpu_kernel_check.json":  # "tma" takes descriptors on aligned rows only (D = 40 is not)
+            taken = {(row["logits"], row["descriptors"]) for row in result["checks"]}
+            with_descriptors = {("tma", True)} if tensor_descriptor_class() is not None else set()
+            assert taken == {("fused", False), ("cublas", False), ("tma", False), *with_descriptors}, taken
         for timing in result["timings"]:
             assert TIMING_KEYS <= timing.keys(), (name, TIMING_KEYS - timing.keys())
         log = (tmp_path / name.replace(".json", ".txt")).read_text()
