@@ -297,7 +297,8 @@ def main() -> None:
     # the run is chaotic: another torch or transformers (its initialisation, its kernels) gives other curves
     import transformers
 
-    result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "recipe": {**OFFICIAL_RECIPE, "normalizer": rl_normalizer(args)},
+    result = {"args": {k: v for k, v in vars(args).items() if k != "out"},
+              "recipe": {**OFFICIAL_RECIPE, "normalizer": rl_normalizer(args)},
               "torch": torch.__version__, "transformers": transformers.__version__,
               "time_s": {m: round(t, 1) for m, t in times.items()}, "summary": summary,
               "runs": {str(seed): h for seed, h in runs.items()}}

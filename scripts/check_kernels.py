@@ -260,7 +260,8 @@ def compile_one(case):
         attrs = _divisibility_attrs([jit.arg_names.index(n) for n in div])
         src = triton.compiler.ASTSource(jit, sig, const, attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", target, 32),
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_config.LAUNCH_OPTIONS))
+                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                         **_config.LAUNCH_OPTIONS))
         shape = f"{cfg.BLOCK}" if kernel == "head" else f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_D}"
         row.update(config=f"{shape} w{cfg.num_warps} s{cfg.num_stages}",
                    shared=int(ck.metadata.shared))

@@ -401,8 +401,8 @@ def linear_logprobs_backward(
         return acc32 if unscale is None else acc32.mul_(unscale)
 
     # dl chunks are [rows, cols] ([cols, rows] seen transposed when it holds the product) with padded rows
-    buf = (padded_storage(min(cv, n_vocab), min(cn, n_tokens), device=device, dtype=dtype) if product_in_dl
-           else padded_storage(min(cn, n_tokens), min(cv, n_vocab), device=device, dtype=dtype))
+    chunk_shape = (min(cn, n_tokens), min(cv, n_vocab))
+    buf = padded_storage(*(chunk_shape[::-1] if product_in_dl else chunk_shape), device=device, dtype=dtype)
     gw32 = torch.zeros((n_vocab, dim), device=device, dtype=torch.float32) if (need_w and n_tok_chunks > 1) else None
     # scaled float16 grad_weight rows that need no cross-chunk sum still leave cuBLAS in fp32
     gw_chunk32 = (torch.empty(min(cv, n_vocab) * dim, device=device, dtype=torch.float32)
