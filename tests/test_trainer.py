@@ -721,7 +721,9 @@ def test_gradient_checkpointing_gives_the_same_step(use_reentrant):
     model.model.layers[0].self_attn.register_forward_hook(lambda *_: layer_runs.append(1))
     losses, grads, runs = [], [], []
     for checkpointing in (False, True):
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.zero_grad()
         layer_runs.clear()
