@@ -51,6 +51,24 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradients(backend, loss_agg, no
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_seq_modes_leave_out_or_count_a_sequence_without_valid_tokens_as_the_readme_says(backend):
+    """At ratio 1 each token's loss is -A_t, so the two seq modes are explicit sums of the advantages: the middle
+    sequence has no valid token, which seq-mean-token-mean leaves out (2 sequences) and seq-mean-token-sum
+    counts as a sum of 0 (3 sequences)."""
+    hidden, weight = leaf(3, 4, 5), leaf(7, 5)
+    targets, advantages = torch.randint(0, 7, (3, 4)), torch.randn(3, 4)
+    loss_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    own_logprobs = linear_logprobs(hidden.detach(), weight.detach(), targets, backend=backend)
+    per_sequence = [-advantages[0].sum(), -advantages[2, :2].sum()]
+    expected = {"seq-mean-token-mean": (per_sequence[0] / 4 + per_sequence[1] / 2) / 2,
+                "seq-mean-token-sum": (per_sequence[0] + per_sequence[1]) / 3}
+    for loss_agg, value in expected.items():
+        out = rlplus_loss(hidden, weight, targets, advantages, own_logprobs, loss_mask=loss_mask, loss_agg=loss_agg,
+                          backend=backend)
+        torch.testing.assert_close(out.loss, value, rtol=1e-5, atol=1e-6, msg=loss_agg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,packed,loss_agg", [
     *[pytest.param((0,), False, mode, id=f"N=0-{mode}") for mode in ("token-mean", "sum")],
     *[pytest.param(shape, packed, mode, id=f"{name}-{mode}") for name, shape, packed in (
