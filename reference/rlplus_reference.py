@@ -13,7 +13,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from rlplus_kernels import RLPlusOutput
 
-LOG_RATIO_CLAMP = 20.0  # SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20; the KL log-ratio likewise
+# SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20. The KL log-ratio likewise: not SPEC's formula, but
+# how log-ratios of +-100 give finite outputs, as SPEC asks (docs/SPEC.md's header)
+LOG_RATIO_CLAMP = 20.0
 
 
 def _logits(hidden, weight, bias, temperature, dtype):
