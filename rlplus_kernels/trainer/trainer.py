@@ -143,7 +143,7 @@ class RLPlusTrainer:
         :func:`rlplus_model_loss` (``input_ids``, ``attention_mask``, ``loss_mask``,
         ``advantages`` and optionally ``old_logprobs``, ``external_mask``,
         ``behavior_logprobs``, ``ref_logprobs``, ``position_ids``), and optionally ``rewards``
-        (``[B]``, whose mean over the non-external rows is reported) and ``group_ids``; any other
+        (``[B]``, whose mean over the rows without an external token is reported) and ``group_ids``; any other
         key is refused (a misspelt ``old_logprobs`` would otherwise train on-policy).
 
         Returns floats: ``loss``, the ``RLPlusOutput`` metrics (over the whole batch),
@@ -225,7 +225,7 @@ class RLPlusTrainer:
             # over the on-policy rollouts: demonstrations' rewards say nothing about the policy
             rewards = torch.as_tensor(rewards, dtype=torch.float32)
             ext = batch.get("external_mask")
-            if ext is not None and ext.dim() == 1 and ext.shape == rewards.shape:
-                rewards = rewards[~ext.bool().to(rewards.device)]
+            if ext is not None:  # a row with any external token is a demonstration, for [B] and [B, T] masks
+                rewards = rewards[~ext.bool().reshape(len(ext), -1).any(dim=1).to(rewards.device)]
             metrics["reward_mean"] = float(rewards.mean()) if rewards.numel() else 0.0
         return metrics
