@@ -365,10 +365,10 @@ def test_the_module_takes_the_functions_defaults():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_normalizer_and_a_float_loss_mask_are_read_as_given(backend):
     """A fractional normalizer divides as it is (not truncated), and a float loss_mask selects its nonzero
-    entries, negative ones too, as the reference reads it."""
+    entries, fractional, negative and NaN ones too (flags, README), as the reference reads it."""
     torch.manual_seed(0)
     hidden, weight, targets = torch.randn(6, 4), torch.randn(11, 4), torch.randint(0, 11, (6,))
-    advantages, mask = torch.randn(6), torch.tensor([1.0, -1.0, 0.0, 0.5, -2.0, 1.0])
+    advantages, mask = torch.randn(6), torch.tensor([1.0, -1.0, 0.0, 0.5, -2.0, math.nan])
     args = (hidden, weight, targets, advantages)
     reference_args = (hidden.double(), weight.double(), targets, advantages)
     rtol, atol = TOLERANCES[torch.float32]["value"]
