@@ -13,8 +13,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from rlplus_kernels import RLPlusOutput
 
-# SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20. The KL log-ratio likewise: not SPEC's formula, but
-# how log-ratios of +-100 give finite outputs, as SPEC asks (docs/SPEC.md's header)
+# SPEC: r = exp(clamp(logp - o, -20, 20)); log w capped at 20. The KL term is SPEC's e^x - x - 1 up to x = 20 and
+# its tangent there beyond: not SPEC's formula, but how log-ratios of +100 give finite outputs, as SPEC asks
+# (docs/SPEC.md's header)
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -122,7 +123,15 @@ def _clamp(x, low=None, high=None):
 def _k3(x):
     """e^x - x - 1 to 5e-12 relative in float64: expm1(x) - x loses 2 eps / |x| to cancellation, so below
     |x| = 1e-4 its Taylor polynomial to x^4 (what it leaves out is x^3 / 60 of the sum, < 2e-14)."""
-    return torch.where(x.abs() < 1e-4, x * x / 2 + x ** 3 / 6 + x ** 4 / 24, torch.expm1(x) - x)
+    small = x.abs() < 1e-4
+    x_small = torch.where(small, x, 0.0)  # x^4 of a large unused x would overflow: 0 * inf in the gradient
+    return torch.where(small, x_small * x_small / 2 + x_small ** 3 / 6 + x_small ** 4 / 24, torch.expm1(x) - x)
+
+
+def _kl_term(x):
+    """SPEC's k3 term e^x - x - 1 up to x = LOG_RATIO_CLAMP, beyond it the tangent there (finite for finite x)."""
+    c = LOG_RATIO_CLAMP
+    return torch.where(x > c, math.expm1(c) * (x - c) + (math.expm1(c) - c), _k3(_clamp(x, high=c)))
 
 
 def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_logprobs=None, *,
@@ -170,8 +179,7 @@ def rlplus_loss_from_logprobs_reference(logp, entropy, targets, advantages, old_
 
     per_token = torch.where(external, loss_ext, loss_on)
     if kl_coef > 0:
-        log_ratio_ref = _clamp(ref_logprobs.detach().to(dtype) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = _k3(log_ratio_ref)
+        kl = _kl_term(ref_logprobs.detach().to(dtype) - logp)
         per_token = per_token + kl_coef * kl
 
     loss = _aggregate(per_token, valid, loss_agg, normalizer)

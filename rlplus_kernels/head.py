@@ -15,8 +15,9 @@ import torch
 from .backends.common import device_scalars, widest_float
 from .config import RLPlusConfig
 
-# SPEC: r = exp(clamp(logp - o, -20, 20)) and log w <= 20. The KL log-ratio is clamped alike so that
-# log-ratios of +-100 stay finite (exp(100) overflows float32).
+# SPEC: r = exp(clamp(logp - o, -20, 20)) and log w <= 20. The KL term e^x - x - 1 (x = q - logp) is SPEC's up to
+# x = 20 and its tangent there beyond, so that log-ratios of +-100 stay finite (exp(100) overflows float32) while
+# the term still pulls log p back (a clamped x had gradient 0 past +-20).
 LOG_RATIO_CLAMP = 20.0
 LOG_2 = math.log(2.0)
 # The k3 KL term e^x - x - 1 is summed as its series x^2/2 (1 + x/3 (1 + ... (1 + x/15))) below this |x|
@@ -166,18 +167,25 @@ def per_token_terms(logp: torch.Tensor, batch: TokenBatch, config: RLPlusConfig)
         terms.loss = torch.where(batch.external, -terms.mis_weight * A * terms.explore, terms.loss)
 
     if config.kl_coef > 0:  # k3 estimator of KL(pi_theta || pi_ref)
-        log_ratio_ref = clamp(batch.ref_logprobs - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        terms.kl = k3_kl(log_ratio_ref)
+        terms.kl = k3_kl(batch.ref_logprobs - logp)
         terms.loss = terms.loss + config.kl_coef * terms.kl
     return terms
 
 
 def k3_kl(x: torch.Tensor) -> torch.Tensor:
-    """e^x - x - 1 for |x| <= LOG_RATIO_CLAMP, accurate near 0 (KL_SERIES_BELOW); kernels/rlplus_head.py's twin."""
+    """e^x - x - 1, accurate near 0 (KL_SERIES_BELOW), continued past LOG_RATIO_CLAMP as its tangent there;
+    kernels/rlplus_head.py's twin."""
+    near = x.abs() < KL_SERIES_BELOW
+    # each branch sees only the x it is taken for: an overflowing unused branch would make the gradient 0 * inf
+    x_near = torch.where(near, x, torch.zeros((), dtype=x.dtype, device=x.device))
     series = torch.ones_like(x)
     for k in range(KL_SERIES_DEGREE, 2, -1):
-        series = 1 + x / k * series
-    return torch.where(x.abs() < KL_SERIES_BELOW, x * x / 2 * series, torch.exp(x) - x - 1)
+        series = 1 + x_near / k * series
+    beyond = x > LOG_RATIO_CLAMP
+    x_exact = torch.where(beyond, torch.full((), LOG_RATIO_CLAMP, dtype=x.dtype, device=x.device), x)
+    exact = torch.where(near, x_near * x_near / 2 * series, torch.exp(x_exact) - x_exact - 1)
+    tangent = torch.expm1(x_exact) * (x - x_exact)
+    return exact + torch.where(beyond, tangent, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def head_metrics(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,

@@ -227,9 +227,9 @@ def test_a_vocabulary_masked_by_its_bias(backend, source, temperature, masked, m
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shift", [100.0, -100.0])
 def test_log_ratios_of_100_are_clamped_as_the_reference_clamps_them(backend, shift):
-    """Log-ratios of +-100 meet SPEC's clamps at +-20: the PPO ratio's and the KL's on both sides, the MIS
-    weight's log w = 100 at shift 100 (log w <= 20; no mis_clip_max to hide it). Finite, and the reference's
-    values and gradients."""
+    """Log-ratios of +-100 meet SPEC's clamps at +-20 (the PPO ratio's on both sides, the MIS weight's log w = 100 at
+    shift 100: log w <= 20, no mis_clip_max to hide it) and the KL term's tangent past x = 20 (at shift 100; at -100
+    it is SPEC's e^x - x - 1). Finite, and the reference's values and gradients."""
     hidden, weight = leaf(6, 4), leaf(9, 4)
     targets = torch.randint(0, 9, (6,))
     logp = linear_logprobs(hidden.detach(), weight.detach(), targets)

@@ -152,7 +152,7 @@ KINKS = {
     "clip bounds": (RLPlusConfig(clip_eps_low=0.5, clip_eps_high=1.0, dual_clip=2.0),
                     [0.0, 0.0, 0.0, 0.0], [math.log(2.0), math.log(0.5), math.log(2.0), math.log(4.0)],
                     [1.0, -1.0, -1.0, -2.0]),
-    # log-ratios exactly at +-20 (clamp bounds) and beyond, for the ratio and the KL term
+    # log-ratios exactly at +-20 (clamp bounds) and beyond, for the ratio and the KL term (its tangent past +20)
     "log-ratio clamps": (RLPlusConfig(clip_eps_low=None, clip_eps_high=None, kl_coef=0.125),
                          [-21.0, -21.0, -41.0, -50.0], [-1.0, -41.0, -21.0, -1.0], [1.0, -1.0, 1.0, 1.0]),
     # external tokens with old = behaviour: w = p / p_old hits mis_clip_max = 2 exactly on the first (p = 0.5, whose
@@ -259,6 +259,35 @@ def test_the_kl_term_is_float32_accurate_near_a_zero_log_ratio(head):
     rtol = 4e-6
     assert_close(kl.double(), torch.expm1(x32) - x32, rtol=rtol, atol=0.0, name="kl")
     assert_close(grad_logp.double(), -torch.expm1(x32), rtol=rtol, atol=0.0, name="d kl / d logp")
+
+
+@pytest.mark.parametrize("head", ["torch", "triton", "reference"])
+def test_the_kl_term_is_specs_up_to_20_and_its_tangent_beyond(head):
+    """x = ref - logp from -1e4 to 1e4: SPEC's e^x - x - 1 up to x = 20, below -20 too (a clamp of x had kept the
+    term at its value at -20, gradient 0, for a token the policy made e^25 times likelier than the reference), and
+    past 20 the tangent at 20: finite at log-ratios of 100, as SPEC asks, and still pulling log p up."""
+    x = torch.tensor([-1e4, -100.0, -25.0, -20.0, -3.0, 3.0, 19.5, 20.0, 20.5, 30.0, 100.0, 1e4], dtype=torch.float64)
+    logp = torch.full(x.shape, -2e4, device=DEVICE)
+    ref = logp + x.float().to(DEVICE)
+    if head == "reference":
+        leaf = logp.double().requires_grad_()
+        zeros = torch.zeros_like(leaf)
+        out = rlplus_loss_from_logprobs_reference(leaf, None, torch.zeros(x.shape, dtype=torch.long, device=DEVICE),
+                                                  zeros, leaf.detach(), ref_logprobs=ref.double(), kl_coef=1.0,
+                                                  loss_agg="sum")
+        (grad_logp,) = torch.autograd.grad(out.loss, leaf)
+        kl = None
+    else:
+        kl, grad_logp = _kl_and_derivative(head, logp, ref, kl_coef=1.0)
+    x32 = (ref - logp).double()  # exact here: x32 == x
+    bound = 20.0
+    expected = torch.where(x32 <= bound, torch.expm1(x32) - x32, math.expm1(bound) * (x32 - bound + 1) - bound)
+    slope = torch.where(x32 <= bound, torch.expm1(x32), math.expm1(bound))  # d kl / d x; d x / d logp = -1
+    if kl is None:
+        assert_close(out.loss, expected.sum(), rtol=1e-12, atol=0.0, name="loss")
+    else:
+        assert_close(kl.double(), expected, rtol=4e-6, atol=0.0, name="kl")
+    assert_close(grad_logp.double(), -slope, rtol=4e-6, atol=0.0, name="d kl / d logp")
 
 
 @pytest.mark.parametrize("poisoned", ["logp", "advantages", "old_logprobs", "behavior_logprobs", "ref_logprobs"])

@@ -9,7 +9,7 @@ Exact computation, per token t with aggregation weight a_t (0 outside the loss, 
     external   log w = logp - logaddexp(o, log pw) + log 2,  pw = b or (e^o + 1) / 2
                w = min(exp(min(log w, 20)), mis_clip_max);  C = max(0, 1 - e^logp)^gamma (detached)
                l = -w A C
-    all        l += kl_coef (e^(q - logp) - (q - logp) - 1)     with q - logp clamped to [-20, 20]
+    all        l += kl_coef (e^x - x - 1),  x = q - logp    past x = 20 its tangent there
                                                               (a series near 0: head.k3_kl)
     outputs    weighted_loss = a (l - entropy_coef H),   dloss_dlogp = a dl/dlogp
 
@@ -53,11 +53,19 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _k3_kl(x):
-    """e^x - x - 1 for |x| <= LOG_RATIO_CLAMP, accurate near 0: head.k3_kl."""
+    """(e^x - x - 1, its derivative e^x - 1), accurate near 0, past LOG_RATIO_CLAMP the tangent there: head.k3_kl."""
+    near = tl.abs(x) < KL_SERIES_BELOW
+    x_near = tl.where(near, x, 0.0)
     series = tl.full(x.shape, 1.0, x.dtype)
     for k in tl.static_range(KL_SERIES_DEGREE, 2, -1):
-        series = 1.0 + x / k * series
-    return tl.where(tl.abs(x) < KL_SERIES_BELOW, x * x / 2.0 * series, tl.exp(x) - x - 1.0)
+        series = 1.0 + x_near / k * series
+    beyond = x > LOG_RATIO_CLAMP
+    x_exact = tl.where(beyond, LOG_RATIO_CLAMP, x)
+    e = tl.exp(x_exact)
+    exact = tl.where(near, x_near * x_near / 2.0 * series, e - x_exact - 1.0)
+    # e^x - 1 near 0 as x + (e^x - x - 1): no cancellation (|x| dominates); elsewhere e^x - 1 is at least 0.39
+    slope = tl.where(near, x_near + exact, e - 1.0)
+    return exact + tl.where(beyond, slope * (x - x_exact), 0.0), slope
 
 
 @triton.jit
@@ -151,13 +159,9 @@ def _rlplus_head_fwd_kernel(
     if HAS_KL:  # k3 estimator of KL(pi_theta || pi_ref)
         ref = tl.load(ref_ptr + offs, mask=mask, other=0.0)
         kl_coef = tl.load(coef_ptr)
-        raw = ref - logp
-        log_ratio_ref = nan_minimum(nan_maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
-        kl = _k3_kl(log_ratio_ref)
-        inside = (raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP)
+        kl, d_kl = _k3_kl(ref - logp)
         loss += kl_coef * kl
-        # d kl / d logp = -(e^x - 1) = -(x + kl), without the cancellation of e^x - 1 either
-        d_loss += tl.where(inside, -kl_coef * (log_ratio_ref + kl), 0.0)
+        d_loss -= kl_coef * d_kl  # d x / d logp = -1
 
     if HAS_ENTROPY:
         loss -= tl.load(coef_ptr + 1) * tl.load(entropy_ptr + offs, mask=mask, other=0.0)
