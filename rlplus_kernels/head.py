@@ -184,7 +184,8 @@ def k3_kl(x: torch.Tensor) -> torch.Tensor:
     beyond = x > LOG_RATIO_CLAMP
     x_exact = torch.where(beyond, torch.full((), LOG_RATIO_CLAMP, dtype=x.dtype, device=x.device), x)
     exact = torch.where(near, x_near * x_near / 2 * series, torch.exp(x_exact) - x_exact - 1)
-    tangent = torch.expm1(x_exact) * (x - x_exact)
+    # x - 20 where beyond, else 0 (x - x_exact is -inf - -inf = NaN at x = -inf, and NaN in the gradient)
+    tangent = torch.expm1(x_exact) * (torch.where(beyond, x, LOG_RATIO_CLAMP) - LOG_RATIO_CLAMP)
     return exact + torch.where(beyond, tangent, torch.zeros((), dtype=x.dtype, device=x.device))
 
 

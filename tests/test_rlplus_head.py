@@ -261,33 +261,37 @@ def test_the_kl_term_is_float32_accurate_near_a_zero_log_ratio(head):
     assert_close(grad_logp.double(), -torch.expm1(x32), rtol=rtol, atol=0.0, name="d kl / d logp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("head", ["torch", "triton", "reference"])
-def test_the_kl_term_is_specs_up_to_20_and_its_tangent_beyond(head):
-    """x = ref - logp from -1e4 to 1e4: SPEC's e^x - x - 1 up to x = 20, below -20 too (a clamp of x had kept the
-    term at its value at -20, gradient 0, for a token the policy made e^25 times likelier than the reference), and
-    past 20 the tangent at 20: finite at log-ratios of 100, as SPEC asks, and still pulling log p up."""
-    x = torch.tensor([-1e4, -100.0, -25.0, -20.0, -3.0, 3.0, 19.5, 20.0, 20.5, 30.0, 100.0, 1e4], dtype=torch.float64)
-    logp = torch.full(x.shape, -2e4, device=DEVICE)
-    ref = logp + x.float().to(DEVICE)
+def test_the_kl_term_is_specs_up_to_20_and_its_tangent_beyond(head, dtype):
+    """x = ref - logp from -1e8 to 1e4, token by token: SPEC's e^x - x - 1 up to x = 20, below -20 too (a clamp of x
+    had kept the term at its value at -20, gradient 0, for a token the policy made e^25 times likelier than the
+    reference), and past 20 the tangent at 20: finite at log-ratios of 100, as SPEC asks, and still pulling log p
+    up. Also the series' edge (|x| just under 1/2), and x = -inf (ref_logprobs -inf): a finite gradient."""
+    x = torch.tensor([-math.inf, -1e8, -1e4, -100.0, -25.0, -20.0, -3.0, -0.45, -0.3, 0.3, 0.45, 3.0, 19.5, 20.0,
+                      20.5, 30.0, 100.0, 1e4], dtype=torch.float64)
+    logp = torch.full(x.shape, -2e4, dtype=dtype, device=DEVICE)
+    ref = logp + x.to(dtype).to(DEVICE)
     if head == "reference":
         leaf = logp.double().requires_grad_()
-        zeros = torch.zeros_like(leaf)
-        out = rlplus_loss_from_logprobs_reference(leaf, None, torch.zeros(x.shape, dtype=torch.long, device=DEVICE),
-                                                  zeros, leaf.detach(), ref_logprobs=ref.double(), kl_coef=1.0,
-                                                  loss_agg="sum")
-        (grad_logp,) = torch.autograd.grad(out.loss, leaf)
-        kl = None
+        one_token = lambda t: torch.arange(len(x), device=DEVICE) == t  # noqa: E731
+        kl = torch.stack([rlplus_loss_from_logprobs_reference(
+            leaf, None, torch.zeros(x.shape, dtype=torch.long, device=DEVICE), torch.zeros_like(leaf),
+            leaf.detach(), ref_logprobs=ref.double(), kl_coef=1.0, loss_agg="sum", loss_mask=one_token(t)).loss
+            for t in range(len(x))])
+        (grad_logp,) = torch.autograd.grad(kl.sum(), leaf)
+        kl = kl.detach()
     else:
         kl, grad_logp = _kl_and_derivative(head, logp, ref, kl_coef=1.0)
-    x32 = (ref - logp).double()  # exact here: x32 == x
+    x_formed = (ref - logp).double()  # exact here, but for x = -1e8 in float32 (logp's unit there is 2^-9)
     bound = 20.0
-    expected = torch.where(x32 <= bound, torch.expm1(x32) - x32, math.expm1(bound) * (x32 - bound + 1) - bound)
-    slope = torch.where(x32 <= bound, torch.expm1(x32), math.expm1(bound))  # d kl / d x; d x / d logp = -1
-    if kl is None:
-        assert_close(out.loss, expected.sum(), rtol=1e-12, atol=0.0, name="loss")
-    else:
-        assert_close(kl.double(), expected, rtol=4e-6, atol=0.0, name="kl")
-    assert_close(grad_logp.double(), -slope, rtol=4e-6, atol=0.0, name="d kl / d logp")
+    expected = torch.where(x_formed <= bound, torch.expm1(x_formed) - x_formed,
+                           math.expm1(bound) * (x_formed - bound + 1) - bound)
+    slope = torch.where(x_formed <= bound, torch.expm1(x_formed), math.expm1(bound))  # d kl / d x; d x / d logp = -1
+    rtol = 4e-6 if dtype == torch.float32 else 1e-12
+    assert kl[0].item() == math.inf and grad_logp[0].item() == 1.0, "x = -inf"
+    assert_close(kl[1:].double(), expected[1:], rtol=rtol, atol=0.0, name="kl")
+    assert_close(grad_logp[1:].double(), -slope[1:], rtol=rtol, atol=0.0, name="d kl / d logp")
 
 
 @pytest.mark.parametrize("poisoned", ["logp", "advantages", "old_logprobs", "behavior_logprobs", "ref_logprobs"])

@@ -958,8 +958,9 @@ def test_trainer_metrics_and_preset():
     assert m["num_tokens"] == 6 and m["num_external_tokens"] == 2
     assert m["reward_mean"] == 0.5  # the rollouts only, not the demonstration
     per_token_external = b.external_mask[:, None] & b.loss_mask.bool()  # the same rows as a [B, T] mask
-    m = trainer.step({**b.model_inputs(), "external_mask": per_token_external, "rewards": b.rewards})
-    assert m["num_external_tokens"] == 2 and m["reward_mean"] == 0.5
+    for external in (per_token_external, -per_token_external.double()):  # masks are flags: -1.0 marks a token
+        m = trainer.step({**b.model_inputs(), "external_mask": external, "rewards": b.rewards})
+        assert m["num_external_tokens"] == 2 and m["reward_mean"] == 0.5
 
 
 @pytest.mark.parametrize("poisoned", ["advantages", "old_logprobs"])
