@@ -182,11 +182,11 @@ def k3_kl(x: torch.Tensor) -> torch.Tensor:
     for k in range(KL_SERIES_DEGREE, 2, -1):
         series = 1 + x_near / k * series
     beyond = x > LOG_RATIO_CLAMP
-    x_exact = torch.where(beyond, torch.full((), LOG_RATIO_CLAMP, dtype=x.dtype, device=x.device), x)
+    bound = torch.full((), LOG_RATIO_CLAMP, dtype=x.dtype, device=x.device)
+    x_exact = torch.where(beyond, bound, x)
     exact = torch.where(near, x_near * x_near / 2 * series, torch.exp(x_exact) - x_exact - 1)
-    # x - 20 where beyond, else 0 (x - x_exact is -inf - -inf = NaN at x = -inf, and NaN in the gradient)
-    tangent = torch.expm1(x_exact) * (torch.where(beyond, x, LOG_RATIO_CLAMP) - LOG_RATIO_CLAMP)
-    return exact + torch.where(beyond, tangent, torch.zeros((), dtype=x.dtype, device=x.device))
+    # the tangent's x - 20 is 0 up to 20 (not x - x_exact: -inf - -inf is NaN at x = -inf, and NaN in the gradient)
+    return exact + torch.expm1(x_exact) * (torch.where(beyond, x, bound) - bound)
 
 
 def head_metrics(logp: torch.Tensor, entropy: Optional[torch.Tensor], batch: TokenBatch,
